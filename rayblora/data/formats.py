@@ -1,0 +1,106 @@
+"""Task formats: turn raw rows into (prompt, label, num_choices) examples scored on answer tokens.
+
+Following Laplace-LoRA (arXiv 2308.13111, sec. 4), every task is posed as a prompt whose answer is one of C
+choice strings; the model's next-token logits restricted to each choice's first token give a C-way softmax.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+LETTERS = string.ascii_uppercase
+
+
+class DataError(ValueError):
+    """A data file or row is malformed; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the model answers: `choices[i]` is the answer string for label i.
+
+    kind: "classification" (text + label) or "multiple_choice" (question + choices + label, lettered options).
+    """
+
+    kind: str
+    choices: tuple[str, ...]
+    label_names: tuple[str, ...]
+    prompt_template: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "choices": list(self.choices), "label_names": list(self.label_names),
+                "prompt_template": self.prompt_template}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
+        return cls(d["kind"], tuple(d["choices"]), tuple(d["label_names"]), d["prompt_template"])
+
+
+def classification_spec(label_names: Sequence[str], prompt_template: str) -> TaskSpec:
+    """Spec for a text-classification task answered by " <label name>"."""
+    return TaskSpec("classification", tuple(" " + n for n in label_names), tuple(label_names), prompt_template)
+
+
+def multiple_choice_spec(max_choices: int) -> TaskSpec:
+    """Spec for lettered multiple choice with up to `max_choices` options, answered by " A", " B", ..."""
+    if not 2 <= max_choices <= len(LETTERS):
+        raise DataError(f"multiple choice needs 2..{len(LETTERS)} choices, got {max_choices}")
+    letters = tuple(LETTERS[:max_choices])
+    return TaskSpec("multiple_choice", tuple(" " + c for c in letters), letters, "Question: {question}")
+
+
+def format_classification(text: str, template: str) -> str:
+    """Prompt for one classification example."""
+    return template.replace("{text}", text.strip())
+
+
+def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
+    """Prompt with lettered options, ending in "Answer:" so the next token is the letter."""
+    lines = [f"Question: {question.strip()}"]
+    lines += [f"{LETTERS[i]}. {str(c).strip()}" for i, c in enumerate(choices)]
+    lines.append("Answer:")
+    return "\n".join(lines)
+
+
+def _row_label(row: dict[str, Any], label_names: Sequence[str], n: int, where: str) -> int:
+    label = row.get("label")
+    if isinstance(label, str) and label in label_names:
+        return list(label_names).index(label)
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}, column 'label': expected an integer in [0, {n}) "
+                        f"or one of {list(label_names)}, got {label!r}") from None
+    if isinstance(label, float) and not float(label).is_integer() or not 0 <= value < n:
+        raise DataError(f"{where}, column 'label': {label!r} is out of range [0, {n})")
+    return value
+
+
+def rows_to_examples(rows: Sequence[dict[str, Any]], spec: TaskSpec, source: str) -> list[dict[str, Any]]:
+    """Validate raw rows and format them as examples `{"prompt", "label", "num_choices"}`.
+
+    Raises DataError naming `source`, the 0-based row and the column on the first bad row.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i}"
+        if spec.kind == "classification":
+            text = row.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}, column 'text': expected a non-empty string, got {text!r}")
+            label = _row_label(row, spec.label_names, len(spec.choices), where)
+            out.append({"prompt": format_classification(text, spec.prompt_template), "label": label,
+                        "num_choices": len(spec.choices)})
+        else:
+            question, choices = row.get("question"), row.get("choices")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f"{where}, column 'question': expected a non-empty string, got {question!r}")
+            if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(spec.choices):
+                raise DataError(f"{where}, column 'choices': expected a list of 2..{len(spec.choices)} "
+                                f"options, got {choices!r}")
+            label = _row_label(row, LETTERS[: len(choices)], len(choices), where)
+            out.append({"prompt": format_multiple_choice(question, choices), "label": label,
+                        "num_choices": len(choices)})
+    return out

@@ -1,0 +1,144 @@
+"""Where examples come from: built-in VADER domains (registry asset) and user files, split deterministically.
+
+All sources are read through `datasets` (Arrow). A split is a `datasets.Dataset` with the columns
+`prompt` (str), `label` (int64) and `num_choices` (int64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rayblora.config import DataConfig
+from rayblora.data.formats import (DataError, TaskSpec, classification_spec, multiple_choice_spec,
+                                   rows_to_examples)
+
+BUILTIN_TASKS = ("movie", "tweets", "amazon", "nyt")
+USER_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class TaskData:
+    """The splits of one run: train / validation / test of the task, plus the test split of each shift task."""
+
+    spec: TaskSpec
+    train: Any
+    validation: Any
+    test: Any
+    shifts: dict[str, Any]
+
+    def eval_splits(self, in_domain_name: str) -> dict[str, Any]:
+        """Evaluation splits by name: the in-domain test split first, then the shifts."""
+        return {in_domain_name: self.test, **self.shifts}
+
+
+def split_name(task: str) -> str:
+    """Short name of a task for reports: the built-in name or the file stem."""
+    return task if task in BUILTIN_TASKS else Path(task).stem
+
+
+def _read_user_rows(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises several types for a bad folder
+            raise DataError(f"{path}: not a `datasets.save_to_disk` folder ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{path}: is a DatasetDict; save a single Dataset (one split) instead")
+        return ds.to_list()
+    suffix = path.suffix.lower()
+    if suffix not in USER_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {list(USER_SUFFIXES)} "
+                        "or a datasets folder")
+    loader = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
+    try:
+        ds = datasets.load_dataset(loader, data_files=str(path), split="train")
+    except Exception as exc:
+        raise DataError(f"{path}: could not be read as {loader}: {exc}") from None
+    return ds.to_list()
+
+
+def _builtin_rows(task: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    from rayblora import assets
+
+    path = assets.vader_path(task)
+    if not path.is_file():
+        raise assets.AssetError(f"built-in task {task!r} needs {path}; run `make setup` "
+                                "or `rayblora assets fetch` first")
+    return pq.read_table(path, columns=["text", "label"]).to_pylist()
+
+
+def read_rows(task: str) -> list[dict[str, Any]]:
+    """Raw rows of a built-in task or a user file/folder (raises DataError naming the file)."""
+    if task in BUILTIN_TASKS:
+        return _builtin_rows(task)
+    path = Path(task)
+    if not path.exists():
+        raise DataError(f"data.task: {task!r} is neither a built-in task {list(BUILTIN_TASKS)} "
+                        "nor an existing file or folder")
+    rows = _read_user_rows(path)
+    if not rows:
+        raise DataError(f"{path}: contains no rows")
+    return rows
+
+
+def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> TaskSpec:
+    """Classification when rows have `text`, multiple choice when they have `question` + `choices`."""
+    columns = set(rows[0])
+    if "label" not in columns:
+        raise DataError(f"{source}: missing column 'label' (columns: {sorted(columns)})")
+    if "text" in columns:
+        return classification_spec(cfg.label_names, cfg.prompt_template)
+    if {"question", "choices"} <= columns:
+        widest = max(len(r["choices"]) if isinstance(r.get("choices"), (list, tuple)) else 0 for r in rows)
+        return multiple_choice_spec(max(widest, 2))
+    raise DataError(f"{source}: needs columns 'text' + 'label' (classification) or 'question' + 'choices' "
+                    f"+ 'label' (multiple choice); found {sorted(columns)}")
+
+
+def _to_dataset(examples: list[dict[str, Any]]):
+    import datasets
+
+    return datasets.Dataset.from_list(examples)
+
+
+def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str) -> list[np.ndarray]:
+    """Disjoint index sets of the given sizes (0 in the last = all the rest) from one seeded permutation."""
+    order = np.random.default_rng(seed).permutation(n)
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        stop = n if (size == 0 and i == len(sizes) - 1) else min(start + size, n)
+        if stop <= start:
+            raise DataError(f"{source}: {n} rows are too few for splits of sizes {sizes}; "
+                            "an empty split would result (lower data.*_size)")
+        out.append(np.sort(order[start:stop]))
+        start = stop
+    return out
+
+
+def load_task_data(cfg: DataConfig) -> TaskData:
+    """Load, validate, format and split the task and its shift tasks."""
+    rows = read_rows(cfg.task)
+    spec = infer_spec(rows, cfg, cfg.task)
+    examples = rows_to_examples(rows, spec, cfg.task)
+    test_idx, val_idx, train_idx = _split_indices(
+        len(examples), (cfg.test_size, cfg.val_size, cfg.train_size), cfg.seed, cfg.task)
+    pick = lambda idx: _to_dataset([examples[i] for i in idx])  # noqa: E731
+    shifts = {}
+    for task in cfg.shift_tasks:
+        shift_rows = read_rows(task)
+        shift_spec = infer_spec(shift_rows, cfg, task)
+        if shift_spec.choices != spec.choices:
+            raise DataError(f"data.shift_tasks: {task!r} answers {list(shift_spec.choices)} but the task "
+                            f"answers {list(spec.choices)}; a shift task must share the labels")
+        shift_examples = rows_to_examples(shift_rows, spec, task)
+        (idx,) = _split_indices(len(shift_examples), (cfg.test_size,), cfg.seed, task)
+        shifts[split_name(task)] = _to_dataset([shift_examples[i] for i in idx])
+    return TaskData(spec, pick(train_idx), pick(val_idx), pick(test_idx), shifts)

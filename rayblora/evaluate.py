@@ -1,0 +1,81 @@
+"""Evaluate posterior families on the in-domain test split and the shift splits, and write the report.
+
+Member views (`map`, `ensemble`) of one artifact share a single pass per member: the per-member
+probabilities are computed once per split and sliced, instead of re-running member 0 for `map`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rayblora import predictive
+from rayblora.artifact import load_posterior, read_manifest
+from rayblora.config import Config
+from rayblora.data.sources import TaskData, load_task_data, split_name
+from rayblora.posteriors import get_posterior_class
+from rayblora.report import SplitResult, write_report
+
+MEMBER_VIEWS = ("map", "ensemble")
+
+
+def _split_result(pred: predictive.Predictive, labels) -> SplitResult:
+    return SplitResult(pred.probs.numpy(), np.asarray(labels), pred.entropy.numpy(),
+                       pred.mutual_information.numpy())
+
+
+def _progress(log: Callable[[str], None], what: str) -> Callable[[int, int], None]:
+    state = {"next": 0.0, "t0": time.time()}
+
+    def report(done: int, total: int) -> None:
+        if done >= total or time.time() >= state["next"]:
+            log(f"[evaluate] {what}: {done}/{total} ({time.time() - state['t0']:.0f} s)")
+            state["next"] = time.time() + 30
+
+    return report
+
+
+def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
+                     data: TaskData | None = None, log: Callable[[str], None] = print,
+                     batch_size: int = 16) -> dict[str, dict[str, SplitResult]]:
+    """Predictions of each method on every evaluation split: results[method][split]."""
+    methods = list(methods or cfg.posterior.eval_methods)
+    for m in methods:
+        get_posterior_class(m)  # unknown names fail before any model work
+    data = data or load_task_data(cfg.data)
+    splits = data.eval_splits(split_name(cfg.data.task))
+    full = load_posterior(artifact)
+    results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
+    member_views = [m for m in methods if m in MEMBER_VIEWS]
+    others = [m for m in methods if m not in MEMBER_VIEWS]
+    built = {m: get_posterior_class(m).build(full.scorer, full.members, full.member_info, data=data,
+                                             config=cfg) if m != full.method else full for m in others}
+    ensemble = get_posterior_class("ensemble").build(full.scorer, full.members, full.member_info)
+    for name, ds in splits.items():
+        labels = ds["label"]
+        if member_views:
+            pred = ensemble.predict_dataset(ds, batch_size, _progress(log, f"members on {name}"))
+            for m in member_views:
+                subset = pred.sample_probs[:1] if m == "map" else pred.sample_probs
+                results[m][name] = _split_result(predictive.from_sample_probs(subset), labels)
+        for m, post in built.items():
+            pred = post.predict_dataset(ds, batch_size, _progress(log, f"{m} on {name}"))
+            results[m][name] = _split_result(pred, labels)
+    return results
+
+
+def evaluate(artifact: str | Path, cfg: Config, out_dir: str | Path | None = None,
+             methods: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Evaluate and write report.json / report.md / reliability.png / coverage.png; returns the report."""
+    t0 = time.time()
+    results = evaluate_methods(artifact, cfg, methods, log=log)
+    manifest = read_manifest(artifact)
+    meta = {"model": manifest["base_model"]["name"], "task": cfg.data.task,
+            "members": len(manifest["members"]), "steps": cfg.train.steps, "lora_rank": cfg.adapter.rank,
+            "artifact": str(artifact), "eval_seconds": round(time.time() - t0, 1)}
+    out = Path(out_dir or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(out, results, split_name(cfg.data.task), meta)

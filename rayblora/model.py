@@ -1,0 +1,179 @@
+"""Base causal LM loading, the tiny test model, PEFT LoRA adapters and answer-token scoring.
+
+Scoring follows Laplace-LoRA (arXiv 2308.13111, sec. 4): the logits at the last prompt position, restricted
+to the first token of each answer choice, form the C-way classifier f(x) in R^C.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import string
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from rayblora.config import AdapterConfig, ModelConfig
+
+TINY = "tiny-llama"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(RuntimeError):
+    """The base model or its tokenizer cannot be used as configured."""
+
+
+def tiny_tokenizer():
+    """A deterministic byte-level BPE tokenizer built in code (no files): 256 bytes + "Ġ<alnum>" merges.
+
+    Words keep their leading space in their first token (" positive" -> "Ġp", ...), so answer choices that
+    start with different letters have distinct first tokens, as with a real LLM tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    merges = [("Ġ", c) for c in string.ascii_letters + string.digits]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   padding_side="left", truncation_side="left")
+
+
+def _tiny_model(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden,
+                         intermediate_size=cfg.tiny_hidden * 2, num_hidden_layers=cfg.tiny_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(config)
+
+
+def _model_path(name: str) -> str:
+    from pathlib import Path
+
+    from rayblora import assets
+
+    if name == assets.SMOLLM2:
+        path = assets.model_dir(name)
+        if not (path / "config.json").is_file():
+            raise assets.AssetError(f"model {name!r} is not in the cache ({path}); run `make setup` or "
+                                    "`rayblora assets fetch` first")
+        return str(path)
+    if not Path(name).is_dir():
+        raise ModelError(f"model.name: {name!r} is neither {TINY!r}, {assets.SMOLLM2!r} nor a model folder")
+    return name
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
+    """Load the frozen base causal LM and its tokenizer (pad = eos, left padding). No hub access."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.name == TINY:
+        tokenizer = tiny_tokenizer()
+        model = _tiny_model(cfg, len(tokenizer))
+    else:
+        path = _model_path(cfg.name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = model.to(_DTYPES[cfg.dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over every base tensor's name, shape, dtype and a strided sample of its values.
+
+    LoRA tensors are ignored and PEFT's `.base_layer` renaming is undone, so a base model has the same
+    fingerprint before and after adapters are attached.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer", "").replace("base_model.model.", "")
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to(torch.float32).cpu().numpy().tobytes()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(sample)
+    return h.hexdigest()
+
+
+def lora_config(cfg: AdapterConfig):
+    """The PEFT LoraConfig for an adapter config."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), bias="none",
+                      layers_to_transform=list(cfg.layers) or None, task_type="CAUSAL_LM")
+
+
+def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
+    """Wrap `model` (modified in place) with a fresh LoRA adapter whose init is seeded by `seed`."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            peft_model = get_peft_model(model, lora_config(cfg))
+        except ValueError as exc:
+            raise ModelError(f"adapter.target_modules {list(cfg.target_modules)}: {exc}") from None
+    return peft_model
+
+
+def answer_token_ids(tokenizer, choices: Sequence[str]) -> list[int]:
+    """First token id of each answer choice; distinct ids are required to tell the choices apart."""
+    ids = []
+    for choice in choices:
+        tokens = tokenizer.encode(choice, add_special_tokens=False)
+        if not tokens:
+            raise ModelError(f"answer choice {choice!r} encodes to no tokens")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise ModelError(f"answer choices {list(choices)} share a first token ({ids}); choose label names "
+                         "whose first tokens differ")
+    return ids
+
+
+def lora_state(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in PEFT's saved-file naming (detached CPU copies)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def set_lora_state(peft_model, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors (PEFT saved-file naming) into the active adapter; every key must match."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter state has keys the model lacks, e.g. {unexpected[:3]}")
+
+
+def lora_parameters(peft_model) -> list[tuple[str, nn.Parameter]]:
+    """Trainable LoRA parameters (name, tensor) in module order."""
+    return [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+
+
+def clone_base(model: nn.Module) -> nn.Module:
+    """Deep copy of a base model (used where two independent adapter stacks need the same base)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,50 @@
+"""End-to-end steps shared by the CLI and the `ray job submit` entry points: train -> artifact -> report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from rayblora.artifact import save_posterior
+from rayblora.config import Config
+from rayblora.coordinator import train_members
+from rayblora.data.sources import load_task_data
+from rayblora.posteriors import get_posterior_class
+from rayblora.scoring import build_scorer
+
+
+def train(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """Train the configured posterior's members on Ray and write the artifact `<output.dir>/posterior`.
+
+    The data, base model, adapter targets and answer tokens are checked on the driver first, so a bad
+    config or file fails before any cluster work.
+    """
+    t0 = time.time()
+    data = load_task_data(cfg.data)
+    scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length)
+    log(f"[train] task {cfg.data.task}: {len(data.train)} train / {len(data.validation)} val / "
+        f"{len(data.test)} test; shifts {list(data.shifts)}; answers {list(data.spec.choices)}")
+    members = train_members(cfg, log)
+    cls = get_posterior_class(cfg.posterior.method)
+    posterior = cls.build(scorer, [m.adapter for m in members], [m.info() for m in members],
+                          data=data, config=cfg)
+    training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1),
+                "members_requested": cfg.posterior.members, "members_finished": len(members)}
+    path = save_posterior(posterior, cfg.out_dir / "posterior", model_config=cfg.model,
+                          adapter_config=cfg.adapter, training=training)
+    log(f"[train] wrote {cls.method} posterior with {len(members)} member(s) to {path} "
+        f"({time.time() - t0:.0f} s)")
+    return path
+
+
+def train_and_evaluate(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Train, then evaluate every `posterior.eval_methods` row; prints the markdown table."""
+    from rayblora.evaluate import evaluate
+    from rayblora.report import render_markdown
+
+    path = train(cfg, log)
+    report = evaluate(path, cfg, log=log)
+    log(render_markdown(report))
+    log(f"[report] {cfg.out_dir}/report.json, report.md, reliability.png, coverage.png")
+    return report

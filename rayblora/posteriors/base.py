@@ -1,0 +1,97 @@
+"""The one interface every posterior family implements.
+
+A posterior over the LoRA parameters θ is built from trained members (and, for post-hoc families, data),
+yields answer logits f_θs(x) for S parameter samples, and predicts through the Bayesian model average
+(:mod:`rayblora.predictive`). Families persist their own tensors through the artifact hooks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from rayblora import predictive
+from rayblora.predictive import Predictive
+from rayblora.scoring import AnswerScorer
+
+AdapterState = dict[str, torch.Tensor]
+
+
+class Posterior(ABC):
+    """A distribution over LoRA parameters with a predictive.
+
+    Args:
+        scorer: the shared base model + adapter slot + answer tokens.
+        members: trained adapter states (PEFT saved-file naming), e.g. the K ensemble members.
+        member_info: per member metadata (seed, training metrics) stored in the manifest.
+    """
+
+    method: ClassVar[str] = ""
+    """Registry name (also the manifest's `method`)."""
+    needs_data: ClassVar[bool] = False
+    """Whether :meth:`build` needs training / validation data (post-hoc families)."""
+
+    def __init__(self, scorer: AnswerScorer, members: Sequence[AdapterState],
+                 member_info: Sequence[dict[str, Any]] | None = None):
+        if not members:
+            raise ValueError(f"{self.method}: needs at least one trained member")
+        self.scorer = scorer
+        self.members = list(members)
+        self.member_info = list(member_info) if member_info is not None else [{} for _ in members]
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, scorer: AnswerScorer, members: Sequence[AdapterState],
+              member_info: Sequence[dict[str, Any]], data=None, config=None) -> "Posterior":
+        """Fit the family from trained members (and `data`, a TaskData, where `needs_data`)."""
+        return cls(scorer, members, member_info)
+
+    @classmethod
+    def from_artifact(cls, scorer: AnswerScorer, members: Sequence[AdapterState],
+                      member_info: Sequence[dict[str, Any]], tensors: dict[str, dict[str, torch.Tensor]],
+                      extra: dict[str, Any]) -> "Posterior":
+        """Rebuild from an artifact: `tensors` are the family's files, `extra` its manifest section."""
+        return cls(scorer, members, member_info)
+
+    def artifact_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra safetensors files of this family: file name -> tensors."""
+        return {}
+
+    def artifact_extra(self) -> dict[str, Any]:
+        """JSON-able manifest section of this family."""
+        return {}
+
+    # --- prediction ---------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """S, the number of parameter samples behind one prediction."""
+        return len(self.members)
+
+    @abstractmethod
+    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer logits (S, B, C) of the parameter samples on a batch."""
+
+    def predict_batch(self, batch: dict[str, torch.Tensor]) -> Predictive:
+        """Bayesian model average on one tokenised batch."""
+        return predictive.from_logits(self.sample_logits(batch))
+
+    def predict(self, prompts: Sequence[str], batch_size: int = 16) -> Predictive:
+        """Predictive for raw prompts (already formatted, see :mod:`rayblora.data.formats`)."""
+        parts = [self.predict_batch(self.scorer.encode(prompts[i:i + batch_size]))
+                 for i in range(0, len(prompts), batch_size)]
+        return predictive.concat(parts)
+
+    def predict_dataset(self, dataset, batch_size: int = 16,
+                        progress: Callable[[int, int], None] | None = None) -> Predictive:
+        """Predictive over a split (a `datasets.Dataset` with prompt / label / num_choices)."""
+        from rayblora.data.batches import eval_batches
+
+        parts, done = [], 0
+        for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
+            parts.append(self.predict_batch(batch))
+            done += len(batch["labels"])
+            if progress is not None:
+                progress(done, len(dataset))
+        return predictive.concat(parts)

@@ -1,0 +1,74 @@
+"""The Bayesian model average and its uncertainty split.
+
+Given S samples (ensemble members, SWAG / Laplace draws) of class probabilities p_s(y|x), the predictive is
+their average p(y|x) = 1/S Σ_s p_s(y|x) (probabilities, never logits, are averaged: DESIGN rule 6), and
+
+    total entropy   H[p]                    = aleatoric + epistemic
+    aleatoric       1/S Σ_s H[p_s]          (expected entropy)
+    epistemic       H[p] − 1/S Σ_s H[p_s]   (mutual information between y and θ; ≥ 0 by Jensen)
+
+(Wang et al., arXiv 2310.00035, sec. 3; Balabanov & Linander, arXiv 2402.12264, sec. 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats along `dim`, with 0·log 0 = 0."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim)
+
+
+@dataclass
+class Predictive:
+    """Predictive distribution of a posterior on B inputs with C choices from S samples.
+
+    probs: (B, C) averaged probabilities; sample_probs: (S, B, C); entropy, aleatoric,
+    mutual_information: (B,) in nats.
+    """
+
+    probs: torch.Tensor
+    sample_probs: torch.Tensor
+    entropy: torch.Tensor
+    aleatoric: torch.Tensor
+    mutual_information: torch.Tensor
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """Max averaged probability (B,)."""
+        return self.probs.max(-1).values
+
+    @property
+    def label(self) -> torch.Tensor:
+        """Predicted class (B,)."""
+        return self.probs.argmax(-1)
+
+
+def from_sample_probs(sample_probs: torch.Tensor) -> Predictive:
+    """Predictive from per-sample probabilities (S, B, C)."""
+    if sample_probs.dim() != 3:
+        raise ValueError(f"sample_probs must be (S, B, C), got shape {tuple(sample_probs.shape)}")
+    sample_probs = sample_probs.float()
+    probs = sample_probs.mean(0)
+    total = entropy(probs)
+    aleatoric = entropy(sample_probs).mean(0)
+    mi = (total - aleatoric).clamp_min(0.0)
+    return Predictive(probs, sample_probs, total, aleatoric, mi)
+
+
+def from_logits(sample_logits: torch.Tensor) -> Predictive:
+    """Predictive from per-sample logits (S, B, C) (−inf marks an invalid choice)."""
+    return from_sample_probs(torch.softmax(sample_logits.float(), dim=-1))
+
+
+def concat(parts: Sequence[Predictive]) -> Predictive:
+    """Join predictives over consecutive batches along B."""
+    if not parts:
+        raise ValueError("no predictive batches to join")
+    return Predictive(torch.cat([p.probs for p in parts]), torch.cat([p.sample_probs for p in parts], dim=1),
+                      torch.cat([p.entropy for p in parts]), torch.cat([p.aleatoric for p in parts]),
+                      torch.cat([p.mutual_information for p in parts]))

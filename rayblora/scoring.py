@@ -1,0 +1,116 @@
+"""Answer scoring: one PEFT model + tokenizer + answer tokens -> C-way logits, under any adapter state.
+
+Every posterior family evaluates the same function f_θ(x) ∈ R^C for different LoRA parameters θ; the
+:class:`AnswerScorer` owns the single shared base model and swaps adapter tensors in and out.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from rayblora.config import AdapterConfig, ModelConfig
+from rayblora.data.batches import encode
+from rayblora.data.formats import TaskSpec
+from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
+                            lora_state, set_lora_state)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (B, T), so left padding does not shift a prompt's score."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class AnswerScorer:
+    """C-way answer logits of a LoRA-adapted causal LM.
+
+    Args:
+        peft_model: a PEFT model with one LoRA adapter (the slot that adapter states are loaded into).
+        tokenizer: its tokenizer (left padding).
+        spec: the task spec; `spec.choices[i]`'s first token scores label i.
+        max_length: prompt truncation length in tokens.
+        fingerprint: `base_fingerprint` of the base model.
+    """
+
+    def __init__(self, peft_model, tokenizer, spec: TaskSpec, max_length: int, fingerprint: str):
+        self.model = peft_model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_length = max_length
+        self.fingerprint = fingerprint
+        self.answer_ids = torch.tensor(answer_token_ids(tokenizer, spec.choices), dtype=torch.long)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.spec.choices)
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise prompts into a left-padded batch (all choices valid)."""
+        batch = encode(self.tokenizer, prompts, self.max_length)
+        batch["num_choices"] = torch.full((len(prompts),), self.num_choices, dtype=torch.long)
+        return batch
+
+    def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final-layer hidden state at the last prompt position, (B, H)."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True,
+                         logits_to_keep=1)
+        return out.hidden_states[-1][:, -1]
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """f_θ(x): answer logits (B, C) in float32 under the currently loaded adapter; invalid choices -inf.
+
+        Runs with autograd as the caller's context says (training calls it with grad enabled).
+        """
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1)
+        logits = out.logits[:, -1, :].index_select(-1, self.answer_ids.to(out.logits.device)).float()
+        return mask_choices(logits, batch.get("num_choices"))
+
+    @torch.no_grad()
+    def logits_for_states(self, batch: dict[str, torch.Tensor],
+                          states: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Answer logits (S, B, C) under each of S adapter states, sharing the one base model."""
+        with self.restoring_adapter():
+            outs = []
+            for state in states:
+                set_lora_state(self.model, state)
+                outs.append(self.logits(batch))
+        return torch.stack(outs)
+
+    @contextmanager
+    def restoring_adapter(self) -> Iterator[None]:
+        """Evaluate in eval mode and put the current adapter tensors and mode back afterwards."""
+        saved, was_training = lora_state(self.model), self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            set_lora_state(self.model, saved)
+            self.model.train(was_training)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The current adapter tensors (PEFT saved-file naming)."""
+        return lora_state(self.model)
+
+    def lora_parameters(self):
+        return lora_parameters(self.model)
+
+
+def mask_choices(logits: torch.Tensor, num_choices: torch.Tensor | None) -> torch.Tensor:
+    """Set logits (B, C) of choices beyond each example's `num_choices` (B,) to -inf."""
+    if num_choices is None:
+        return logits
+    cols = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(cols[None, :] >= num_choices.to(logits.device)[:, None], float("-inf"))
+
+
+def build_scorer(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, spec: TaskSpec, max_length: int,
+                 seed: int = 0, base=None) -> AnswerScorer:
+    """Load the base model (or take `base` = (model, tokenizer)), attach a LoRA seeded by `seed`."""
+    model, tokenizer = base if base is not None else load_base_model(model_cfg)
+    fingerprint = base_fingerprint(model)
+    peft_model = add_lora(model, adapter_cfg, seed)
+    return AnswerScorer(peft_model, tokenizer, spec, max_length, fingerprint)

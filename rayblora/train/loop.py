@@ -1,0 +1,194 @@
+"""The pure-torch member training loop (no Ray): AdamW over the LoRA parameters, warm-up + linear decay,
+gradient accumulation, periodic validation and resumable checkpoints, with per-step hooks (e.g. SWAG).
+
+The loss is the cross-entropy of the C-way answer softmax (Laplace-LoRA, arXiv 2308.13111, sec. 4); weight
+decay on the LoRA parameters is the Gaussian prior of the MAP estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from rayblora.config import TrainConfig
+from rayblora.data.batches import eval_batches, train_batch
+
+ADAPTER = "adapter.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+STATE_JSON = "state.json"
+
+
+class StepHook(Protocol):
+    """Called after every optimizer step; may carry state that is checkpointed with the member."""
+
+    def __call__(self, step: int, scorer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warm-up, then linear decay to `final_lr_fraction`."""
+
+    warmup = min(cfg.warmup_steps, cfg.steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, cfg.steps - warmup)
+        frac = min(1.0, (step - warmup) / span)
+        return 1.0 - (1.0 - cfg.final_lr_fraction) * frac
+
+    return factor
+
+
+def allreduce_mean_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Average LoRA gradients over the torch.distributed group (a no-op when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+@torch.no_grad()
+def validate(scorer, dataset, batch_size: int) -> dict[str, float]:
+    """Validation NLL and accuracy of the current adapter."""
+    was_training = scorer.model.training
+    scorer.model.eval()
+    nll, correct, n = 0.0, 0, 0
+    for batch in eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length):
+        logits = scorer.logits(batch)
+        nll += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        n += len(batch["labels"])
+    scorer.model.train(was_training)
+    return {"val_nll": nll / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+@dataclass
+class LoopContext:
+    """Where a member's loop runs: its seed, its data-parallel rank, and what it reports to."""
+
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    hooks: Sequence[StepHook] = ()
+    on_checkpoint: Callable[[int, dict[str, float], "TrainerState"], None] | None = None
+    log: Callable[[str], None] = print
+    label: str = "member"
+    resume_dir: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainerState:
+    """Everything a resumed loop needs besides the frozen base."""
+
+    step: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scorer: Any
+    hooks: Sequence[StepHook]
+
+    def save(self, directory: str | Path, metrics: dict[str, float]) -> None:
+        """Write adapter (safetensors), optimizer / scheduler / hook state and step into `directory`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.scorer.adapter_state().items()}, str(d / ADAPTER))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "hooks": [h.state_dict() for h in self.hooks]}, d / TRAINER_STATE)
+        (d / STATE_JSON).write_text(json.dumps({"step": self.step, "metrics": metrics}))
+
+    def restore(self, directory: str | Path) -> None:
+        """Load a checkpoint written by :meth:`save` (tensors only: `weights_only=True`)."""
+        from rayblora.model import set_lora_state
+
+        d = Path(directory)
+        set_lora_state(self.scorer.model, load_file(str(d / ADAPTER)))
+        blob = torch.load(d / TRAINER_STATE, weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        for hook, state in zip(self.hooks, blob["hooks"]):
+            hook.load_state_dict(state)
+        self.step = json.loads((d / STATE_JSON).read_text())["step"]
+
+
+def _micro_step(scorer, train_ds, cfg: TrainConfig, ctx: LoopContext, step: int) -> float:
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        number = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
+        batch = train_batch(train_ds, scorer.tokenizer, cfg.batch_size, scorer.max_length, ctx.seed, number)
+        loss = F.cross_entropy(scorer.logits(batch), batch["labels"]) / cfg.grad_accum
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainerState:
+    params = [p for _, p in scorer.lora_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    return TrainerState(0, optimizer, scheduler, scorer, hooks)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train_member(scorer, train_ds, val_ds, cfg: TrainConfig, ctx: LoopContext) -> dict[str, float]:
+    """Train the scorer's adapter in place for `cfg.steps` optimizer steps; returns the final metrics.
+
+    Resumes from `ctx.resume_dir` when given. Calls `ctx.on_checkpoint(step, metrics, state)` every
+    `cfg.checkpoint_every` steps and at the end.
+    """
+    state = make_trainer_state(scorer, cfg, ctx.hooks)
+    if ctx.resume_dir:
+        state.restore(ctx.resume_dir)
+        ctx.log(f"[{ctx.label}] resumed from step {state.step}")
+    params = [p for _, p in scorer.lora_parameters()]
+    scorer.model.train()
+    metrics: dict[str, float] = {}
+    t0, log_every = time.time(), max(1, cfg.steps // 10)
+    while state.step < cfg.steps:
+        state.optimizer.zero_grad(set_to_none=False)
+        loss = _micro_step(scorer, train_ds, cfg, ctx, state.step)
+        allreduce_mean_grads(params)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        for hook in ctx.hooks:
+            hook(state.step, scorer)
+        metrics = {"step": state.step, "train_loss": loss, "lr": state.scheduler.get_last_lr()[0]}
+        if _due(state.step, cfg.eval_every, cfg.steps):
+            metrics.update(validate(scorer, val_ds, cfg.batch_size))
+        ctx.history.append(metrics)
+        if state.step % log_every == 0 or state.step == cfg.steps:
+            rate = (time.time() - t0) / max(1, len(ctx.history))
+            extra = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
+            ctx.log(f"[{ctx.label}] step {state.step}/{cfg.steps} loss {loss:.4f}{extra} ({rate:.2f} s/step)")
+        if ctx.on_checkpoint is not None and _due(state.step, cfg.checkpoint_every, cfg.steps):
+            ctx.on_checkpoint(state.step, metrics, state)
+    scorer.model.eval()
+    return metrics
+
+
+def nan_safe(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics with non-finite values dropped (JSON manifests are strict)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

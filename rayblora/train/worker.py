@@ -1,0 +1,83 @@
+"""The Ray Train per-worker function of one member: build the model from the config, train, report.
+
+Everything the worker needs travels in its `train_loop_config` (DESIGN rule 1): the full config as a dict,
+the member index and its seed. Checkpoints hold the adapter, optimizer, scheduler, step and hook state, so a
+restarted worker resumes exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from rayblora.config import Config, config_from_dict
+from rayblora.data.sources import load_task_data
+from rayblora.scoring import build_scorer
+from rayblora.train.loop import LoopContext, TrainerState, nan_safe, train_member
+
+
+def member_seed(cfg: Config, member: int) -> int:
+    """Seed of member `member` (LoRA init and data order)."""
+    return cfg.train.seed + 1000 * member
+
+
+def make_hooks(cfg: Config) -> list:
+    """Per-step hooks the posterior family needs during training (e.g. SWAG moment collection)."""
+    from rayblora.posteriors import get_posterior_class
+
+    factory = getattr(get_posterior_class(cfg.posterior.method), "training_hooks", None)
+    return list(factory(cfg)) if factory is not None else []
+
+
+def _maybe_fail(config: dict[str, Any], member: int, step: int) -> None:
+    """Test-only fault injection: kill this worker process once at a given step (see tests)."""
+    marker = config.get("fail_marker")
+    if marker and config.get("fail_member") == member and step == config.get("fail_step"):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+
+
+def member_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` for one member run (called by Ray Train on every worker)."""
+    import ray.train
+
+    cfg = config_from_dict(config["config"])
+    member = int(config["member"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    seed = member_seed(cfg, member)
+    torch.manual_seed(seed)
+    data = load_task_data(cfg.data)
+    scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
+
+    def on_checkpoint(step: int, metrics: dict[str, float], state: TrainerState) -> None:
+        clean = nan_safe(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                state.save(d, clean)
+                ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(clean)
+        _maybe_fail(config, member, step)
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = tempfile.mkdtemp(prefix="rayblora-resume-")
+        with checkpoint.as_directory() as d:
+            shutil.copytree(d, resume_dir, dirs_exist_ok=True)
+    loop_ctx = LoopContext(seed=seed, rank=rank, world_size=world, hooks=make_hooks(cfg),
+                           on_checkpoint=on_checkpoint, label=f"member {member} rank {rank}",
+                           resume_dir=resume_dir)
+    try:
+        train_member(scorer, data.train, data.validation, cfg.train, loop_ctx)
+    finally:
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
