@@ -191,10 +191,9 @@ def load_posterior(path: str | os.PathLike, scorer=None, base=None, method: str 
     members = [load_file(str(root / m["path"] / ADAPTER_FILE)) for m in manifest["members"]]
     info = [{k: v for k, v in m.items() if k != "path"} for m in manifest["members"]]
     tensors = {p.name: load_file(str(p)) for p in sorted(root.glob("*.safetensors"))}
-    cls = get_posterior_class(method or manifest["method"])
-    if method and method != manifest["method"]:
-        return cls.build(scorer, members, info)
-    return cls.from_artifact(scorer, members, info, tensors, manifest.get("family", {}))
+    full = get_posterior_class(manifest["method"]).from_artifact(scorer, members, info, tensors,
+                                                                  manifest.get("family", {}))
+    return full.view(method) if method else full
 
 
 def adapter_state_from_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:

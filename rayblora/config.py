@@ -219,13 +219,17 @@ class LaplaceConfig:
     link: str = "probit"
     """Link approximation of the GLM predictive: probit | mc; or nn for weight-space sampling."""
     link_samples: int = 100
-    """Samples of the mc link (and of nn sampling)."""
+    """Samples of the mc link (and of nn sampling); the probit link draws this many for its uncertainty split."""
+    sample_seed: int = 0
+    """Seed of the link / weight-space draws (a batch's prediction is reproducible)."""
     low_rank_threshold: int = 1024
     """Kronecker factors wider than this are kept as a rank-`low_rank` eigen-approximation."""
     low_rank: int = 64
     """Rank of the low-rank factor approximation."""
     fit_batches: int = 0
     """Batches of the training split used for the curvature (0 = the whole split)."""
+    fit_workers: int = 0
+    """Ray Train workers sharing the curvature pass of `rayblora fit` (0 = fit in this process, no Ray)."""
 
     def __post_init__(self) -> None:
         _one_of(self.structure, ("kfac", "diag"), "laplace.structure")
@@ -237,6 +241,9 @@ class LaplaceConfig:
         _check(self.link_samples >= 1, "laplace.link_samples", "must be >= 1")
         _check(self.low_rank_threshold >= 1 and self.low_rank >= 1, "laplace.low_rank*", "must be >= 1")
         _check(self.fit_batches >= 0, "laplace.fit_batches", "must be >= 0")
+        _check(self.fit_workers >= 0, "laplace.fit_workers", "must be >= 0")
+        _check(not self.per_module or self.prior_method != "val_nll", "laplace.per_module",
+               "per-module prior precision is chosen by marglik (or fixed), not val_nll")
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,69 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds to: loopback unless set otherwise ("0.0.0.0" = every interface)."""
+    port: int = 8000
+    """HTTP port of the proxy."""
+    max_inputs_per_request: int = 32
+    """Most inputs one POST /v1/predict may carry."""
+    max_tokens_per_input: int = 256
+    """Most tokens of one formatted prompt, counted with the posterior's tokenizer (a text longer than 16
+    characters per allowed token is refused before tokenising)."""
+    max_choices: int = 8
+    """Most options of one multiple-choice question (the posterior's task may allow fewer)."""
+    abstain_threshold: float = 0.0
+    """Default confidence below which an answer is flagged `abstained` (0 = never); a request may override."""
+    num_replicas: int = 1
+    """Replicas of the endpoint when autoscaling is off."""
+    autoscaling_min_replicas: int = 1
+    """Fewest replicas when autoscaling is on."""
+    autoscaling_max_replicas: int = 0
+    """Most replicas; 0 turns autoscaling off (num_replicas fixed replicas)."""
+    autoscaling_target_ongoing_requests: float = 8.0
+    """Ongoing requests per replica the autoscaler aims for."""
+    max_ongoing_requests: int = 32
+    """Requests one replica works on at once (they share its dynamic batches)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a free replica slot; beyond that the endpoint answers 503 at once."""
+    batch_max_size: int = 32
+    """Most inputs, summed over the batched requests, in one forward pass (>= max_inputs_per_request)."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits for more requests after its first one."""
+    max_posteriors_per_replica: int = 3
+    """Posteriors held in memory by one replica; the least recently used is unloaded beyond that."""
+    replica_cpus: float = 1.0
+    """Ray CPUs reserved by each replica."""
+    torch_threads: int = 0
+    """torch intra-op threads of a replica (0 = leave torch's default)."""
+    auth_token_env: str = "RAYBLORA_API_TOKEN"
+    """Environment variable holding the bearer token when `auth_token` is empty ("" = none)."""
+    auth_token: str = ""
+    """Bearer token required on every route but /healthz ("" = the variable above; unset there = no auth)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host.strip()), "serve.host", "must not be empty")
+        _check(1 <= self.port <= 65535, "serve.port", f"must be in [1, 65535], got {self.port}")
+        for name in ("max_inputs_per_request", "max_tokens_per_input", "num_replicas", "max_ongoing_requests",
+                     "max_queued_requests", "max_posteriors_per_replica"):
+            _check(getattr(self, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(2 <= self.max_choices <= 26, "serve.max_choices", f"must be in [2, 26], got {self.max_choices}")
+        _check(0.0 <= self.abstain_threshold <= 1.0, "serve.abstain_threshold", "must be in [0, 1]")
+        _check(self.autoscaling_max_replicas == 0 or
+               1 <= self.autoscaling_min_replicas <= self.autoscaling_max_replicas,
+               "serve.autoscaling_min_replicas/max_replicas", "need 1 <= min <= max (or max = 0: no autoscaling)")
+        _check(self.autoscaling_target_ongoing_requests > 0, "serve.autoscaling_target_ongoing_requests",
+               "must be > 0")
+        _check(self.batch_max_size >= self.max_inputs_per_request, "serve.batch_max_size",
+               f"must be >= serve.max_inputs_per_request ({self.max_inputs_per_request}), "
+               f"got {self.batch_max_size}")
+        _check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
+        _check(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
+        _check(self.torch_threads >= 0, "serve.torch_threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The frozen base model."""
@@ -294,6 +364,8 @@ class Config:
     """Ray resources."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """The HTTP prediction endpoint (Ray Serve)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), the form that travels to Ray workers."""
@@ -334,7 +406,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    _check(isinstance(values, dict), prefix or "config", f"must be a mapping, got {type(values).__name__}")
+    _check(isinstance(values, dict), prefix.rstrip(".") or "config",
+           f"must be a mapping, got {type(values).__name__}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
@@ -352,8 +425,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
-    parsed = yaml.safe_load(text) if text.strip() else ""
-    return parsed
+    """A YAML scalar or flow list from an override's right-hand side (e.g. `[q_proj, v_proj]`)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
 
 
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -367,7 +443,9 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
         section, name = parts
         sections = {f.name for f in fields(Config)}
         _check(section in sections, key, f"unknown section; known sections: {sorted(sections)}")
-        out.setdefault(section, {})[name] = _parse_scalar(raw)
+        section_cls = get_type_hints(Config)[section]
+        hint = get_type_hints(section_cls).get(name)
+        out.setdefault(section, {})[name] = raw if hint is str else _parse_scalar(raw)
     return out
 
 

@@ -56,8 +56,8 @@ def ensure_ray(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS", "")
-    if address:  # a running cluster (`ray job submit` sets RAY_ADDRESS for the driver)
-        ray.init(address=address, runtime_env={"env_vars": dict(RAY_ENV)})
+    if address:  # a running cluster (`ray job submit` sets RAY_ADDRESS for the driver); its env is its own
+        ray.init(address=address)
     else:
         ray.init(address="local", num_cpus=cluster.num_cpus or None, include_dashboard=False)
 
@@ -67,6 +67,10 @@ def config_digest(cfg: Config) -> str:
     d = cfg.to_dict()
     keep = {k: d[k] for k in ("model", "adapter", "data", "train")}
     keep["posterior_method"] = d["posterior"]["method"]
+    from rayblora.posteriors import get_posterior_class
+
+    for section in get_posterior_class(cfg.posterior.method).training_sections:
+        keep[section] = d[section]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -51,9 +51,8 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
     others = [m for m in methods if m not in MEMBER_VIEWS]
-    built = {m: get_posterior_class(m).build(full.scorer, full.members, full.member_info, data=data,
-                                             config=cfg) if m != full.method else full for m in others}
-    ensemble = get_posterior_class("ensemble").build(full.scorer, full.members, full.member_info)
+    built = {m: full.view(m, data=data, config=cfg) for m in others}
+    ensemble = full.view("ensemble")
     for name, ds in splits.items():
         labels = ds["label"]
         if member_views:

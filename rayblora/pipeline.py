@@ -12,6 +12,7 @@ from rayblora.coordinator import train_members
 from rayblora.data.sources import load_task_data
 from rayblora.posteriors import get_posterior_class
 from rayblora.scoring import build_scorer
+from rayblora.train.worker import make_hooks
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> Path:
@@ -25,10 +26,12 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> Path:
     scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length)
     log(f"[train] task {cfg.data.task}: {len(data.train)} train / {len(data.validation)} val / "
         f"{len(data.test)} test; shifts {list(data.shifts)}; answers {list(data.spec.choices)}")
-    members = train_members(cfg, log)
     cls = get_posterior_class(cfg.posterior.method)
+    make_hooks(cfg)  # the family's training hooks validate their config here, before any cluster work
+    members = train_members(cfg, log)
+    checkpoints = {"member_dirs": [m.checkpoint_dir for m in members]} if cls.needs_checkpoints else {}
     posterior = cls.build(scorer, [m.adapter for m in members], [m.info() for m in members],
-                          data=data, config=cfg)
+                          data=data, config=cfg, **checkpoints)
     training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1),
                 "members_requested": cfg.posterior.members, "members_finished": len(members)}
     path = save_posterior(posterior, cfg.out_dir / "posterior", model_config=cfg.model,

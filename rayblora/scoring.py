@@ -41,6 +41,8 @@ class AnswerScorer:
         self.max_length = max_length
         self.fingerprint = fingerprint
         self.answer_ids = torch.tensor(answer_token_ids(tokenizer, spec.choices), dtype=torch.long)
+        self.max_batch_rows = 256
+        """Cap on the rows (samples × batch) of one batched multi-state forward (activation memory)."""
 
     @property
     def num_choices(self) -> int:
@@ -70,10 +72,26 @@ class AnswerScorer:
         return mask_choices(logits, batch.get("num_choices"))
 
     @torch.no_grad()
-    def logits_for_states(self, batch: dict[str, torch.Tensor],
-                          states: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Answer logits (S, B, C) under each of S adapter states, sharing the one base model."""
-        with self.restoring_adapter():
+    def logits_for_states(self, batch: dict[str, torch.Tensor], states: Sequence[dict[str, torch.Tensor]],
+                          lora_dropout: bool = False) -> torch.Tensor:
+        """Answer logits (S, B, C) under each of S adapter states, sharing the one base model.
+
+        Plain LoRA states run batched: S·B rows in one forward with per-row adapter factors
+        (:func:`rayblora.batched.batched_logits`); anything else runs :meth:`logits_for_states_sequential`.
+        `lora_dropout` keeps LoRA dropout on (each sample an independent MC-dropout pass).
+        """
+        from rayblora.batched import batched_logits
+
+        return batched_logits(self, batch, states, lora_dropout=lora_dropout, max_rows=self.max_batch_rows)
+
+    @torch.no_grad()
+    def logits_for_states_sequential(self, batch: dict[str, torch.Tensor],
+                                     states: Sequence[dict[str, torch.Tensor]],
+                                     lora_dropout: bool = False) -> torch.Tensor:
+        """Answer logits (S, B, C): one forward per state, swapping the adapter tensors in between."""
+        from rayblora.batched import lora_dropout_active
+
+        with self.restoring_adapter(), lora_dropout_active(self.model, lora_dropout):
             outs = []
             for state in states:
                 set_lora_state(self.model, state)

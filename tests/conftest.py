@@ -21,12 +21,12 @@ FILLER = ["the", "film", "was", "a", "plot", "and", "story", "actors"]
 
 
 def write_sentiment_jsonl(path: Path, n: int, seed: int, noise: float = 0.1) -> Path:
-    """`n` rows of {"text", "label"}: one sentiment word among filler words; `noise` of labels flipped."""
+    """`n` rows of {"text", "label"}: three sentiment words among filler words; `noise` of labels flipped."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             y = rng.randint(0, 1)
-            words = [rng.choice(POSITIVE if y else NEGATIVE)] + rng.choices(FILLER, k=4)
+            words = rng.choices(POSITIVE if y else NEGATIVE, k=3) + rng.choices(FILLER, k=2)
             rng.shuffle(words)
             label = 1 - y if rng.random() < noise else y
             f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
@@ -45,7 +45,8 @@ def tiny_overrides(files: dict[str, Path], out_dir: Path, **extra: str) -> list[
     values = {
         "model.name": "tiny-llama", "data.task": str(files["train"]),
         "data.shift_tasks": f"[{files['shift']}]", "data.train_size": "0", "data.val_size": "40",
-        "data.test_size": "60", "data.max_length": "32", "train.steps": "20", "train.lr": "5e-3",
+        "data.test_size": "60", "data.max_length": "64",
+        "data.prompt_template": "{text}\nSentiment:", "train.steps": "20", "train.lr": "5e-3",
         "train.batch_size": "16", "train.warmup_steps": "2", "train.torch_threads": "1",
         "posterior.members": "2", "cluster.num_cpus": "4", "output.dir": str(out_dir),
     }

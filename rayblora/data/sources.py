@@ -104,9 +104,16 @@ def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> Task
 
 
 def _to_dataset(examples: list[dict[str, Any]]):
-    import datasets
+    """Arrow-backed split. The fingerprint is computed here from the rows, which spares `datasets` its dill
+    hashing of the whole table (slow, and noisy in Ray workers)."""
+    import hashlib
+    import json
 
-    return datasets.Dataset.from_list(examples)
+    import datasets
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:32]
+    return datasets.Dataset(InMemoryTable.from_pylist(examples), fingerprint=digest)
 
 
 def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str) -> list[np.ndarray]:

@@ -32,6 +32,12 @@ class Posterior(ABC):
     """Registry name (also the manifest's `method`)."""
     needs_data: ClassVar[bool] = False
     """Whether :meth:`build` needs training / validation data (post-hoc families)."""
+    needs_checkpoints: ClassVar[bool] = False
+    """Whether :meth:`build` needs `member_dirs=`, the members' final training checkpoint directories (e.g.
+    for statistics collected by the family's training hooks); the pipeline passes them only then."""
+    training_sections: ClassVar[tuple[str, ...]] = ()
+    """Config sections besides model/adapter/data/train that change what the family's training produces
+    (part of the digest under which finished members are reused)."""
 
     def __init__(self, scorer: AnswerScorer, members: Sequence[AdapterState],
                  member_info: Sequence[dict[str, Any]] | None = None):
@@ -62,6 +68,16 @@ class Posterior(ABC):
     def artifact_extra(self) -> dict[str, Any]:
         """JSON-able manifest section of this family."""
         return {}
+
+    def view(self, method: str, data=None, config=None) -> "Posterior":
+        """This posterior seen as the registered family `method` (e.g. "map" of an ensemble): itself when
+        `method` is its own, else built from its members; families that carry more (SWAG moments) override."""
+        from rayblora.posteriors import get_posterior_class
+
+        if method == self.method:
+            return self
+        return get_posterior_class(method).build(self.scorer, self.members, self.member_info, data=data,
+                                                 config=config)
 
     # --- prediction ---------------------------------------------------------------------------------
     @property

@@ -27,7 +27,11 @@ STATE_JSON = "state.json"
 
 
 class StepHook(Protocol):
-    """Called after every optimizer step; may carry state that is checkpointed with the member."""
+    """Called after every optimizer step; may carry state that is checkpointed with the member.
+
+    A hook that steers the learning rate may also define `bind_optimizer(optimizer)`, called once when the
+    loop creates its optimizer.
+    """
 
     def __call__(self, step: int, scorer) -> None: ...
 
@@ -113,7 +117,8 @@ class TrainerState:
         d.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.scorer.adapter_state().items()}, str(d / ADAPTER))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "hooks": [h.state_dict() for h in self.hooks]}, d / TRAINER_STATE)
+                    "hooks": [h.state_dict() for h in self.hooks], "cpu_rng": torch.get_rng_state()},
+                   d / TRAINER_STATE)
         (d / STATE_JSON).write_text(json.dumps({"step": self.step, "metrics": metrics}))
 
     def restore(self, directory: str | Path) -> None:
@@ -125,6 +130,8 @@ class TrainerState:
         blob = torch.load(d / TRAINER_STATE, weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
+        if "cpu_rng" in blob:  # LoRA dropout masks continue as in an uninterrupted run
+            torch.set_rng_state(blob["cpu_rng"])
         for hook, state in zip(self.hooks, blob["hooks"]):
             hook.load_state_dict(state)
         self.step = json.loads((d / STATE_JSON).read_text())["step"]
@@ -145,6 +152,9 @@ def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = ())
     params = [p for _, p in scorer.lora_parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    for hook in hooks:  # hooks that steer the learning rate (e.g. SWAG's SWA schedule) get the optimizer
+        if hasattr(hook, "bind_optimizer"):
+            hook.bind_optimizer(optimizer)
     return TrainerState(0, optimizer, scheduler, scorer, hooks)
 
 

@@ -1,0 +1,164 @@
+"""`rayblora fit`: fit a Laplace-LoRA posterior onto an existing MAP / ensemble artifact, as a new artifact.
+
+Laplace-LoRA (arXiv 2308.13111) is post-hoc: the members are already trained, and the curvature costs about
+one pass over the training data per fitted member. With `laplace.fit_workers: 0` that pass runs in this process;
+with n > 0 it runs as one Ray Train run of n workers: each worker loads the artifact, takes every n-th batch of
+the training split (:func:`rayblora.posteriors.laplace.fit_curvature`), and the workers sum their Kronecker
+factors, diagonals, counts and log-likelihoods with an all-reduce over the run's process group
+(:meth:`LoraCurvature.sum_`). Rank 0 reports the summed curvature as a checkpoint; the driver eigendecomposes it,
+chooses the prior precision and writes the artifact atomically. The workers read the parent artifact from its
+path, so on a multi-node cluster it must lie on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayblora.artifact import MANIFEST, load_posterior, read_manifest, save_posterior, sha256_file
+from rayblora.config import Config, ConfigError, config_from_dict, load_config
+from rayblora.data.sources import load_task_data
+from rayblora.posteriors import get_posterior_class
+from rayblora.posteriors.kfac import LoraCurvature, find_lora_sites
+from rayblora.posteriors.laplace import LaplacePosterior, fit_curvature
+
+LAPLACE_METHODS = ("laplace", "laplace_ensemble")
+
+
+def laplace_method(cfg: Config, n_members: int, method: str | None = None) -> str:
+    """The family to fit: `method`, else `posterior.method` if it is a Laplace family, else
+    `laplace_ensemble` for several members and `laplace` for one."""
+    chosen = method or (cfg.posterior.method if cfg.posterior.method in LAPLACE_METHODS else
+                        ("laplace_ensemble" if n_members > 1 else "laplace"))
+    if chosen not in LAPLACE_METHODS:
+        raise ConfigError(f"fit --method: must be one of {list(LAPLACE_METHODS)}, got {chosen!r}")
+    return chosen
+
+
+def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, method: str | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """Fit `laplace` / `laplace_ensemble` on the members of the artifact `artifact_dir`; write it to `out_dir`."""
+    parent = load_posterior(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    cls = get_posterior_class(laplace_method(cfg, len(parent.members), method))
+    data = load_task_data(cfg.data)
+    if tuple(data.spec.choices) != tuple(parent.scorer.spec.choices):
+        raise ConfigError(f"data: the task's answers {list(data.spec.choices)} differ from the artifact's "
+                          f"{list(parent.scorer.spec.choices)}; pass the config the members were trained with")
+    members = cls.fitted_members(len(parent.members))
+    t0 = time.time()
+    if cfg.laplace.fit_workers > 0:
+        curvatures = distributed_curvatures(artifact_dir, cfg, parent.scorer, members, log)
+    else:
+        curvatures = {i: fit_curvature(parent.scorer, parent.members[i], data.train, cfg.laplace,
+                                       cfg.train.batch_size) for i in members}
+    curvature_seconds = time.time() - t0
+    meta = {"workers": cfg.laplace.fit_workers or 1, "curvature_seconds": round(curvature_seconds, 2),
+            "n_data": curvatures[members[0]].n_data}
+    post = cls.from_curvatures(parent.scorer, parent.members, parent.member_info, curvatures, cfg,
+                               data.validation, fit_meta=meta)
+    meta["seconds"] = round(time.time() - t0, 2)
+    log(f"[fit] {cls.method} on {len(members)} member(s), {meta['n_data']} examples, {meta['workers']} worker(s): "
+        f"{meta['seconds']:.1f} s; prior precision {[f.prior.tolist() for f in post.fits]}")
+    return _save(post, manifest, artifact_dir, out_dir)
+
+
+def _save(post: LaplacePosterior, manifest: dict[str, Any], artifact_dir, out_dir) -> Path:
+    parent_cfg = config_from_dict({"model": manifest["base_model"]["config"], "adapter": manifest["adapter"]})
+    lineage = {"parent": str(Path(artifact_dir).resolve()), "parent_method": manifest["method"],
+               "parent_manifest_sha256": sha256_file(Path(artifact_dir) / MANIFEST)}
+    return save_posterior(post, out_dir, model_config=parent_cfg.model, adapter_config=parent_cfg.adapter,
+                          training=manifest.get("training", {}), lineage=lineage)
+
+
+# --- the Ray Train path ----------------------------------------------------------------------------------------
+def _curvature_file(member: int) -> str:
+    return f"curvature_{member}.safetensors"
+
+
+def laplace_fit_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker`: this worker's shard of the curvature pass, summed over all workers."""
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    posterior = load_posterior(config["artifact"])
+    data = load_task_data(cfg.data)
+    summed = {}
+    for i in config["members"]:
+        curv = fit_curvature(posterior.scorer, posterior.members[i], data.train, cfg.laplace,
+                             cfg.train.batch_size, rank, world)
+        if world > 1:
+            curv.sum_(dist.all_reduce, rank, world)
+        summed[i] = curv
+    metrics = {"n_data": summed[config["members"][0]].n_data}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            for i, curv in summed.items():
+                tensors = {k: v.contiguous() for k, v in curv.state_tensors().items()}
+                save_file(tensors, str(Path(d) / _curvature_file(i)))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+
+
+def distributed_curvatures(artifact_dir, cfg: Config, scorer, members: list[int],
+                           log: Callable[[str], None] = print) -> dict[int, LoraCurvature]:
+    """Run the curvature pass as one Ray Train run of `laplace.fit_workers` workers; the summed curvatures."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayblora.coordinator import ensure_ray
+
+    ensure_ray(cfg.cluster)
+    storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
+    trainer = TorchTrainer(
+        laplace_fit_loop,
+        train_loop_config={"config": cfg.to_dict(), "artifact": str(Path(artifact_dir).resolve()),
+                           "members": list(members)},
+        scaling_config=ScalingConfig(num_workers=cfg.laplace.fit_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.output.name}-laplace-{uuid.uuid4().hex[:8]}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)))
+    log(f"[fit] curvature pass on {cfg.laplace.fit_workers} Ray Train worker(s)")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("the Laplace curvature run finished without a checkpoint")
+    out = {}
+    with result.checkpoint.as_directory() as d:
+        for i in members:
+            curv = LoraCurvature(find_lora_sites(scorer.model, cfg.laplace.subset), cfg.laplace.structure,
+                                 cfg.laplace.hessian, cfg.laplace.low_rank_threshold, cfg.laplace.low_rank)
+            curv.load_state_tensors(load_file(str(Path(d) / _curvature_file(i))))
+            out[i] = curv
+    return out
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+def _cmd_fit(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or str(cfg.out_dir / "posterior-laplace")
+    print(fit_laplace(args.posterior, cfg, out, method=args.method or None))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Add `rayblora fit --posterior DIR --config CFG [--method M] [--out DIR] [overrides]`."""
+    p = subparsers.add_parser("fit", help="fit a Laplace-LoRA posterior onto a trained artifact (new artifact)")
+    p.add_argument("--config", default=None, help="YAML config (see jobs/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. laplace.fit_workers=2")
+    p.add_argument("--posterior", required=True, help="parent artifact directory (ensemble or map)")
+    p.add_argument("--method", default="", choices=["", *LAPLACE_METHODS],
+                   help="laplace | laplace_ensemble (default: posterior.method if Laplace, else by member count)")
+    p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-laplace)")
+    p.set_defaults(func=_cmd_fit)

@@ -1,0 +1,123 @@
+"""Sampling and calibration baselines on the MAP adapter (member 0).
+
+* `mc_dropout` (Gal & Ghahramani, ICML 2016, sec. 3): LoRA dropout stays on at test time; the S stochastic
+  passes are S samples of an approximate posterior, mixed by the Bayesian model average. The S passes run as
+  one batched forward (:mod:`rayblora.batched`): each row block draws its own dropout masks.
+* `temperature` (Guo et al., ICML 2017, sec. 4.2): the MAP's answer logits divided by one temperature T > 0
+  fitted on the validation split by minimising the NLL (L-BFGS over log T, so T stays positive).
+
+The number of MC-dropout passes S and their seed are `swag.samples` and `swag.sample_seed`, the sampling
+settings every sampling family shares.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rayblora.batched import lora_dropout_rate
+from rayblora.config import SwagConfig
+from rayblora.data.batches import eval_batches
+from rayblora.posteriors.base import Posterior
+
+FINITE_FLOOR = -1e4
+"""Invalid choices (−inf logits) are floored here while fitting T, so their zero gradient stays finite."""
+
+
+class McDropoutPosterior(Posterior):
+    """S passes of the MAP adapter with LoRA dropout on (needs adapter.dropout > 0)."""
+
+    method = "mc_dropout"
+
+    def __init__(self, scorer, members, member_info=None, samples: int = SwagConfig.samples,
+                 seed: int = SwagConfig.sample_seed):
+        super().__init__(scorer, list(members)[:1], list(member_info)[:1] if member_info else None)
+        rate = lora_dropout_rate(scorer.model)
+        if rate <= 0.0:
+            raise ValueError("mc_dropout: the adapter has no LoRA dropout (adapter.dropout = 0); train with "
+                             "adapter.dropout > 0 (e.g. 0.1) to use MC dropout")
+        if samples < 1:
+            raise ValueError(f"mc_dropout: swag.samples must be >= 1, got {samples}")
+        self.samples, self.seed, self.rate = samples, seed, rate
+
+    @classmethod
+    def build(cls, scorer, members, member_info, data=None, config=None) -> "McDropoutPosterior":
+        swag = config.swag if config is not None else SwagConfig()
+        return cls(scorer, members, member_info, swag.samples, swag.sample_seed)
+
+    @classmethod
+    def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "McDropoutPosterior":
+        return cls(scorer, members, member_info, int(extra["samples"]), int(extra["seed"]))
+
+    def artifact_extra(self) -> dict[str, Any]:
+        return {"samples": self.samples, "seed": self.seed, "dropout": self.rate}
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples
+
+    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer logits (S, B, C) of S dropout passes; the masks are seeded, so a batch's result repeats."""
+        device = next(self.scorer.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return self.scorer.logits_for_states(batch, self.members * self.samples, lora_dropout=True)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """T > 0 minimising the NLL of softmax(logits / T) (logits (N, C), labels (N,)), by L-BFGS over log T."""
+    logits = logits.detach().float().clamp_min(FINITE_FLOOR)
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    if not torch.isfinite(torch.tensor(temperature)):
+        raise RuntimeError("temperature fit diverged (non-finite T)")
+    return temperature
+
+
+class TemperaturePosterior(Posterior):
+    """The MAP adapter with its logits divided by a temperature fitted on the validation split (S = 1)."""
+
+    method = "temperature"
+    needs_data = True
+
+    def __init__(self, scorer, members, member_info=None, temperature: float = 1.0):
+        super().__init__(scorer, list(members)[:1], list(member_info)[:1] if member_info else None)
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    @classmethod
+    def build(cls, scorer, members, member_info, data=None, config=None,
+              batch_size: int = 16) -> "TemperaturePosterior":
+        """Fit T on `data.validation` with member 0's logits."""
+        if data is None:
+            raise ValueError("temperature: needs data (its validation split) to fit the temperature")
+        mapped = cls(scorer, members, member_info)
+        logits, labels = [], []
+        for batch in eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length):
+            logits.append(mapped.sample_logits(batch)[0])
+            labels.append(batch["labels"])
+        mapped.temperature = fit_temperature(torch.cat(logits), torch.cat(labels))
+        return mapped
+
+    @classmethod
+    def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "TemperaturePosterior":
+        return cls(scorer, members, member_info, float(extra["temperature"]))
+
+    def artifact_extra(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer logits (1, B, C) of the MAP divided by T."""
+        return self.scorer.logits_for_states(batch, self.members) / self.temperature

@@ -1,0 +1,8 @@
+"""HTTP serving of posterior artifacts on Ray Serve (see :mod:`rayblora.serve.app`).
+
+schemas.py   pydantic request/response models with the configured limits
+engine.py    the Ray-free core: served posteriors, input checks, batched prediction
+api.py       the FastAPI app: routes, error bodies, bearer token
+deployment.py  the Serve deployment (multiplexing, dynamic batching, backpressure options)
+app.py       build_app / app_builder / start_server and the `rayblora serve` verb
+"""

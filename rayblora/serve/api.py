@@ -1,0 +1,135 @@
+"""The FastAPI application of the prediction endpoint: routes, uniform error bodies, bearer-token check.
+
+Built per replica by :func:`make_api` (Serve's late-bound ingress), so the request schema carries the
+configured limits and the token check its token. No Ray here: the routes call a service object
+(:class:`rayblora.serve.app.PosteriorServer`). Every error the application makes is an
+:class:`~rayblora.serve.schemas.ErrorResponse`: bad input is a 4xx naming the field, never a 5xx.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the body type of a route defined in a function.
+import hmac
+from typing import Any, Protocol, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+import rayblora
+from rayblora.artifact import ArtifactError
+from rayblora.config import ServeConfig
+from rayblora.serve.engine import InputError, UnknownPosterior
+from rayblora.serve.schemas import ErrorResponse, Health, PosteriorList, PredictResponse, field_name, request_model
+
+UNAUTHENTICATED_PATHS = ("/healthz",)
+DESCRIPTION = (
+    "Predictions of Bayesian LoRA posteriors with calibrated uncertainty: the Bayesian model average of the "
+    "class probabilities, total entropy = aleatoric + mutual information (epistemic), and an abstain flag. "
+    "When a bearer token is configured, every route but /healthz needs `Authorization: Bearer <token>`. "
+    "Overload is answered 503 by the Serve proxy.")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorResponse, "description": "unknown posterior"},
+    422: {"model": ErrorResponse, "description": "invalid request; `fields` names each bad field"},
+    503: {"description": "overloaded: the request queue is full (answered at once by the Serve proxy)"},
+}
+
+
+class Service(Protocol):
+    """What the routes need from the deployment."""
+
+    config: ServeConfig
+
+    async def predict(self, body: Any) -> dict[str, Any]: ...
+
+    def list_posteriors(self) -> dict[str, Any]: ...
+
+
+def error_response(status: int, message: str, fields: Sequence[tuple[str, str]] = (),
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An ErrorResponse body with `status`."""
+    body = {"message": message, "fields": [{"field": f, "message": m} for f, m in fields]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_fields(exc: RequestValidationError) -> list[tuple[str, str]]:
+    fields = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            where = err["loc"][-1] if err.get("loc") else "?"
+            reason = (err.get("ctx") or {}).get("error", "not valid JSON")
+            fields.append(("body", f"not valid JSON: {reason} (at character {where})"))
+        else:
+            fields.append((field_name(err.get("loc", ())), err.get("msg", "invalid")))
+    return fields
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = _validation_fields(exc)
+        return error_response(422, "invalid request: " + "; ".join(f"{f}: {m}" for f, m in fields), fields)
+
+    async def refused_inputs(_: Request, exc: InputError) -> JSONResponse:
+        return error_response(422, f"invalid request: {exc}", exc.fields)
+
+    async def unknown_posterior(_: Request, exc: UnknownPosterior) -> JSONResponse:
+        return error_response(404, exc.message, [("posterior", exc.message)])
+
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def unloadable(_: Request, exc: ArtifactError) -> JSONResponse:
+        return error_response(500, f"the posterior could not be loaded: {exc}")
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(InputError, refused_inputs)
+    app.add_exception_handler(UnknownPosterior, unknown_posterior)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ArtifactError, unloadable)
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The request path below the application's route prefix (Serve passes the prefix as `root_path`)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "") or ""
+    if root and root != "/" and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+def _add_bearer_check(app: FastAPI, token: str) -> None:
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def bearer_token(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if route_path(request.scope) in UNAUTHENTICATED_PATHS or hmac.compare_digest(given, expected):
+            return await call_next(request)
+        return error_response(401, "missing or wrong bearer token: send `Authorization: Bearer <token>`",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+
+def make_api(service: Service, auth_token: str = "") -> FastAPI:
+    """The endpoint's FastAPI app: POST /v1/predict, GET /v1/posteriors, GET /healthz, /openapi.json, /docs."""
+    body_model = request_model(service.config)
+    app = FastAPI(title="rayblora posterior endpoint", version=rayblora.__version__, description=DESCRIPTION)
+    _add_error_handlers(app)
+    if auth_token:
+        _add_bearer_check(app, auth_token)
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness; never needs the token."""
+        return {"status": "ok"}
+
+    @app.get("/v1/posteriors", response_model=PosteriorList, responses=ERROR_RESPONSES, tags=["posteriors"])
+    async def posteriors() -> dict[str, Any]:
+        """The served posteriors: method, members, samples, task and labels."""
+        return service.list_posteriors()
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, tags=["predict"])
+    async def predict(body: body_model) -> dict[str, Any]:
+        """Posterior predictive with uncertainty for each input (posterior from the body, else the
+        `serve_multiplexed_model_id` header, else the default)."""
+        return await service.predict(body)
+
+    return app

@@ -1,0 +1,163 @@
+"""Serve posterior artifacts over HTTP: `rayblora serve`, `serve run jobs/serve_config.yaml`, `serve deploy`.
+
+    rayblora serve --posterior runs/demo/posterior                       # one posterior, named "posterior"
+    rayblora serve --posterior movie=runs/a --posterior tweets=runs/b --port 8000 serve.num_replicas=2
+
+Routes (see /docs): POST /v1/predict, GET /v1/posteriors, GET /healthz, /openapi.json, /docs. The endpoint
+binds 127.0.0.1 unless `serve.host` says otherwise; a bearer token (`serve.auth_token`, or the variable named by
+`serve.auth_token_env`) guards every route but /healthz. Artifacts are read only by the verified loader.
+The deployment itself is :class:`rayblora.serve.deployment.PosteriorServer` (imported lazily: Ray Serve is
+slow to import and the CLI builds every verb's parser).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rayblora.config import ConfigError, ServeConfig, load_config
+from rayblora.serve.schemas import NAME_PATTERN
+
+APP_NAME = "rayblora"
+BUILDER_ARGS = ("posteriors", "config", "overrides")
+"""Keys of `args` understood by :func:`app_builder` (the `applications[].args` of a Serve config file)."""
+
+
+def parse_posterior_specs(specs: Sequence[str]) -> dict[str, str]:
+    """`["DIR", "name=DIR", ...]` -> {name: DIR}; a bare DIR is named after its folder."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not re.match(NAME_PATTERN, name):
+            name, path = Path(spec.rstrip("/")).name, spec
+        if name in out:
+            raise ConfigError(f"--posterior {spec}: the name {name!r} is given twice; use name=DIR")
+        out[name] = path
+    return out
+
+
+def check_posteriors(posteriors: Mapping[str, str | os.PathLike]) -> dict[str, str]:
+    """Validate names and read every manifest (ArtifactError naming the directory); absolute paths."""
+    from rayblora.serve.engine import PosteriorEntry
+
+    if not posteriors:
+        raise ConfigError("serve: give at least one posterior (--posterior DIR or --posterior name=DIR)")
+    out = {}
+    for name, path in posteriors.items():
+        if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+            raise ConfigError(f"serve posterior name {name!r}: use letters, digits, '.', '_', '-' "
+                              "(at most 64 characters)")
+        out[name] = PosteriorEntry.from_artifact(name, path).path
+    return out
+
+
+def resolve_token(cfg: ServeConfig) -> str:
+    """The bearer token: `serve.auth_token`, else the environment variable `serve.auth_token_env`."""
+    if cfg.auth_token:
+        return cfg.auth_token
+    return os.environ.get(cfg.auth_token_env, "") if cfg.auth_token_env else ""
+
+
+def build_app(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathLike], loader=None):
+    """The Serve application (``Deployment.bind``) serving `posteriors` (name -> artifact directory).
+
+    `loader(path, scorer=None) -> Posterior` defaults to the verified :func:`rayblora.artifact.load_posterior`.
+    """
+    from rayblora.artifact import load_posterior
+    from rayblora.serve.deployment import PosteriorServer, deployment_options
+
+    paths = check_posteriors(posteriors)
+    return PosteriorServer.options(**deployment_options(serve_config)).bind(
+        paths, serve_config, loader or load_posterior, resolve_token(serve_config))
+
+
+def app_builder(args: dict[str, Any]):
+    """Application builder for Serve config files (`import_path: rayblora.serve.app:app_builder`).
+
+    args: `posteriors` ({name: DIR} or a list of "name=DIR" / "DIR"), optional `config` (a rayblora YAML whose
+    `serve` section applies) and `overrides` (dotted, e.g. ["serve.max_posteriors_per_replica=2"]).
+    """
+    unknown = sorted(set(args) - set(BUILDER_ARGS))
+    if unknown:
+        raise ConfigError(f"serve application args: unknown key {unknown[0]!r}; known keys: {list(BUILDER_ARGS)}")
+    posteriors = args.get("posteriors")
+    if isinstance(posteriors, str):
+        posteriors = [posteriors]
+    if isinstance(posteriors, (list, tuple)):
+        posteriors = parse_posterior_specs([str(p) for p in posteriors])
+    if not isinstance(posteriors, dict):
+        raise ConfigError("serve application args.posteriors: give {name: DIR} or a list of name=DIR")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    cfg = load_config(args.get("config"), overrides)
+    return build_app(cfg.serve, posteriors)
+
+
+def base_url(cfg: ServeConfig, route_prefix: str = "/") -> str:
+    """URL a local client uses (a wildcard bind address is reached through loopback)."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
+
+
+def start_server(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathLike], loader=None,
+                 name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Deploy on the connected Ray (starting Serve's HTTP proxy on `serve.host:serve.port` if Serve is not
+    running yet); returns the application's base URL once it is healthy."""
+    from ray import serve
+
+    app = build_app(serve_config, posteriors, loader)
+    serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
+    serve.run(app, name=name, route_prefix=route_prefix)
+    return base_url(serve_config, route_prefix)
+
+
+def _cmd_serve(args) -> int:
+    from rayblora.coordinator import ensure_ray
+
+    cfg = load_config(args.config, args.overrides)
+    changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve_cfg = dataclasses.replace(cfg.serve, **changes)
+    posteriors = check_posteriors(parse_posterior_specs(args.posterior))
+    ensure_ray(cfg.cluster)
+    url = start_server(serve_cfg, posteriors)
+    auth = "bearer token required" if resolve_token(serve_cfg) else "no auth"
+    print(f"rayblora: serving {', '.join(posteriors)} at {url}/v1/predict ({auth}; docs at {url}/docs); "
+          "Ctrl-C stops", flush=True)
+    _wait_for_interrupt()
+    return 0
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM, then shut Serve down."""
+    from ray import serve
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("rayblora: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+
+
+def add_cli(subparsers) -> None:
+    """The `rayblora serve` verb."""
+    p = subparsers.add_parser("serve", help="serve posterior artifacts over HTTP with uncertainty (Ray Serve)")
+    p.add_argument("--posterior", action="append", required=True, metavar="[NAME=]DIR",
+                   help="posterior artifact to serve; repeat for several (the first is the default)")
+    p.add_argument("--host", default=None, help="bind address (default serve.host = 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port = 8000)")
+    p.add_argument("--config", default=None, help="YAML config whose `serve` section applies")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.max_queued_requests=32")
+    p.set_defaults(func=_cmd_serve)

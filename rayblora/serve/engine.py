@@ -1,0 +1,240 @@
+"""The serving core, free of Ray: which posteriors are served, request inputs -> prompts, batched prediction.
+
+A request's inputs are formatted with the artifact's task (:mod:`rayblora.data.formats`), checked against the
+posterior (task kind, answer choices, token counts with its tokenizer), and predicted together with the inputs
+of other requests: :func:`predict_jobs` flattens the jobs of one dynamic batch into one
+``posterior.predict_batch`` call per posterior, whose S parameter samples share one base model
+(``AnswerScorer.logits_for_states``). Posteriors with the same base model, adapter shape and task share one
+:class:`~rayblora.scoring.AnswerScorer`, so a replica holds one copy of each base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from rayblora.artifact import MANIFEST, read_manifest
+from rayblora.data.formats import TaskSpec, format_classification, format_multiple_choice
+from rayblora.predictive import Predictive
+
+Loader = Callable[..., Any]
+"""`loader(path, scorer=None) -> Posterior`, e.g. :func:`rayblora.artifact.load_posterior`."""
+
+
+class UnknownPosterior(KeyError):
+    """A request names a posterior this endpoint does not serve (HTTP 404)."""
+
+    def __init__(self, name: str, known: Sequence[str]):
+        super().__init__(name)
+        self.message = f"unknown posterior {name!r}; this endpoint serves {list(known)}"
+
+
+class InputError(ValueError):
+    """Inputs that the posterior cannot answer (HTTP 422); `fields` are (field path, message) pairs."""
+
+    def __init__(self, fields: Sequence[tuple[str, str]]):
+        self.fields = list(fields)
+        super().__init__("; ".join(f"{f}: {m}" for f, m in self.fields))
+
+
+@dataclass(frozen=True)
+class PosteriorEntry:
+    """A served posterior as its manifest describes it (known before it is loaded)."""
+
+    name: str
+    path: str
+    method: str
+    version: str
+    created: str
+    members: int
+    spec: TaskSpec
+    base_model: str
+    scorer_key: str
+    """Equal for artifacts that can share one AnswerScorer (base model, adapter shape, task, max length)."""
+
+    @classmethod
+    def from_artifact(cls, name: str, path: str | Path) -> "PosteriorEntry":
+        """Read (not verify) the manifest of the artifact at `path`; ArtifactError if it is not one."""
+        root = Path(path).resolve()
+        manifest = read_manifest(root)
+        digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
+        key = {k: manifest[k] for k in ("base_model", "adapter", "task")}
+        return cls(name=name, path=str(root), method=manifest["method"], version=digest[:12],
+                   created=manifest.get("created", ""), members=len(manifest["members"]),
+                   spec=TaskSpec.from_dict(manifest["task"]), base_model=manifest["base_model"]["name"],
+                   scorer_key=json.dumps(key, sort_keys=True))
+
+
+def _token_counter(tokenizer):
+    """A private copy of a fast tokenizer's backend without truncation or padding, for counting tokens
+    outside the thread that runs forward passes (a shared Rust tokenizer must not be reconfigured
+    concurrently)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"serving needs a fast tokenizer, got {type(tokenizer).__name__}")
+    counter = Tokenizer.from_str(backend.to_str())
+    counter.no_truncation()
+    counter.no_padding()
+    return counter
+
+
+class LoadedPosterior:
+    """A loaded posterior with what requests need: its entry, task spec and a token counter."""
+
+    def __init__(self, entry: PosteriorEntry, posterior):
+        self.entry = entry
+        self.posterior = posterior
+        self.spec: TaskSpec = posterior.scorer.spec
+        self._counter = _token_counter(posterior.scorer.tokenizer)
+
+    def prompts(self, inputs: Sequence[Any], max_tokens: int) -> tuple[list[str], list[int]]:
+        """Prompts and per-input number of choices for validated request inputs (objects with `text`, or
+        `question` + `choices`). Raises InputError naming every input this posterior cannot answer."""
+        errors, prompts, num_choices = [], [], []
+        for i, item in enumerate(inputs):
+            refusal = self._refusal(item)
+            if refusal is not None:
+                errors.append((f"inputs[{i}]{refusal[0]}", refusal[1]))
+                continue
+            if self.spec.kind == "classification":
+                prompts.append(format_classification(item.text, self.spec.prompt_template))
+                num_choices.append(len(self.spec.choices))
+            else:
+                prompts.append(format_multiple_choice(item.question, item.choices))
+                num_choices.append(len(item.choices))
+        if not errors:
+            errors = self._over_length(inputs, prompts, max_tokens)
+        if errors:
+            raise InputError(errors)
+        return prompts, num_choices
+
+    def _refusal(self, item: Any) -> tuple[str, str] | None:
+        """(field suffix, message) when this posterior cannot answer `item`, else None."""
+        name, spec = self.entry.name, self.spec
+        is_text = getattr(item, "text", None) is not None
+        if spec.kind == "classification" and not is_text:
+            return "", f'posterior {name!r} classifies text: send {{"text": ...}}, not a question'
+        if spec.kind != "classification" and is_text:
+            return "", (f"posterior {name!r} answers multiple-choice questions: send "
+                        '{"question": ..., "choices": [...]}, not text')
+        if not is_text and len(item.choices) > len(spec.choices):
+            return ".choices", (f"posterior {name!r} answers at most {len(spec.choices)} options, "
+                                f"got {len(item.choices)}")
+        return None
+
+    def _over_length(self, inputs: Sequence[Any], prompts: Sequence[str], max_tokens: int) -> list:
+        lengths = [len(e.ids) for e in self._counter.encode_batch(list(prompts), add_special_tokens=False)]
+        return [(f"inputs[{i}]." + ("text" if hasattr(inputs[i], "text") else "question"),
+                 f"{n} tokens once formatted with the task prompt; the limit is {max_tokens} "
+                 "(serve.max_tokens_per_input)") for i, n in enumerate(lengths) if n > max_tokens]
+
+    def predict(self, prompts: Sequence[str], num_choices: Sequence[int]) -> Predictive:
+        """Predictive (B = len(prompts)) in one batched call; options beyond an input's count are masked."""
+        batch = self.posterior.scorer.encode(list(prompts))
+        batch["num_choices"] = torch.as_tensor(list(num_choices), dtype=torch.long)
+        return self.posterior.predict_batch(batch)
+
+
+class PosteriorPool:
+    """The posteriors of one replica: entries for all, loaded ones sharing scorers.
+
+    Args:
+        paths: posterior name -> artifact directory; the first is the default.
+        loader: `loader(path, scorer=None)` -> Posterior (the verified artifact loader).
+    """
+
+    def __init__(self, paths: Mapping[str, str], loader: Loader):
+        if not paths:
+            raise ValueError("serve needs at least one posterior")
+        self.entries = {name: PosteriorEntry.from_artifact(name, path) for name, path in paths.items()}
+        self.default = next(iter(self.entries))
+        self._loader = loader
+        self._scorers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._resident: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def entry(self, name: str) -> PosteriorEntry:
+        """The entry named `name`; UnknownPosterior otherwise."""
+        if name not in self.entries:
+            raise UnknownPosterior(name, list(self.entries))
+        return self.entries[name]
+
+    def load(self, name: str) -> LoadedPosterior:
+        """Load and verify `name` through the loader, reusing a live scorer of an equal `scorer_key`."""
+        entry = self.entry(name)
+        posterior = self._loader(entry.path, scorer=self._scorers.get(entry.scorer_key))
+        self._scorers[entry.scorer_key] = posterior.scorer
+        loaded = LoadedPosterior(entry, posterior)
+        self._resident[name] = loaded
+        return loaded
+
+    def describe(self) -> dict[str, Any]:
+        """The GET /v1/posteriors body (`loaded` and `samples` as seen by this replica)."""
+        rows = []
+        for name, e in self.entries.items():
+            live = self._resident.get(name)
+            rows.append({"name": name, "method": e.method, "version": e.version, "created": e.created,
+                         "members": e.members, "samples": live.posterior.num_samples if live else None,
+                         "loaded": live is not None, "task": e.spec.kind, "labels": list(e.spec.label_names),
+                         "base_model": e.base_model})
+        return {"default": self.default, "posteriors": rows}
+
+
+@dataclass
+class Job:
+    """The inputs of one request for one loaded posterior: the unit that dynamic batching collects."""
+
+    loaded: LoadedPosterior
+    prompts: list[str]
+    num_choices: list[int]
+
+
+def count_inputs(jobs: Sequence[Job]) -> int:
+    """Size of a dynamic batch in inputs (the `batch_size_fn` of `serve.batch`)."""
+    return sum(len(job.prompts) for job in jobs)
+
+
+def _rows(pred: Predictive, start: int, stop: int) -> Predictive:
+    return Predictive(pred.probs[start:stop], pred.sample_probs[:, start:stop], pred.entropy[start:stop],
+                      pred.aleatoric[start:stop], pred.mutual_information[start:stop])
+
+
+def predict_jobs(jobs: Sequence[Job]) -> list[Predictive]:
+    """Predictives of several requests' jobs: the inputs of all jobs of one posterior go through one
+    ``predict`` call, then are split back per job (same order as `jobs`)."""
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(id(job.loaded), []).append(i)
+    out: list[Predictive | None] = [None] * len(jobs)
+    for members in groups.values():
+        loaded = jobs[members[0]].loaded
+        pred = loaded.predict([p for i in members for p in jobs[i].prompts],
+                              [n for i in members for n in jobs[i].num_choices])
+        start = 0
+        for i in members:
+            stop = start + len(jobs[i].prompts)
+            out[i] = _rows(pred, start, stop)
+            start = stop
+    return out  # type: ignore[return-value]
+
+
+def predictions(spec: TaskSpec, pred: Predictive, num_choices: Sequence[int], threshold: float) -> list[dict]:
+    """Per-input response rows: label name, probabilities over the input's own options, uncertainty, abstain."""
+    rows = []
+    for i, n in enumerate(num_choices):
+        probs = pred.probs[i, :n]
+        index = int(probs.argmax())
+        confidence = float(probs[index])
+        rows.append({"label": spec.label_names[index], "label_index": index, "probs": probs.tolist(),
+                     "confidence": confidence, "entropy": float(pred.entropy[i]),
+                     "aleatoric": float(pred.aleatoric[i]),
+                     "mutual_information": float(pred.mutual_information[i]),
+                     "abstained": confidence < threshold})
+    return rows

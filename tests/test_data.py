@@ -1,0 +1,113 @@
+"""Task formats, user files (JSONL / CSV / Parquet / datasets folder), deterministic splits, bad files."""
+
+import json
+
+import pytest
+
+from rayblora.config import load_config
+from rayblora.data import DataError, load_task_data, train_batch_indices
+from rayblora.data.formats import format_multiple_choice
+
+
+def _cfg(task, shifts=(), **sizes):
+    values = {"train_size": 0, "val_size": 4, "test_size": 4, **sizes}
+    return load_config(None, [f"data.task={task}", f"data.shift_tasks=[{','.join(map(str, shifts))}]"]
+                       + [f"data.{k}={v}" for k, v in values.items()]).data
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"text": f"review number {i}", "label": i % 2} for i in range(20)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "datasets"])
+def test_user_formats_load_the_same_examples(tmp_path, fmt):
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    path = tmp_path / f"d.{fmt}"
+    {"jsonl": lambda: ds.to_json(str(path)), "csv": lambda: ds.to_csv(str(path), index=False),
+     "parquet": lambda: ds.to_parquet(str(path)), "datasets": lambda: ds.save_to_disk(str(path))}[fmt]()
+    data = load_task_data(_cfg(path))
+    assert (len(data.train), len(data.validation), len(data.test)) == (12, 4, 4)
+    assert data.spec.choices == (" negative", " positive")
+    assert data.test[0]["prompt"].startswith("Review: review number")
+    assert set(data.train["num_choices"]) == {2}
+
+
+def test_splits_are_deterministic_and_disjoint(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    a, b = load_task_data(_cfg(path)), load_task_data(_cfg(path))
+    assert a.test["prompt"] == b.test["prompt"] and a.train["prompt"] == b.train["prompt"]
+    sets = [set(x["prompt"]) for x in (a.train, a.validation, a.test)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    c = load_task_data(load_config(None, [f"data.task={path}", "data.shift_tasks=[]", "data.val_size=4",
+                                          "data.test_size=4", "data.train_size=0", "data.seed=1"]).data)
+    assert c.test["prompt"] != a.test["prompt"]
+
+
+def test_string_labels_and_multiple_choice(tmp_path):
+    path = _jsonl(tmp_path / "s.jsonl", [{"text": f"t{i}", "label": ["negative", "positive"][i % 2]}
+                                         for i in range(12)])
+    assert sorted(set(load_task_data(_cfg(path)).train["label"])) == [0, 1]
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": f"q{i}?", "choices": ["x", "y", "z"][: 2 + i % 2],
+                                         "label": i % 2} for i in range(12)])
+    data = load_task_data(_cfg(mc))
+    assert data.spec.kind == "multiple_choice" and data.spec.choices == (" A", " B", " C")
+    assert set(data.train["num_choices"]) == {2, 3}
+    assert format_multiple_choice("Why?", ["a", "b"]) == "Question: Why?\nA. a\nB. b\nAnswer:"
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"txt": "a", "label": 0}] * 10, r"columns 'text' \+ 'label'"),
+    ([{"text": "a"}] * 10, "missing column 'label'"),
+    ([{"text": "a", "label": 0}] * 5 + [{"text": "b", "label": 7}] * 5, r"row 5, column 'label': 7 is out of range"),
+    ([{"text": "a", "label": 0}] * 5 + [{"text": "", "label": 1}] * 5, r"row 5, column 'text'"),
+    ([{"text": "a", "label": "meh"}] * 10, r"row 0, column 'label'"),
+    ([{"question": "q", "choices": ["only"], "label": 0}] * 10, r"row 0, column 'choices'"),
+    ([{"question": "q", "choices": ["a", "b"], "label": 2}] * 10, r"row 0, column 'label'"),
+])
+def test_bad_rows_name_file_row_and_column(tmp_path, rows, message):
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=message) as info:
+        load_task_data(_cfg(path))
+    assert "bad.jsonl" in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(DataError, match="neither a built-in task"):
+        load_task_data(_cfg(tmp_path / "missing.jsonl"))
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_task_data(_cfg(tmp_path / "d.txt"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        load_task_data(_cfg(tmp_path / "empty.jsonl"))
+    small = _jsonl(tmp_path / "small.jsonl", ROWS[:6])
+    with pytest.raises(DataError, match="empty split"):
+        load_task_data(_cfg(small))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 0}\n{not json\n')
+    with pytest.raises(DataError, match="broken.jsonl"):
+        load_task_data(_cfg(tmp_path / "broken.jsonl"))
+
+
+def test_shift_tasks_must_share_labels(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b", "c"], "label": 0}] * 10)
+    with pytest.raises(DataError, match="share the labels"):
+        load_task_data(_cfg(path, shifts=[mc]))
+    data = load_task_data(_cfg(path, shifts=[path]))
+    assert list(data.shifts) == ["d"] and len(data.shifts["d"]) == 4
+
+
+def test_training_order_is_a_pure_function_of_the_batch_number():
+    first = [train_batch_indices(10, 3, seed=5, batch_number=b).tolist() for b in range(6)]
+    again = [train_batch_indices(10, 3, seed=5, batch_number=b).tolist() for b in range(6)]
+    assert first == again
+    epoch0 = sum(first[:3], [])
+    assert len(set(epoch0)) == 9
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_batch_indices(2, 3, 0, 0)

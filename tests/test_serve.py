@@ -1,0 +1,399 @@
+"""The Serve endpoint over real HTTP on loopback: tiny posterior artifacts, one Serve instance per module.
+
+Three applications share one Serve start: the main one (three posteriors, LRU bound 2), one behind a bearer
+token, and one whose posterior is slowed down (a test loader) to fill the queue and see 503s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["good film the plot", "awful story was dull and weak", "the actors", "superb lovely fine great film"]
+QUESTION = {"question": "Which word is positive?", "choices": ["awful", "superb", "dull"]}
+SLOW_FORWARD_S = 1.5
+TOKEN = "test-token-0123"
+
+
+class SlowPosterior:
+    """Test double: a loaded posterior whose every forward first sleeps, so a burst fills the queue."""
+
+    def __init__(self, posterior):
+        self._posterior = posterior
+
+    def __getattr__(self, name):
+        return getattr(self._posterior, name)
+
+    def predict_batch(self, batch):
+        time.sleep(SLOW_FORWARD_S)
+        return self._posterior.predict_batch(batch)
+
+
+def slow_loader(path, scorer=None):
+    from rayblora.artifact import load_posterior
+
+    return SlowPosterior(load_posterior(path, scorer=scorer))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def posteriors(trained_members, tiny_session_config, tmp_path_factory):
+    """name -> (in-memory posterior, artifact dir): a K=2 and a K=1 ensemble and a 3-way multiple-choice one.
+
+    The scorers read 128 tokens so that the whole review reaches the model (predictions differ per text)."""
+    from rayblora.artifact import save_posterior
+    from rayblora.data.formats import multiple_choice_spec
+    from rayblora.posteriors.ensemble import EnsemblePosterior
+    from rayblora.scoring import build_scorer
+
+    trained_scorer, states, infos = trained_members
+    cfg, root = tiny_session_config, tmp_path_factory.mktemp("serve-artifacts")
+    text = build_scorer(cfg.model, cfg.adapter, trained_scorer.spec, 128)
+    choice = build_scorer(cfg.model, cfg.adapter, multiple_choice_spec(3), 128)
+    made = {"ens": EnsemblePosterior(text, states, infos), "solo": EnsemblePosterior(text, states[1:], infos[1:]),
+            "mc": EnsemblePosterior(choice, states, infos)}
+    return {name: (post, save_posterior(post, root / name, model_config=cfg.model, adapter_config=cfg.adapter))
+            for name, post in made.items()}
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, posteriors):
+    """Base URLs of the three applications; Serve is shut down afterwards."""
+    from ray import serve
+    from ray.cloudpickle import register_pickle_by_value
+
+    from rayblora.config import ServeConfig
+    from rayblora.serve.app import start_server
+
+    register_pickle_by_value(sys.modules[__name__])  # the test loader travels to the replica by value
+    cfg = ServeConfig(port=free_port(), max_inputs_per_request=4, max_tokens_per_input=160, max_choices=4,
+                      batch_max_size=8, batch_wait_timeout_s=0.05, max_posteriors_per_replica=2,
+                      replica_cpus=1.0, torch_threads=1, auth_token_env="")
+    paths = {name: path for name, (_, path) in posteriors.items()}
+    try:
+        urls = {"main": start_server(cfg, paths, name="test-main", route_prefix="/"),
+                "secure": start_server(dataclasses.replace(cfg, auth_token=TOKEN), {"ens": paths["ens"]},
+                                       name="test-secure", route_prefix="/secure"),
+                "slow": start_server(dataclasses.replace(cfg, max_ongoing_requests=1, max_queued_requests=1),
+                                     {"ens": paths["ens"]}, loader=slow_loader, name="test-slow",
+                                     route_prefix="/slow")}
+        yield urls
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with httpx.Client(timeout=60.0) as c:
+        yield c
+
+
+def predict(client, url, body, **kw):
+    return client.post(f"{url}/v1/predict", json=body, **kw)
+
+
+def prompts_of(post, texts):
+    from rayblora.data.formats import format_classification
+
+    return [format_classification(t, post.scorer.spec.prompt_template) for t in texts]
+
+
+def assert_matches(rows, expected, label_names):
+    """HTTP prediction rows equal an in-process Predictive (same inputs, same order)."""
+    assert len(rows) == expected.probs.shape[0]
+    for i, row in enumerate(rows):
+        assert row["probs"] == pytest.approx(expected.probs[i].tolist(), abs=1e-5)
+        assert row["entropy"] == pytest.approx(float(expected.entropy[i]), abs=1e-5)
+        assert row["aleatoric"] == pytest.approx(float(expected.aleatoric[i]), abs=1e-5)
+        assert row["mutual_information"] == pytest.approx(float(expected.mutual_information[i]), abs=1e-5)
+        assert row["confidence"] == pytest.approx(float(expected.confidence[i]), abs=1e-5)
+        assert row["label"] == label_names[int(expected.label[i])]
+
+
+def test_predictions_equal_posterior_predict(server, client, posteriors):
+    post, path = posteriors["ens"]
+    r = predict(client, server["main"], {"posterior": "ens", "inputs": [{"text": t} for t in TEXTS]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_matches(body["predictions"], post.predict(prompts_of(post, TEXTS)), post.scorer.spec.label_names)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (body["posterior"], body["method"], body["samples"]) == ("ens", "ensemble", 2)
+    assert body["created"] == manifest["created"] and len(body["version"]) == 12
+    assert len({round(row["probs"][0], 6) for row in body["predictions"]}) > 1, "inputs must matter"
+
+
+def test_concurrent_requests_are_batched_and_correct(server, client, posteriors):
+    """Requests in flight together (two posteriors, one input each) each get their own posterior's answer."""
+    jobs = [(name, text) for text in TEXTS for name in ("ens", "solo")]
+    results: dict[int, httpx.Response] = {}
+
+    def send(i, name, text):
+        with httpx.Client(timeout=60.0) as c:
+            results[i] = predict(c, server["main"], {"posterior": name, "inputs": [{"text": text}]})
+
+    threads = [threading.Thread(target=send, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (name, text) in enumerate(jobs):
+        post = posteriors[name][0]
+        assert results[i].status_code == 200, results[i].text
+        assert_matches(results[i].json()["predictions"], post.predict(prompts_of(post, [text])),
+                       post.scorer.spec.label_names)
+
+
+def test_abstain_flag_follows_threshold(server, client):
+    inputs = [{"text": t} for t in TEXTS]
+    default = predict(client, server["main"], {"inputs": inputs}).json()
+    assert default["posterior"] == "ens" and default["abstain_threshold"] == 0.0
+    assert not any(row["abstained"] for row in default["predictions"])
+    confidences = sorted(row["confidence"] for row in default["predictions"])
+    cut = (confidences[1] + confidences[2]) / 2
+    r = predict(client, server["main"], {"inputs": inputs, "abstain_threshold": cut}).json()
+    assert r["abstain_threshold"] == cut
+    assert [row["abstained"] for row in r["predictions"]] == [row["confidence"] < cut for row in r["predictions"]]
+    assert sum(row["abstained"] for row in r["predictions"]) == 2
+    everything = predict(client, server["main"], {"inputs": inputs, "abstain_threshold": 1.0}).json()
+    assert all(row["abstained"] for row in everything["predictions"])
+
+
+def test_multiple_choice_posterior(server, client, posteriors):
+    post = posteriors["mc"][0]
+    from rayblora.data.formats import format_multiple_choice
+
+    full = {"question": "Pick one", "choices": ["good", "bad", "fine"]}
+    r = predict(client, server["main"], {"posterior": "mc", "inputs": [full, {**QUESTION, "choices": ["x", "y"]}]})
+    assert r.status_code == 200, r.text
+    rows = r.json()["predictions"]
+    expected = post.predict([format_multiple_choice(full["question"], full["choices"])])
+    assert_matches(rows[:1], expected, ("A", "B", "C"))
+    assert len(rows[1]["probs"]) == 2 and sum(rows[1]["probs"]) == pytest.approx(1.0, abs=1e-5)
+    assert rows[1]["label"] in ("A", "B")
+
+
+def test_posteriors_are_multiplexed_with_an_lru_bound(server, client, posteriors):
+    """Three posteriors, at most two resident: after using ens, solo, mc the least recent (ens) is unloaded."""
+    for name in ("ens", "solo", "mc"):
+        body = {"inputs": [QUESTION if name == "mc" else {"text": TEXTS[0]}]}
+        r = predict(client, server["main"], body, headers={"serve_multiplexed_model_id": name})
+        assert r.status_code == 200 and r.json()["posterior"] == name, r.text
+    listing = client.get(f"{server['main']}/v1/posteriors").json()
+    rows = {row["name"]: row for row in listing["posteriors"]}
+    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc"}
+    assert [rows[n]["loaded"] for n in ("ens", "solo", "mc")] == [False, True, True]
+    assert (rows["solo"]["samples"], rows["mc"]["task"], rows["mc"]["labels"]) == (1, "multiple_choice",
+                                                                                   ["A", "B", "C"])
+    again = predict(client, server["main"], {"posterior": "ens", "inputs": [{"text": TEXTS[1]}]})
+    post = posteriors["ens"][0]
+    assert_matches(again.json()["predictions"], post.predict(prompts_of(post, TEXTS[1:2])),
+                   post.scorer.spec.label_names)
+
+
+def test_unknown_posterior_is_404(server, client):
+    r = predict(client, server["main"], {"posterior": "nope", "inputs": [{"text": "good"}]})
+    assert r.status_code == 404
+    assert "nope" in r.json()["message"] and "ens" in r.json()["message"]
+
+
+LONG_TOKENS = "x" * 300  # under the character bound (160 * 16), over 160 tokens
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"inputs": [{"text": "good"}', 422, "body"),
+    ("body not an object", b"[1, 2]", 422, "body"),
+    ("inputs missing", {}, 422, "inputs"),
+    ("inputs not a list", {"inputs": "good"}, 422, "inputs"),
+    ("empty inputs", {"inputs": []}, 422, "inputs"),
+    ("too many inputs", {"inputs": [{"text": "good"}] * 5}, 422, "inputs"),
+    ("text of the wrong type", {"inputs": [{"text": 5}]}, 422, "inputs[0].text"),
+    ("blank text", {"inputs": [{"text": "   "}]}, 422, "inputs[0].text"),
+    ("text over the character bound", {"inputs": [{"text": "good " * 600}]}, 422, "inputs[0].text"),
+    ("text over the token limit", {"inputs": [{"text": LONG_TOKENS}]}, 422, "inputs[0].text"),
+    ("unknown top-level field", {"inputs": [{"text": "good"}], "temperature": 1}, 422, "temperature"),
+    ("unknown input field", {"inputs": [{"text": "good", "label": 1}]}, 422, "inputs[0].label"),
+    ("input of no known shape", {"inputs": [{"prompt": "good"}]}, 422, "inputs[0]"),
+    ("input not an object", {"inputs": ["good"]}, 422, "inputs[0]"),
+    ("too many choices for the endpoint", {"posterior": "mc", "inputs": [{"question": "q", "choices": list("abcde")}]},
+     422, "inputs[0].choices"),
+    ("too many choices for the posterior", {"posterior": "mc", "inputs": [{"question": "q", "choices": list("abcd")}]},
+     422, "inputs[0].choices"),
+    ("one choice", {"posterior": "mc", "inputs": [{"question": "q", "choices": ["a"]}]}, 422, "inputs[0].choices"),
+    ("question to a text posterior", {"inputs": [QUESTION]}, 422, "inputs[0]"),
+    ("text to a question posterior", {"posterior": "mc", "inputs": [{"text": "good"}]}, 422, "inputs[0]"),
+    ("threshold out of range", {"inputs": [{"text": "good"}], "abstain_threshold": 1.5}, 422, "abstain_threshold"),
+    ("threshold as a string", {"inputs": [{"text": "good"}], "abstain_threshold": "0.5"}, 422, "abstain_threshold"),
+    ("posterior of the wrong type", {"posterior": 3, "inputs": [{"text": "good"}]}, 422, "posterior"),
+]
+
+
+@pytest.mark.parametrize("case,body,status,field", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_is_4xx_naming_the_field(server, client, case, body, status, field):
+    url = f"{server['main']}/v1/predict"
+    if isinstance(body, bytes):
+        r = client.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(url, json=body)
+    assert r.status_code == status, r.text
+    answer = r.json()
+    assert answer["message"] and field in [f["field"] for f in answer["fields"]], answer
+    assert client.get(f"{server['main']}/healthz").status_code == 200
+
+
+def test_wrong_method_and_route_are_4xx(server, client):
+    assert client.get(f"{server['main']}/v1/predict").status_code == 405
+    assert client.get(f"{server['main']}/v2/nothing").status_code == 404
+
+
+def test_server_still_answers_after_bad_requests(server, client):
+    r = predict(client, server["main"], {"inputs": [{"text": TEXTS[0]}]})
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("negative", "positive")
+
+
+def test_openapi_and_docs(server, client):
+    spec = client.get(f"{server['main']}/openapi.json").json()
+    assert {"/v1/predict", "/v1/posteriors", "/healthz"} <= set(spec["paths"])
+    assert spec["components"]["schemas"]["PredictRequest"]["additionalProperties"] is False
+    assert client.get(f"{server['main']}/docs").status_code == 200
+
+
+def test_bearer_token(server, client):
+    url = server["secure"]
+    assert client.get(f"{url}/healthz").status_code == 200
+    body = {"inputs": [{"text": "good"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = predict(client, url, body, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+        assert client.get(f"{url}/v1/posteriors", headers=headers).status_code == 401
+        assert client.get(f"{url}/openapi.json", headers=headers).status_code == 401
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    assert predict(client, url, body, headers=ok).status_code == 200
+    assert client.get(f"{url}/v1/posteriors", headers=ok).status_code == 200
+    assert predict(client, server["main"], body).status_code == 200, "no token configured: open"
+
+
+def test_overload_is_503_quickly_and_recovers(server, client):
+    """One ongoing + one queued request fit; the rest of a burst is refused at once, then service resumes."""
+    url, body = server["slow"], {"inputs": [{"text": "good"}]}
+    assert predict(client, url, body).status_code == 200  # loads the posterior
+    answers: list[tuple[int, float]] = []
+
+    def send():
+        start = time.perf_counter()
+        with httpx.Client(timeout=60.0) as c:
+            code = predict(c, url, body).status_code
+        answers.append((code, time.perf_counter() - start))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [s for code, s in answers if code == 503]
+    assert sorted({code for code, _ in answers}) == [200, 503], answers
+    assert len(refused) >= 5 and max(refused) < SLOW_FORWARD_S, answers
+    assert client.get(f"{url}/healthz").status_code == 200
+    assert predict(client, url, body).status_code == 200
+
+
+def test_served_probabilities_are_a_distribution(server, client):
+    rows = predict(client, server["main"], {"inputs": [{"text": t} for t in TEXTS]}).json()["predictions"]
+    probs = torch.tensor([row["probs"] for row in rows])
+    assert torch.allclose(probs.sum(-1), torch.ones(len(rows)), atol=1e-5)
+    assert all(row["entropy"] == pytest.approx(row["aleatoric"] + row["mutual_information"], abs=1e-5)
+               for row in rows)
+
+
+# --- without a running Serve ---------------------------------------------------------------------------------
+
+def test_one_forward_per_posterior_per_batch_on_a_shared_scorer(posteriors):
+    """A dynamic batch of jobs for two posteriors costs one predict call per posterior, and the answers equal
+    each posterior's own predictive; posteriors of one base model share one scorer."""
+    from rayblora.artifact import load_posterior
+    from rayblora.serve.engine import Job, PosteriorPool, predict_jobs
+
+    pool = PosteriorPool({name: str(path) for name, (_, path) in posteriors.items()}, load_posterior)
+    ens, solo = pool.load("ens"), pool.load("solo")
+    assert ens.posterior.scorer is solo.posterior.scorer
+    calls = []
+    for loaded in (ens, solo):
+        original = loaded.predict
+        loaded.predict = lambda p, n, original=original: calls.append(len(p)) or original(p, n)
+    groups = [(ens, TEXTS[:1]), (solo, TEXTS[1:2]), (ens, TEXTS[2:])]
+    jobs = [Job(loaded, *loaded.prompts([type("In", (), {"text": t})() for t in texts], 1000))
+            for loaded, texts in groups]
+    out = predict_jobs(jobs)
+    assert sorted(calls) == [1, 3]
+    for (loaded, texts), pred in zip(groups, out):
+        post = posteriors[loaded.entry.name][0]
+        torch.testing.assert_close(pred.probs, post.predict(prompts_of(post, texts)).probs, atol=1e-5, rtol=0)
+
+
+def test_serve_config_section_is_validated():
+    import re
+
+    from rayblora.config import ConfigError, load_config
+
+    cfg = load_config(None, ["serve.port=9000", "serve.max_posteriors_per_replica=2"])
+    assert (cfg.serve.host, cfg.serve.port, cfg.serve.max_posteriors_per_replica) == ("127.0.0.1", 9000, 2)
+    for override, field in [("serve.port=0", "serve.port"), ("serve.batch_max_size=4", "serve.batch_max_size"),
+                            ("serve.max_choices=1", "serve.max_choices"),
+                            ("serve.abstain_threshold=2", "serve.abstain_threshold"),
+                            ("serve.max_queued_requests=0", "serve.max_queued_requests"),
+                            ("serve.autoscaling_max_replicas=2", "serve.autoscaling_min_replicas"),
+                            ("serve.bogus=1", "serve.bogus")]:
+        overrides = [override] + (["serve.autoscaling_min_replicas=3"] if "autoscaling" in override else [])
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            load_config(None, overrides)
+
+
+def test_posterior_arguments(tmp_path, capsys):
+    from rayblora.cli import main
+    from rayblora.config import ConfigError
+    from rayblora.serve.app import parse_posterior_specs
+
+    assert parse_posterior_specs(["a=/x/y", "/runs/demo/posterior/"]) == {"a": "/x/y",
+                                                                         "posterior": "/runs/demo/posterior/"}
+    with pytest.raises(ConfigError, match="twice"):
+        parse_posterior_specs(["a=/x", "a=/y"])
+    assert main(["serve", "--posterior", f"x={tmp_path}"]) == 2  # fails before any Ray start
+    assert "not a posterior artifact" in capsys.readouterr().err
+
+
+def test_serve_config_file_builds_the_application(posteriors):
+    """jobs/serve_config.yaml is a valid Serve config whose builder makes the application from its args."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayblora.config import ConfigError
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "serve_config.yaml"
+    text = path.read_text()
+    assert text.startswith("# Ray Serve config") and "serve run jobs/serve_config.yaml" in text
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    assert schema.http_options.host == "127.0.0.1"
+    app_cfg = schema.applications[0]
+    module, attr = app_cfg.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    args = {**app_cfg.args, "posteriors": {"demo": str(posteriors["ens"][1])}}
+    assert isinstance(builder(args), Application)
+    with pytest.raises(ConfigError, match="unknown key 'posterior'"):
+        builder({"posterior": "x"})
