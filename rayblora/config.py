@@ -135,6 +135,10 @@ class TrainConfig:
     """How a member is distributed over its workers: ddp | deepspeed."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage when strategy is deepspeed (0-3)."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep the optimizer state in CPU memory (ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """DeepSpeed: keep parameters in CPU memory (ZeRO stage 3)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
@@ -149,6 +153,7 @@ class TrainConfig:
         _check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
         _one_of(self.strategy, ("ddp", "deepspeed"), "train.strategy")
         _one_of(self.zero_stage, (0, 1, 2, 3), "train.zero_stage")
+        _check(not self.offload_params or self.zero_stage == 3, "train.offload_params", "needs train.zero_stage 3")
 
 
 @dataclass(frozen=True)

@@ -106,14 +106,15 @@ def _keep_finished(cfg: Config, i: int, checkpoint_dir: str) -> MemberResult:
     return MemberResult(i, meta["seed"], load_file(str(final / ADAPTER)), meta["metrics"], str(final))
 
 
-def _trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any]):
+def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | None = None):
+    """The TorchTrainer of member `i`: its own seed, the configured scaling, storage and retries."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
     return TorchTrainer(
         member_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "member": i, **extra},
+        train_loop_config={"config": cfg.to_dict(), "member": i, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers_per_member, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=f"{cfg.output.name}-member{i}-{run_tag}", storage_path=storage,
@@ -125,7 +126,7 @@ def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any],
                 log: Callable[[str], None]) -> MemberResult | BaseException:
     t0 = time.time()
     try:
-        result = _trainer(cfg, i, run_tag, extra).fit()
+        result = member_trainer(cfg, i, run_tag, extra).fit()
         if result.checkpoint is None:
             raise TrainingError(f"member {i} finished without a checkpoint")
         with result.checkpoint.as_directory() as d:

@@ -98,7 +98,46 @@ class LoopContext:
     log: Callable[[str], None] = print
     label: str = "member"
     resume_dir: str | None = None
+    use_gpu: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class TorchStepper:
+    """Plain optimizer mechanics: AdamW + schedule, LoRA gradients averaged over the data-parallel group."""
+
+    def __init__(self, scorer, optimizer, scheduler, cfg: TrainConfig):
+        self.scorer, self.optimizer, self.scheduler = scorer, optimizer, scheduler
+        self.params = [p for _, p in scorer.lora_parameters()]
+        self.grad_accum = cfg.grad_accum
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        allreduce_mean_grads(self.params)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return self.scorer.adapter_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save(self, directory: Path) -> None:
+        """Nothing beyond what TrainerState writes."""
+
+    def load(self, directory: Path) -> bool:
+        """False: the adapter comes from adapter.safetensors."""
+        return False
 
 
 @dataclass
@@ -110,13 +149,22 @@ class TrainerState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scorer: Any
     hooks: Sequence[StepHook]
+    stepper: Any = None
 
-    def save(self, directory: str | Path, metrics: dict[str, float]) -> None:
-        """Write adapter (safetensors), optimizer / scheduler / hook state and step into `directory`."""
+    def save(self, directory: str | Path, metrics: dict[str, float], primary: bool = True) -> None:
+        """Write adapter (safetensors), optimizer / scheduler / hook state and step into `directory`.
+
+        Every data-parallel rank calls it (DeepSpeed checkpoints and ZeRO-3 gathers are collective); only the
+        `primary` rank writes the adapter and loop state.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.scorer.adapter_state().items()}, str(d / ADAPTER))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        self.stepper.save(d)
+        adapter = self.stepper.adapter_state()
+        if not primary:
+            return
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(d / ADAPTER))
+        torch.save({"stepper": self.stepper.state_dict(),
                     "hooks": [h.state_dict() for h in self.hooks], "cpu_rng": torch.get_rng_state()},
                    d / TRAINER_STATE)
         (d / STATE_JSON).write_text(json.dumps({"step": self.step, "metrics": metrics}))
@@ -126,10 +174,10 @@ class TrainerState:
         from rayblora.model import set_lora_state
 
         d = Path(directory)
-        set_lora_state(self.scorer.model, load_file(str(d / ADAPTER)))
         blob = torch.load(d / TRAINER_STATE, weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
+        if not self.stepper.load(d):
+            set_lora_state(self.scorer.model, load_file(str(d / ADAPTER)))
+        self.stepper.load_state_dict(blob["stepper"])
         if "cpu_rng" in blob:  # LoRA dropout masks continue as in an uninterrupted run
             torch.set_rng_state(blob["cpu_rng"])
         for hook, state in zip(self.hooks, blob["hooks"]):
@@ -137,25 +185,34 @@ class TrainerState:
         self.step = json.loads((d / STATE_JSON).read_text())["step"]
 
 
-def _micro_step(scorer, train_ds, cfg: TrainConfig, ctx: LoopContext, step: int) -> float:
-    total = 0.0
+def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContext) -> float:
+    """Forward/backward of the step's micro-batches; returns the mean micro-batch loss."""
+    scorer, total = state.scorer, 0.0
     for micro in range(cfg.grad_accum):
-        number = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
+        number = (state.step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
         batch = train_batch(train_ds, scorer.tokenizer, cfg.batch_size, scorer.max_length, ctx.seed, number)
-        loss = F.cross_entropy(scorer.logits(batch), batch["labels"]) / cfg.grad_accum
-        loss.backward()
-        total += loss.item()
+        loss = F.cross_entropy(scorer.logits(batch), batch["labels"])
+        state.stepper.backward(loss)
+        total += loss.item() / cfg.grad_accum
     return total
 
 
-def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainerState:
+def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
+                       use_gpu: bool = False) -> TrainerState:
+    """Optimizer, schedule and the stepper of `cfg.strategy` (ddp: by hand; deepspeed: a ZeRO engine)."""
     params = [p for _, p in scorer.lora_parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     for hook in hooks:  # hooks that steer the learning rate (e.g. SWAG's SWA schedule) get the optimizer
         if hasattr(hook, "bind_optimizer"):
             hook.bind_optimizer(optimizer)
-    return TrainerState(0, optimizer, scheduler, scorer, hooks)
+    if cfg.strategy == "deepspeed":
+        from rayblora.train.deepspeed import DeepSpeedStepper
+
+        stepper = DeepSpeedStepper(scorer, optimizer, scheduler, cfg, use_gpu)
+    else:
+        stepper = TorchStepper(scorer, optimizer, scheduler, cfg)
+    return TrainerState(0, optimizer, scheduler, scorer, hooks, stepper)
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -168,24 +225,20 @@ def train_member(scorer, train_ds, val_ds, cfg: TrainConfig, ctx: LoopContext) -
     Resumes from `ctx.resume_dir` when given. Calls `ctx.on_checkpoint(step, metrics, state)` every
     `cfg.checkpoint_every` steps and at the end.
     """
-    state = make_trainer_state(scorer, cfg, ctx.hooks)
+    state = make_trainer_state(scorer, cfg, ctx.hooks, ctx.use_gpu)
     if ctx.resume_dir:
         state.restore(ctx.resume_dir)
         ctx.log(f"[{ctx.label}] resumed from step {state.step}")
-    params = [p for _, p in scorer.lora_parameters()]
     scorer.model.train()
     metrics: dict[str, float] = {}
     t0, log_every = time.time(), max(1, cfg.steps // 10)
     while state.step < cfg.steps:
-        state.optimizer.zero_grad(set_to_none=False)
-        loss = _micro_step(scorer, train_ds, cfg, ctx, state.step)
-        allreduce_mean_grads(params)
-        state.optimizer.step()
-        state.scheduler.step()
+        loss = _accumulate(state, train_ds, cfg, ctx)
+        state.stepper.step()
         state.step += 1
         for hook in ctx.hooks:
             hook(state.step, scorer)
-        metrics = {"step": state.step, "train_loss": loss, "lr": state.scheduler.get_last_lr()[0]}
+        metrics = {"step": state.step, "train_loss": loss, "lr": state.stepper.lr()}
         if _due(state.step, cfg.eval_every, cfg.steps):
             metrics.update(validate(scorer, val_ds, cfg.batch_size))
         ctx.history.append(metrics)

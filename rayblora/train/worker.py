@@ -59,12 +59,10 @@ def member_train_loop(config: dict[str, Any]) -> None:
 
     def on_checkpoint(step: int, metrics: dict[str, float], state: TrainerState) -> None:
         clean = nan_safe(metrics)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                state.save(d, clean)
-                ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(clean)
+        with tempfile.TemporaryDirectory() as d:
+            state.save(d, clean, primary=rank == 0)  # every rank: ZeRO shards and gathers are collective
+            has_files = any(os.scandir(d))
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
         _maybe_fail(config, member, step)
 
     resume_dir = None
@@ -75,7 +73,7 @@ def member_train_loop(config: dict[str, Any]) -> None:
             shutil.copytree(d, resume_dir, dirs_exist_ok=True)
     loop_ctx = LoopContext(seed=seed, rank=rank, world_size=world, hooks=make_hooks(cfg),
                            on_checkpoint=on_checkpoint, label=f"member {member} rank {rank}",
-                           resume_dir=resume_dir)
+                           resume_dir=resume_dir, use_gpu=cfg.cluster.use_gpu)
     try:
         train_member(scorer, data.train, data.validation, cfg.train, loop_ctx)
     finally:
