@@ -213,6 +213,14 @@ def targets(r: dict) -> dict:
             "k4_over_k1_throughput": t4 / t1, "throughput_target_met": t4 >= 0.9 / 4 * t1}
 
 
+def machine(load_before: float) -> dict:
+    import ray
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "ray": ray.__version__, "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--posterior", default=None, help="K >= 4 ensemble artifact (default runs/demo/posterior)")
@@ -227,13 +235,13 @@ def main() -> None:
     args = p.parse_args()
 
     import ray
-    import torch
     from ray import serve
 
     from rayblora.config import ServeConfig
     from rayblora.serve.app import start_server
 
     paths = prepare_posteriors(args)
+    load_before = os.getloadavg()
     cfg = ServeConfig(port=free_port(), torch_threads=args.torch_threads, max_posteriors_per_replica=2,
                       auth_token_env="")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -243,10 +251,9 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    result.update(targets=targets(result), serve_config=dataclasses.asdict(cfg), posteriors={k: str(v) for k, v in
-                                                                                   paths.items()},
-                  machine={"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                           "ray": ray.__version__}, date=time.strftime("%Y-%m-%d %H:%M %Z"))
+    result.update(targets=targets(result), serve_config=dataclasses.asdict(cfg),
+                  posteriors={k: str(v) for k, v in paths.items()}, machine=machine(load_before[0]),
+                  date=time.strftime("%Y-%m-%d %H:%M %Z"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result["targets"], indent=2))

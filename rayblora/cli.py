@@ -35,7 +35,14 @@ def _cmd_assets(args) -> int:
 def _cmd_train(args) -> int:
     from rayblora.pipeline import train
 
-    print(train(load_config(args.config, args.overrides)))
+    rounds = [f"hybrid.rounds={args.rounds}"] if args.rounds else []
+    cfg = load_config(args.config, list(args.overrides) + rounds)
+    if cfg.hybrid.rounds:  # dynamic fine-tuning: one posterior per round, each the next round's prior
+        from rayblora.rounds import render_rounds_markdown, run_rounds
+
+        print(render_rounds_markdown(run_rounds(cfg, in_process=args.in_process)))
+        return 0
+    print(train(cfg))
     return 0
 
 
@@ -67,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_assets)
     p = sub.add_parser("train", help="train a posterior's members on Ray and write the artifact")
     _config_args(p)
+    p.add_argument("--rounds", default="", help="dynamic fine-tuning over these tasks in order, e.g. "
+                   "movie,tweets,amazon,nyt (sets hybrid.rounds; needs posterior.method=hybrid_vi)")
+    p.add_argument("--in-process", action="store_true", help="with rounds: train in this process, without Ray")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("evaluate", help="evaluate a posterior artifact and write the report")
     _config_args(p)

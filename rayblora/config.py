@@ -46,9 +46,15 @@ class ModelConfig:
     """Hidden size of the "tiny-llama" test model."""
     seed: int = 0
     """Seed for the random weights of "tiny-llama" (the base model must be identical across members)."""
+    device: str = "cpu"
+    """Where the base model is placed: cpu | cuda (the current CUDA device) | cuda:N | auto (CUDA when
+    available, else CPU). Ray Train GPU workers (cluster.use_gpu) use the GPU Ray gave them."""
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+        _check(self.device in ("cpu", "cuda", "auto") or
+               (self.device.startswith("cuda:") and self.device[5:].isdigit()), "model.device",
+               f"must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         _check(self.tiny_layers >= 1, "model.tiny_layers", "must be >= 1")
         _check(self.tiny_hidden >= 8 and self.tiny_hidden % 4 == 0, "model.tiny_hidden",
                "must be a multiple of 4 and >= 8")
@@ -252,6 +258,52 @@ class LaplaceConfig:
 
 
 @dataclass(frozen=True)
+class HybridConfig:
+    lora: bool = True
+    """Hybrid adapter: train the LoRA part (false = the LoRA stays at its zero-update initialisation)."""
+    prefix_tokens: int = 0
+    """Hybrid adapter: prefix-tuning tokens per adapted layer (0 = no prefix)."""
+    prefix_init_std: float = 0.02
+    """Standard deviation of the random initial prefix keys and values."""
+    bottleneck_dim: int = 0
+    """Hybrid adapter: width of the bottleneck adapter after each adapted layer's MLP (0 = none)."""
+    kl_weight: float = 1.0
+    """Weight of KL(q ‖ prior) / N in the variational objective (1 = the ELBO; < 1 tempers the prior)."""
+    prior_std: float = 1.0
+    """Standard deviation of the zero-mean Gaussian prior of the first round (no `prior_artifact`)."""
+    init_std: float = 1e-3
+    """Initial posterior standard deviation σ = softplus(ρ) of every adapter parameter."""
+    samples: int = 8
+    """S, parameter draws per prediction."""
+    sample_seed: int = 0
+    """Seed of the prediction draws (a batch's prediction is reproducible)."""
+    prior_artifact: str = ""
+    """Posterior artifact of the previous round (dynamic fine-tuning): its Gaussian N(μ_t, Λ_t⁻¹) is this
+    run's prior and μ_t, σ_t its initial posterior ("" = first round: N(0, prior_std²), fresh adapter); every
+    Ray worker must be able to read the path (shared storage on a cluster)."""
+    round_prior: bool = True
+    """With `prior_artifact`: use it as the prior (true) or only as the initialisation, keeping the prior
+    N(0, prior_std²) (false = naive sequential fine-tuning)."""
+    prior_scale: float = 1.0
+    """Multiplier of the previous round's precision Λ_t (tempering of the round-to-round prior)."""
+    rounds: tuple[str, ...] = ()
+    """Dynamic fine-tuning: tasks trained round after round by `rayblora train --rounds` (built-in names or
+    paths); empty = one ordinary run on data.task."""
+    compare_naive: bool = True
+    """Dynamic fine-tuning: also run the same rounds without the round-to-round prior, for the report."""
+
+    def __post_init__(self) -> None:
+        _check(self.prefix_tokens >= 0, "hybrid.prefix_tokens", "must be >= 0")
+        _check(self.bottleneck_dim >= 0, "hybrid.bottleneck_dim", "must be >= 0")
+        _check(self.lora or self.prefix_tokens > 0 or self.bottleneck_dim > 0, "hybrid.lora",
+               "every part of the hybrid adapter is off; turn on lora, prefix_tokens or bottleneck_dim")
+        _check(self.kl_weight >= 0, "hybrid.kl_weight", "must be >= 0")
+        for name in ("prior_std", "init_std", "prior_scale", "prefix_init_std"):
+            _check(getattr(self, name) > 0, f"hybrid.{name}", f"must be > 0, got {getattr(self, name)}")
+        _check(self.samples >= 1, "hybrid.samples", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     address: str = ""
     """Ray address to connect to ("" = start a local Ray in-process, "auto" = the running cluster)."""
@@ -365,6 +417,8 @@ class Config:
     """SWAG / MultiSWAG collection and sampling."""
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     """Laplace-LoRA curvature, prior and predictive."""
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    """Bayesian hybrid adapter (hybrid_vi) and dynamic fine-tuning rounds."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray resources."""
     output: OutputConfig = field(default_factory=OutputConfig)

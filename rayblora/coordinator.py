@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -106,8 +106,11 @@ def _keep_finished(cfg: Config, i: int, checkpoint_dir: str) -> MemberResult:
     return MemberResult(i, meta["seed"], load_file(str(final / ADAPTER)), meta["metrics"], str(final))
 
 
-def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | None = None):
-    """The TorchTrainer of member `i`: its own seed, the configured scaling, storage and retries."""
+def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | None = None,
+                   callbacks: Sequence[Any] = ()):
+    """The TorchTrainer of member `i`: its own seed, the configured scaling, storage and retries.
+
+    `callbacks` are Ray Train run callbacks (e.g. the Tune sweep's relay of reported metrics to its trial)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -118,7 +121,8 @@ def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | No
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers_per_member, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=f"{cfg.output.name}-member{i}-{run_tag}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             callbacks=list(callbacks) or None),
     )
 
 
@@ -138,29 +142,75 @@ def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any],
     return member
 
 
-def train_members(cfg: Config, log: Callable[[str], None] = print,
-                  extra: dict[str, Any] | None = None) -> list[MemberResult]:
+@dataclass
+class EnsembleOutcome:
+    """What became of the members one submission asked for.
+
+    `members` are the finished ones in index order (including those `reused` from an earlier submission of
+    the same config); `failed` gives, per member that failed for good (Ray Train's retries spent), why.
+    """
+
+    requested: int
+    members: list[MemberResult]
+    reused: list[int]
+    failed: dict[int, str]
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's record (JSON): which members were requested, finished, reused and failed."""
+        return {"members_requested": list(range(self.requested)),
+                "members_finished": [m.index for m in self.members], "members_reused": self.reused,
+                "members_failed": {str(i): why for i, why in sorted(self.failed.items())},
+                "partial": bool(self.failed)}
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """One line naming a member's failure: for a Ray Train worker-group failure, the lowest failed rank's error
+    (the last line of its traceback, which names the exception); otherwise the error's first line."""
+    workers = getattr(exc, "worker_failures", None) or {}
+    if workers:
+        rank, error = min(workers.items())
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"{type(exc).__name__} at rank {rank}: {type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def run_members(cfg: Config, log: Callable[[str], None] = print,
+                extra: dict[str, Any] | None = None) -> EnsembleOutcome:
     """Train `posterior.members` members as concurrent Ray Train runs; skip members already finished.
 
-    Returns the finished members in index order. Raises TrainingError if fewer than `posterior.min_members`
-    (or, when that is 0, not all) members finish.
+    A member whose run fails for good does not stop the others. Raises TrainingError (before anything is
+    written besides the finished members' folders) if fewer than `posterior.min_members` (or, when that is 0,
+    not all) members finish.
     """
     ensure_ray(cfg.cluster)
     k = cfg.posterior.members
     done = {i: m for i in range(k) if (m := _load_finished(cfg, i)) is not None}
     if done:
         log(f"[coordinator] reusing finished members {sorted(done)} from {cfg.out_dir / 'members'}")
+    outcome = EnsembleOutcome(k, [], sorted(done), {})
     todo = [i for i in range(k) if i not in done]
     run_tag = config_digest(cfg)  # same config + output dir -> same run name -> Ray Train resumes it
     log(f"[coordinator] launching {len(todo)} member run(s) of {cfg.cluster.workers_per_member} worker(s) each")
     if todo:
         with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-            outcomes = list(pool.map(lambda i: _fit_member(cfg, i, run_tag, extra or {}, log), todo))
-        done.update({i: o for i, o in zip(todo, outcomes) if isinstance(o, MemberResult)})
+            results = list(pool.map(lambda i: _fit_member(cfg, i, run_tag, extra or {}, log), todo))
+        done.update({i: r for i, r in zip(todo, results) if isinstance(r, MemberResult)})
+        outcome.failed = {i: _failure_reason(r) for i, r in zip(todo, results) if not isinstance(r, MemberResult)}
+    outcome.members = [done[i] for i in sorted(done)]
     need = cfg.posterior.min_members or k
     if len(done) < need:
-        failed = sorted(set(range(k)) - set(done))
-        raise TrainingError(f"only {len(done)} of {k} members finished (failed: {failed}); "
-                            f"posterior.min_members requires {need}. No posterior was written.")
-    return [done[i] for i in sorted(done)]
+        why = "; ".join(f"member {i}: {r}" for i, r in sorted(outcome.failed.items()))
+        raise TrainingError(f"only {len(done)} of {k} members finished ({why}); posterior.min_members requires "
+                            f"{need}. No posterior was written; the finished members are kept under "
+                            f"{cfg.out_dir / 'members'} and reused when the same job is submitted again.")
+    if outcome.failed:
+        log(f"[coordinator] building the posterior from the {len(done)} surviving member(s) {sorted(done)}; "
+            f"failed for good: {sorted(outcome.failed)}")
+    return outcome
 
+
+def train_members(cfg: Config, log: Callable[[str], None] = print,
+                  extra: dict[str, Any] | None = None) -> list[MemberResult]:
+    """The finished members of :func:`run_members`, in index order."""
+    return run_members(cfg, log, extra).members

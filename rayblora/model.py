@@ -75,8 +75,20 @@ def _model_path(name: str) -> str:
     return name
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a `model.device` value ("auto" = CUDA when available, else CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device: {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
 def load_base_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
-    """Load the frozen base causal LM and its tokenizer (pad = eos, left padding). No hub access."""
+    """Load the frozen base causal LM and its tokenizer (pad = eos, left padding) onto `cfg.device`.
+
+    No hub access.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.name == TINY:
@@ -89,7 +101,7 @@ def load_base_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = model.to(_DTYPES[cfg.dtype])
+    model = model.to(device=resolve_device(cfg.device), dtype=_DTYPES[cfg.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     for p in model.parameters():

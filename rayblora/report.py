@@ -226,6 +226,12 @@ def _coverage_figure(results: dict, in_domain: str) -> Figure:
     return fig
 
 
+def write_coverage_png(path, results: dict, in_domain: str) -> None:
+    """Write the accuracy-vs-coverage figure of ``results[method][split]`` (SplitResult) to ``path``."""
+    fig = _coverage_figure(results, in_domain)
+    _atomic_write(os.fspath(path), lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 # --------------------------------------------------------------------------- #
 # writing
 # --------------------------------------------------------------------------- #

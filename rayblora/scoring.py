@@ -6,7 +6,7 @@ Every posterior family evaluates the same function f_θ(x) ∈ R^C for different
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
@@ -16,6 +16,17 @@ from rayblora.data.batches import encode
 from rayblora.data.formats import TaskSpec
 from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
                             lora_state, set_lora_state)
+
+
+def attention_kernels(device: torch.device):
+    """Context choosing the SDPA kernels of a forward on `device`: on CUDA every kernel but cuDNN attention,
+    whose backward gives NaN gradients for left-padded batches (fully masked query rows) whose length is 64
+    mod 128 on Hopper GPUs (pytorch/pytorch#196678, torch 2.11 to 2.13); elsewhere torch's own choice."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,6 +54,8 @@ class AnswerScorer:
         self.answer_ids = torch.tensor(answer_token_ids(tokenizer, spec.choices), dtype=torch.long)
         self.max_batch_rows = 256
         """Cap on the rows (samples × batch) of one batched multi-state forward (activation memory)."""
+        self.device = next(peft_model.parameters()).device
+        """Where batches go: the model's device (a DeepSpeed engine sets its own compute device)."""
 
     @property
     def num_choices(self) -> int:
@@ -54,20 +67,29 @@ class AnswerScorer:
         batch["num_choices"] = torch.full((len(prompts),), self.num_choices, dtype=torch.long)
         return batch
 
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors on :attr:`device` (no copy for tensors already there)."""
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final-layer hidden state at the last prompt position, (B, H)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True,
-                         logits_to_keep=1)
+        batch = self.to_device(batch)
+        with attention_kernels(self.device):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True,
+                             logits_to_keep=1)
         return out.hidden_states[-1][:, -1]
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """f_θ(x): answer logits (B, C) in float32 under the currently loaded adapter; invalid choices -inf.
 
-        Runs with autograd as the caller's context says (training calls it with grad enabled).
+        Runs with autograd as the caller's context says (training calls it with grad enabled). The batch's
+        tensors are moved to :attr:`device`; the logits stay there.
         """
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1)
+        batch = self.to_device(batch)
+        with attention_kernels(self.device):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1)
         logits = out.logits[:, -1, :].index_select(-1, self.answer_ids.to(out.logits.device)).float()
         return mask_choices(logits, batch.get("num_choices"))
 

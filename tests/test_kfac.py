@@ -49,8 +49,10 @@ def mlp_curvature(model, x, y, structure="kfac", hessian="ggn", batch=5, thresho
 
 def test_ggn_columns_factorise_the_softmax_hessian():
     logits = torch.randn(4, 5)
+    logits[0, 3:] = float("-inf")  # an example with 3 valid choices
     p = torch.softmax(logits, -1)
-    cols = ggn_columns(logits)  # (C, B, C)
+    cols = ggn_columns(logits)  # (C−1, B, C): one backward pass fewer than classes
+    assert cols.shape == (4, 4, 5) and torch.isfinite(cols).all()
     recon = torch.einsum("kbc,kbd->bcd", cols, cols)
     assert torch.allclose(recon, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], atol=1e-6)
 

@@ -67,3 +67,20 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_session_config, tiny_
                  LoopContext(seed=3, resume_dir=str(tmp_path / "ckpt"), **quiet))
     a, b = full.adapter_state(), resumed.adapter_state()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_model_device_is_validated_and_placed(tiny_session_config):
+    from dataclasses import replace
+
+    from rayblora.config import ConfigError, load_config
+    from rayblora.model import load_base_model
+
+    with pytest.raises(ConfigError, match="model.device"):
+        load_config(None, ["model.device=gpu0"])
+    assert load_config(None, ["model.device=cuda:1"]).model.device == "cuda:1"
+    model, _ = load_base_model(replace(tiny_session_config.model, device="auto"))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {p.device.type for p in model.parameters()} == {expected}
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="model.device"):
+            load_base_model(replace(tiny_session_config.model, device="cuda"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
 import sys
 import threading
@@ -86,6 +87,7 @@ def server(ray_session, posteriors):
                       batch_max_size=8, batch_wait_timeout_s=0.05, max_posteriors_per_replica=2,
                       replica_cpus=1.0, torch_threads=1, auth_token_env="")
     paths = {name: path for name, (_, path) in posteriors.items()}
+    paths["broken"] = shutil.copytree(paths["ens"], paths["ens"].with_name("broken"))
     try:
         urls = {"main": start_server(cfg, paths, name="test-main", route_prefix="/"),
                 "secure": start_server(dataclasses.replace(cfg, auth_token=TOKEN), {"ens": paths["ens"]},
@@ -93,6 +95,9 @@ def server(ray_session, posteriors):
                 "slow": start_server(dataclasses.replace(cfg, max_ongoing_requests=1, max_queued_requests=1),
                                      {"ens": paths["ens"]}, loader=slow_loader, name="test-slow",
                                      route_prefix="/slow")}
+        member = paths["broken"] / "members" / "0" / "adapter_model.safetensors"
+        member.write_bytes(member.read_bytes()[:-1] + b"\0")  # tampered after deployment
+        urls["broken_dir"] = paths["broken"]
         yield urls
     finally:
         serve.shutdown()
@@ -196,7 +201,7 @@ def test_posteriors_are_multiplexed_with_an_lru_bound(server, client, posteriors
         assert r.status_code == 200 and r.json()["posterior"] == name, r.text
     listing = client.get(f"{server['main']}/v1/posteriors").json()
     rows = {row["name"]: row for row in listing["posteriors"]}
-    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc"}
+    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc", "broken"}
     assert [rows[n]["loaded"] for n in ("ens", "solo", "mc")] == [False, True, True]
     assert (rows["solo"]["samples"], rows["mc"]["task"], rows["mc"]["labels"]) == (1, "multiple_choice",
                                                                                    ["A", "B", "C"])
@@ -210,6 +215,20 @@ def test_unknown_posterior_is_404(server, client):
     r = predict(client, server["main"], {"posterior": "nope", "inputs": [{"text": "good"}]})
     assert r.status_code == 404
     assert "nope" in r.json()["message"] and "ens" in r.json()["message"]
+
+
+def test_tampered_artifact_is_refused_by_the_verified_loader(server, client):
+    """A file changed after deployment: the replica's loader refuses it (500 naming the file), and a fresh
+    deployment would refuse it before starting."""
+    from rayblora.artifact import ArtifactError
+    from rayblora.serve.app import check_posteriors
+
+    r = predict(client, server["main"], {"posterior": "broken", "inputs": [{"text": "good"}]})
+    assert r.status_code == 500 and "checksum mismatch" in r.json()["message"], r.text
+    assert client.get(f"{server['main']}/healthz").status_code == 200
+    assert predict(client, server["main"], {"inputs": [{"text": "good"}]}).status_code == 200
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        check_posteriors({"broken": server["broken_dir"]})
 
 
 LONG_TOKENS = "x" * 300  # under the character bound (160 * 16), over 160 tokens
@@ -324,7 +343,9 @@ def test_one_forward_per_posterior_per_batch_on_a_shared_scorer(posteriors):
     """A dynamic batch of jobs for two posteriors costs one predict call per posterior, and the answers equal
     each posterior's own predictive; posteriors of one base model share one scorer."""
     from rayblora.artifact import load_posterior
+    from rayblora.config import ServeConfig
     from rayblora.serve.engine import Job, PosteriorPool, predict_jobs
+    from rayblora.serve.schemas import request_model
 
     pool = PosteriorPool({name: str(path) for name, (_, path) in posteriors.items()}, load_posterior)
     ens, solo = pool.load("ens"), pool.load("solo")
@@ -334,8 +355,9 @@ def test_one_forward_per_posterior_per_batch_on_a_shared_scorer(posteriors):
         original = loaded.predict
         loaded.predict = lambda p, n, original=original: calls.append(len(p)) or original(p, n)
     groups = [(ens, TEXTS[:1]), (solo, TEXTS[1:2]), (ens, TEXTS[2:])]
-    jobs = [Job(loaded, *loaded.prompts([type("In", (), {"text": t})() for t in texts], 1000))
-            for loaded, texts in groups]
+    body = request_model(ServeConfig())
+    inputs = [body.model_validate({"inputs": [{"text": t} for t in texts]}).inputs for _, texts in groups]
+    jobs = [Job(loaded, *loaded.prompts(items, 1000)) for (loaded, _), items in zip(groups, inputs)]
     out = predict_jobs(jobs)
     assert sorted(calls) == [1, 3]
     for (loaded, texts), pred in zip(groups, out):

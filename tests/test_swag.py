@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ class ToyProblem:
 
     def __init__(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.params = [torch.nn.Parameter(torch.randn(2, 3, generator=g)), torch.nn.Parameter(torch.randn(4, generator=g))]
+        self.params = [torch.nn.Parameter(torch.randn(2, 3, generator=g)),
+                       torch.nn.Parameter(torch.randn(4, generator=g))]
         self.optimizer = torch.optim.SGD(self.params, lr=0.1)
         self.noise = g
 
@@ -38,12 +40,13 @@ class ToyProblem:
         self.optimizer.step()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {"x.lora_A.weight": self.params[0].detach().clone(), "x.lora_B.weight": self.params[1].detach().clone()}
+        return {"x.lora_A.weight": self.params[0].detach().clone(),
+                "x.lora_B.weight": self.params[1].detach().clone()}
 
 
 def _run_toy(cfg: SwagConfig, steps: int = 30):
     toy, hook, iterates = ToyProblem(), SwagCollector(cfg, TrainConfig(steps=steps, lr=0.1)), []
-    hook.bind_optimizer(toy.optimizer)
+    hook.bind(SimpleNamespace(optimizer=toy.optimizer, stepper=toy))  # what the loop's TrainerState offers
     for step in range(1, steps + 1):
         toy.step()
         hook(step, toy)

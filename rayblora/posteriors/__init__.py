@@ -37,12 +37,14 @@ def get_posterior_class(method: str) -> type[Posterior]:
 
 def _register_builtin() -> None:
     from rayblora.posteriors.ensemble import EnsemblePosterior, MapPosterior
+    from rayblora.posteriors.hybrid import HybridVIPosterior
     from rayblora.posteriors.laplace import LaplaceEnsemblePosterior, LaplacePosterior
     from rayblora.posteriors.baselines import McDropoutPosterior, TemperaturePosterior
     from rayblora.posteriors.swag import MultiSwagPosterior, SwagPosterior, SwaPosterior
 
     for cls in (MapPosterior, EnsemblePosterior, LaplacePosterior, LaplaceEnsemblePosterior,
-                SwaPosterior, SwagPosterior, MultiSwagPosterior, McDropoutPosterior, TemperaturePosterior):
+                SwaPosterior, SwagPosterior, MultiSwagPosterior, McDropoutPosterior, TemperaturePosterior,
+                HybridVIPosterior):
         register(cls)
 
 

@@ -47,8 +47,8 @@ def rotated_grad(eigen: BlockEigen, a: torch.Tensor, g: torch.Tensor) -> torch.T
     """q_outᵀ (Σ_t g_t a_tᵀ) q_in per example, (B, k_out, k_in), projecting before the token sum."""
     a, g = _with_tokens(a), _with_tokens(g)
     if eigen.q_out is not None:
-        a, g = a @ eigen.q_in, g @ eigen.q_out
-    return torch.einsum("btk,btl->bkl", g, a)
+        a, g = a @ eigen.q_in.to(a.device), g @ eigen.q_out.to(g.device)
+    return torch.einsum("btk,btl->bkl", g, a).cpu()
 
 
 def _residual(a: torch.Tensor, grads: torch.Tensor, rotated: torch.Tensor) -> torch.Tensor:
@@ -74,9 +74,10 @@ def batch_jacobians(logits_fn: LogitsFn, batch: dict, modules: dict, eigens: dic
     blocks = {}
     for key, parts in rotated.items():
         rot = torch.stack(parts, 1)
-        res = _residual(inputs[key], torch.stack(grads[key], 1), rot) if key in grads else None
+        res = _residual(inputs[key], torch.stack(grads[key], 1), rot.to(inputs[key].device)).cpu() \
+            if key in grads else None
         blocks[key] = BlockJacobians(rot, res)
-    return GLMBatch(f_mu, blocks)
+    return GLMBatch(f_mu.cpu(), blocks)
 
 
 def functional_covariance(batch: GLMBatch, eigens: dict[str, BlockEigen], prior: dict[str, float]) -> torch.Tensor:

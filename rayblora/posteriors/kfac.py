@@ -10,7 +10,7 @@ capture both.
 Curvature (sum over the N fit examples, log-likelihood loss, C answer classes):
 
 * GGN / Fisher: Jᵀ H_f J with H_f = diag(p) − p pᵀ the softmax Hessian, evaluated *exactly* over the C classes
-  through its symmetric factorisation H_f = L Lᵀ, column k of L being √p_k (e_k − p): one backward pass per
+  through a symmetric factorisation H_f = L Lᵀ with C−1 columns (H_f has rank ≤ C−1): one backward pass per
   column (Martens & Grosse 2015, sec. 5; Laplace Redux sec. 3). Empirical Fisher: the single column ∇_f(−log p_y).
 * K-FAC: a block's curvature ≈ (Σ_n ā_n ā_nᵀ / N) ⊗ (Σ_n Σ_k ḡ_nk ḡ_nkᵀ). Across token positions we use the
   "reduce" approximation of Eschenhagen et al. (2023, sec. 3): ā_n is the mean input over the example's real
@@ -128,7 +128,7 @@ def backprop_columns(logits_fn: LogitsFn, batch: dict, modules: dict[str, nn.Lin
     columns = columns_fn(logits.detach())
     for k in range(columns.shape[0]):
         cap.grads.clear()
-        torch.autograd.grad(logits, weights, grad_outputs=columns[k].to(logits.dtype),
+        torch.autograd.grad(logits, weights, grad_outputs=columns[k].to(logits.device, logits.dtype),
                             retain_graph=k < columns.shape[0] - 1, allow_unused=True)
         yield logits.detach(), {key: (cap.inputs[key], _grad_or_zero(cap, key, m))
                                 for key, m in modules.items()}
@@ -141,28 +141,29 @@ def _grad_or_zero(cap: BlockCapture, key: str, module: nn.Linear) -> torch.Tenso
     return a.new_zeros(*a.shape[:-1], module.out_features)
 
 
-def _finite(logits: torch.Tensor) -> torch.Tensor:
-    return logits.masked_fill(~torch.isfinite(logits), 0.0)
-
-
 def ggn_columns(logits: torch.Tensor) -> torch.Tensor:
-    """Columns (C, B, C) of L with L Lᵀ = diag(p) − p pᵀ: column k is √p_k (e_k − p)."""
-    p = torch.softmax(logits.float(), -1)
-    eye = torch.eye(p.shape[-1], dtype=p.dtype)
-    cols = p.sqrt()[:, :, None] * (eye[None] - p[:, None, :])  # (B, k, C)
-    return cols.permute(1, 0, 2).contiguous()
+    """Columns (C−1, B, C) of L with L Lᵀ = diag(p) − p pᵀ, the softmax Hessian, for every example.
+
+    The Hessian always has the null vector 1 (its rows sum to 0), so its C−1 other eigenpairs (w_k, v_k) give
+    the exact factorisation L = [√w_k v_k]: C−1 backward passes, one for a binary answer.
+    """
+    p = torch.softmax(logits.double(), -1)
+    hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    vals, vecs = torch.linalg.eigh(hessian)  # ascending; vals[:, 0] is the null direction
+    cols = vecs[:, :, 1:] * vals[:, None, 1:].clamp_min(0).sqrt()  # (B, C, C−1)
+    return cols.permute(2, 0, 1).float().contiguous()
 
 
 def ef_columns(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The gradient of −log p_y w.r.t. the logits, p − onehot(y), as one column (1, B, C)."""
     p = torch.softmax(logits.float(), -1)
-    return (p - nn.functional.one_hot(labels, p.shape[-1]).to(p.dtype))[None]
+    return (p - nn.functional.one_hot(labels.to(p.device), p.shape[-1]).to(p.dtype))[None]
 
 
 def identity_columns(logits: torch.Tensor) -> torch.Tensor:
     """Unit columns (C, B, C): backward pass k gives the Jacobian of logit k."""
     b, c = logits.shape
-    return torch.eye(c, dtype=torch.float32)[:, None, :].expand(c, b, c).contiguous()
+    return torch.eye(c, dtype=torch.float32, device=logits.device)[:, None, :].expand(c, b, c).contiguous()
 
 
 def reduce_tokens(a: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor | None
@@ -172,7 +173,7 @@ def reduce_tokens(a: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor | N
         return a, g
     if token_mask is None:
         return a.mean(1), g.sum(1)
-    m = token_mask.to(a.dtype)[:, :, None]
+    m = token_mask.to(a.device, a.dtype)[:, :, None]
     return (a * m).sum(1) / m.sum(1).clamp_min(1.0), (g * m).sum(1)
 
 
@@ -192,18 +193,19 @@ class Factor:
         self.basis = torch.zeros(side, 0)  # (d, k) columns U √s (low-rank only)
 
     def add_(self, x: torch.Tensor) -> None:
-        """Add xᵀx for rows x (n, d)."""
+        """Add xᵀx for rows x (n, d) (the factor follows x to its device)."""
         if self.dense is not None:
+            self.dense = self.dense.to(x.device)
             self.dense.addmm_(x.T, x)
         else:
-            self.basis = truncate(torch.cat([self.basis, x.T], 1), self.rank)
+            self.basis = truncate(torch.cat([self.basis.to(x.device), x.T], 1), self.rank)
 
     def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (k,) ≥ 0 and orthonormal eigenvectors (d, k); k = d for dense factors."""
+        """Eigenvalues (k,) ≥ 0 and orthonormal eigenvectors (d, k) on the CPU; k = d for dense factors."""
         if self.dense is not None:
-            vals, vecs = torch.linalg.eigh(self.dense.double())
+            vals, vecs = torch.linalg.eigh(self.dense.double().cpu())
             return vals.clamp_min(0).float(), vecs.float()
-        u, s, _ = torch.linalg.svd(self.basis.double(), full_matrices=False)
+        u, s, _ = torch.linalg.svd(self.basis.double().cpu(), full_matrices=False)
         return (s ** 2).float(), u.float()
 
     def sum_(self, all_reduce: AllReduceFn, rank: int, world: int) -> None:
@@ -213,13 +215,13 @@ class Factor:
             all_reduce(self.dense)
             return
         k = self.rank
-        slots = torch.zeros(self.side, k * world)
+        slots = torch.zeros(self.side, k * world, device=self.basis.device)
         slots[:, rank * k: rank * k + self.basis.shape[1]] = self.basis
         all_reduce(slots)
         self.basis = truncate(slots, self.rank)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {prefix: self.dense if self.dense is not None else self.basis}
+        return {prefix: (self.dense if self.dense is not None else self.basis).cpu()}
 
     def load_(self, tensor: torch.Tensor) -> None:
         if self.dense is not None:
@@ -317,11 +319,11 @@ class LoraCurvature:
 
     def _count(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.n_data += len(labels)
-        self.log_lik += -nn.functional.cross_entropy(_finite(logits), labels, reduction="sum").item()
+        self.log_lik += -nn.functional.cross_entropy(logits, labels.to(logits.device), reduction="sum").item()
 
     def _add_block(self, key: str, a: torch.Tensor, g: torch.Tensor, mask, add_inputs: bool) -> None:
         if self.structure == "diag":
-            self.diag[key] += per_example_grad(*_masked(a, g, mask)).pow(2).sum(0)
+            self.diag[key] = self.diag[key].to(a.device) + per_example_grad(*_masked(a, g, mask)).pow(2).sum(0)
             return
         a_bar, g_bar = reduce_tokens(a, g, mask)
         factor_out, factor_in = self.factors[key]
@@ -336,16 +338,21 @@ class LoraCurvature:
             factor_in.sum_(all_reduce, rank, world)
         for h in self.diag.values():
             all_reduce(h)
-        totals = torch.tensor([float(self.n_data), self.log_lik], dtype=torch.float64)
+        device = next(iter(self.diag.values())).device if self.diag else self.factors_device()
+        totals = torch.tensor([float(self.n_data), self.log_lik], dtype=torch.float64, device=device)
         all_reduce(totals)
         self.n_data, self.log_lik = int(round(totals[0].item())), totals[1].item()
+
+    def factors_device(self) -> torch.device:
+        factor = next(iter(self.factors.values()))[0]
+        return (factor.dense if factor.dense is not None else factor.basis).device
 
     def eigen(self) -> dict[str, BlockEigen]:
         """Eigen-structure of every block's curvature (K-FAC: A-side eigenvalues divided by N)."""
         if self.n_data == 0:
             raise ValueError("no data was accumulated into the curvature")
         if self.structure == "diag":
-            return {k: BlockEigen(self.shapes[k], h.clone()) for k, h in self.diag.items()}
+            return {k: BlockEigen(self.shapes[k], h.cpu().clone()) for k, h in self.diag.items()}
         out = {}
         for key, (factor_out, factor_in) in self.factors.items():
             val_out, q_out = factor_out.eig()
@@ -360,7 +367,7 @@ class LoraCurvature:
         for key, (factor_out, factor_in) in self.factors.items():
             out.update(factor_out.tensors(f"{key}.G"))
             out.update(factor_in.tensors(f"{key}.A"))
-        out.update({f"{k}.diag": h for k, h in self.diag.items()})
+        out.update({f"{k}.diag": h.cpu() for k, h in self.diag.items()})
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -377,5 +384,5 @@ def _masked(a: torch.Tensor, g: torch.Tensor, mask) -> tuple[torch.Tensor, torch
     """Zero padded positions (they carry no gradient; this only guards against stray values)."""
     if a.dim() == 2 or mask is None:
         return a, g
-    m = mask.to(a.dtype)[:, :, None]
+    m = mask.to(a.device, a.dtype)[:, :, None]
     return a * m, g * m

@@ -143,7 +143,7 @@ def _batch_key(batch: dict[str, torch.Tensor]) -> str:
     for name in ("input_ids", "attention_mask", "num_choices"):
         if name in batch:
             h.update(name.encode())
-            h.update(batch[name].contiguous().numpy().tobytes())
+            h.update(batch[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -258,7 +258,7 @@ class LaplacePosterior(Posterior):
         batches = list(eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length))
         labels = torch.cat([b["labels"] for b in batches])
         for index, fit in enumerate(self.fits):
-            moments = [self._glm_batch(index, b) for b in batches]
+            moments = [self.glm_batch(index, b) for b in batches]
             nll = [self._probit_nll(fit, moments, labels, delta) for delta in grid]
             best = int(torch.tensor(nll).argmin())
             fit.prior = torch.full((fit.prior.numel(),), float(grid[best]))
@@ -281,7 +281,9 @@ class LaplacePosterior(Posterior):
     def num_samples(self) -> int:
         return len(self.fits) * self.settings.link_samples
 
-    def _glm_batch(self, index: int, batch: dict[str, torch.Tensor]) -> glm.GLMBatch:
+    def glm_batch(self, index: int, batch: dict[str, torch.Tensor]) -> glm.GLMBatch:
+        """f_mu (B, C) and rotated Jacobians of fitted member `index` on a batch (from the Jacobian cache when it
+        holds them): with `fits[index].eigens` they give J Σ Jᵀ for any δ (:func:`glm.functional_covariance`)."""
         key = (index, _batch_key(batch))
         if self._cache is not None and key in self._cache:
             return self._cache[key]
@@ -298,7 +300,7 @@ class LaplacePosterior(Posterior):
         """Per fitted member: f_mu (B, C) and J Σ Jᵀ (B, C, C) of the GLM predictive."""
         out = []
         for index, fit in enumerate(self.fits):
-            jac = self._glm_batch(index, batch)
+            jac = self.glm_batch(index, batch)
             out.append((jac.f_mu, glm.functional_covariance(jac, fit.eigens, fit.block_prior())))
         return out
 
@@ -316,7 +318,11 @@ class LaplacePosterior(Posterior):
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> Predictive:
         if self.settings.link != "probit":
             return predictive.from_logits(self.sample_logits(batch))
-        moments = self.glm_moments(batch)
+        return self.probit_predictive(self.glm_moments(batch))
+
+    def probit_predictive(self, moments: list[tuple[torch.Tensor, torch.Tensor]]) -> Predictive:
+        """The probit predictive of the first len(`moments`) fitted members from their GLM moments
+        (e.g. `moments[:1]` is the `laplace` row of a `laplace_ensemble`, at no extra pass)."""
         n = self.settings.link_samples
         draws = torch.cat([torch.softmax(glm.sample_logits(mu, var, n, self._generator(i)), -1)
                            for i, (mu, var) in enumerate(moments)])

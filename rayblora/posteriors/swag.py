@@ -163,10 +163,12 @@ class SwagCollector:
         self.keys: list[str] = []
         self.moments: SwagMoments | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.stepper = None
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer whose learning rate the SWA schedule sets (called by the training loop)."""
-        self.optimizer = optimizer
+    def bind(self, state) -> None:
+        """Called by the training loop with its TrainerState: the SWA schedule sets `state.optimizer`'s lr,
+        snapshots come from `state.stepper.adapter_state()` (gathered from ZeRO-3 partitions; collective)."""
+        self.optimizer, self.stepper = state.optimizer, state.stepper
 
     def collects_at(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.cfg.collect_every == 0
@@ -174,7 +176,7 @@ class SwagCollector:
     def __call__(self, step: int, scorer) -> None:
         """After optimizer step `step`: collect a snapshot if due, then set the lr of step `step + 1`."""
         if self.collects_at(step):
-            state = scorer.adapter_state()
+            state = (self.stepper or scorer).adapter_state()
             if self.moments is None:
                 self.keys = sorted(state)
                 self.moments = SwagMoments.empty(sum(state[k].numel() for k in self.keys))

@@ -42,7 +42,9 @@ def parse_posterior_specs(specs: Sequence[str]) -> dict[str, str]:
 
 
 def check_posteriors(posteriors: Mapping[str, str | os.PathLike]) -> dict[str, str]:
-    """Validate names and read every manifest (ArtifactError naming the directory); absolute paths."""
+    """Validate names, read every manifest and verify every file's checksum (ArtifactError naming the
+    directory) before anything is deployed; returns absolute paths. Replicas verify again when loading."""
+    from rayblora.artifact import read_manifest, verify_files
     from rayblora.serve.engine import PosteriorEntry
 
     if not posteriors:
@@ -52,7 +54,9 @@ def check_posteriors(posteriors: Mapping[str, str | os.PathLike]) -> dict[str, s
         if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
             raise ConfigError(f"serve posterior name {name!r}: use letters, digits, '.', '_', '-' "
                               "(at most 64 characters)")
-        out[name] = PosteriorEntry.from_artifact(name, path).path
+        entry = PosteriorEntry.from_artifact(name, path)
+        verify_files(Path(entry.path), read_manifest(entry.path))
+        out[name] = entry.path
     return out
 
 
@@ -142,6 +146,7 @@ def _wait_for_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored there)
     try:
         while True:
             time.sleep(3600)

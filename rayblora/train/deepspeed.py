@@ -76,6 +76,7 @@ class DeepSpeedStepper:
         self.engine, _, _, _ = deepspeed.initialize(
             model=scorer.model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params,
             config=deepspeed_config(cfg, use_gpu), dist_init_required=False)
+        scorer.device = self.engine.device  # the engine moved the model there (bf16 on GPU)
         self.params = params
         self.scorer = scorer
 

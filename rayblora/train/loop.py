@@ -29,8 +29,8 @@ STATE_JSON = "state.json"
 class StepHook(Protocol):
     """Called after every optimizer step; may carry state that is checkpointed with the member.
 
-    A hook that steers the learning rate may also define `bind_optimizer(optimizer)`, called once when the
-    loop creates its optimizer.
+    A hook may also define `bind(state)`, called once with the loop's :class:`TrainerState` when it is created
+    (for hooks that set the optimizer's learning rate or read the adapter through `state.stepper`).
     """
 
     def __call__(self, step: int, scorer) -> None: ...
@@ -38,6 +38,41 @@ class StepHook(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingObjective(Protocol):
+    """Optional extension of a step hook that changes what the loop trains and how (e.g. variational
+    inference, :mod:`rayblora.hybrid.variational`); at most one hook of a member may implement it."""
+
+    def trainable_parameters(self, scorer) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters the optimizer updates (instead of the scorer's LoRA parameters)."""
+
+    def logits(self, scorer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training answer logits (B, C) of a micro-batch (with grad)."""
+
+    def regulariser(self, scorer) -> torch.Tensor:
+        """A scalar penalty over the whole training set (e.g. KL to a prior); the loop adds it / N to every
+        micro-batch's mean loss, N the training-set size."""
+
+
+def training_objective(hooks: Sequence[StepHook]) -> TrainingObjective | None:
+    """The one hook implementing :class:`TrainingObjective`, or None (plain likelihood training)."""
+    found = [h for h in hooks if hasattr(h, "trainable_parameters")]
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} step hooks define a training objective; at most one may")
+    return found[0] if found else None
+
+
+def read_hook_state(directory: str | Path, hook: str) -> dict[str, Any]:
+    """The checkpointed state dict of the step hook named `hook` (its state's "hook" entry) in a member
+    checkpoint's trainer state; KeyError naming the hook if the checkpoint has none."""
+    path = Path(directory) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {TRAINER_STATE}; not a member checkpoint")
+    for state in torch.load(path, weights_only=True).get("hooks", []):
+        if isinstance(state, dict) and state.get("hook") == hook:
+            return state
+    raise KeyError(f"{directory}: the checkpoint holds no state of the {hook!r} training hook")
 
 
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
@@ -79,9 +114,10 @@ def validate(scorer, dataset, batch_size: int) -> dict[str, float]:
     nll, correct, n = 0.0, 0, 0
     for batch in eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length):
         logits = scorer.logits(batch)
-        nll += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        n += len(batch["labels"])
+        labels = batch["labels"].to(logits.device)
+        nll += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        n += len(labels)
     scorer.model.train(was_training)
     return {"val_nll": nll / max(n, 1), "val_accuracy": correct / max(n, 1)}
 
@@ -107,7 +143,7 @@ class TorchStepper:
 
     def __init__(self, scorer, optimizer, scheduler, cfg: TrainConfig):
         self.scorer, self.optimizer, self.scheduler = scorer, optimizer, scheduler
-        self.params = [p for _, p in scorer.lora_parameters()]
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.grad_accum = cfg.grad_accum
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -188,10 +224,14 @@ class TrainerState:
 def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContext) -> float:
     """Forward/backward of the step's micro-batches; returns the mean micro-batch loss."""
     scorer, total = state.scorer, 0.0
+    objective = training_objective(state.hooks)
     for micro in range(cfg.grad_accum):
         number = (state.step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
         batch = train_batch(train_ds, scorer.tokenizer, cfg.batch_size, scorer.max_length, ctx.seed, number)
-        loss = F.cross_entropy(scorer.logits(batch), batch["labels"])
+        logits = objective.logits(scorer, batch) if objective else scorer.logits(batch)
+        loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        if objective:
+            loss = loss + objective.regulariser(scorer) / len(train_ds)
         state.stepper.backward(loss)
         total += loss.item() / cfg.grad_accum
     return total
@@ -199,20 +239,24 @@ def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContex
 
 def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
                        use_gpu: bool = False) -> TrainerState:
-    """Optimizer, schedule and the stepper of `cfg.strategy` (ddp: by hand; deepspeed: a ZeRO engine)."""
-    params = [p for _, p in scorer.lora_parameters()]
+    """Optimizer, schedule and the stepper of `cfg.strategy` (ddp: by hand; deepspeed: a ZeRO engine).
+
+    The optimizer updates the LoRA parameters, or those of the hooks' :class:`TrainingObjective`."""
+    objective = training_objective(hooks)
+    params = [p for _, p in (objective.trainable_parameters(scorer) if objective else scorer.lora_parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    for hook in hooks:  # hooks that steer the learning rate (e.g. SWAG's SWA schedule) get the optimizer
-        if hasattr(hook, "bind_optimizer"):
-            hook.bind_optimizer(optimizer)
     if cfg.strategy == "deepspeed":
         from rayblora.train.deepspeed import DeepSpeedStepper
 
         stepper = DeepSpeedStepper(scorer, optimizer, scheduler, cfg, use_gpu)
     else:
         stepper = TorchStepper(scorer, optimizer, scheduler, cfg)
-    return TrainerState(0, optimizer, scheduler, scorer, hooks, stepper)
+    state = TrainerState(0, optimizer, scheduler, scorer, hooks, stepper)
+    for hook in hooks:  # e.g. SWAG: sets the SWA lr on the optimizer, reads the (gathered) adapter via the stepper
+        if hasattr(hook, "bind"):
+            hook.bind(state)
+    return state
 
 
 def _due(step: int, every: int, last: int) -> bool:

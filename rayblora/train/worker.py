@@ -7,6 +7,7 @@ restarted worker resumes exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import torch
 from rayblora.config import Config, config_from_dict
 from rayblora.data.sources import load_task_data
 from rayblora.scoring import build_scorer
+from rayblora.train.faults import injected_hooks
 from rayblora.train.loop import LoopContext, TrainerState, nan_safe, train_member
 
 
@@ -33,15 +35,6 @@ def make_hooks(cfg: Config) -> list:
     return list(factory(cfg)) if factory is not None else []
 
 
-def _maybe_fail(config: dict[str, Any], member: int, step: int) -> None:
-    """Test-only fault injection: kill this worker process once at a given step (see tests)."""
-    marker = config.get("fail_marker")
-    if marker and config.get("fail_member") == member and step == config.get("fail_step"):
-        if not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
-
-
 def member_train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` for one member run (called by Ray Train on every worker)."""
     import ray.train
@@ -50,12 +43,18 @@ def member_train_loop(config: dict[str, Any]) -> None:
     member = int(config["member"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    test_hooks = injected_hooks(config, member, rank, ray.get_runtime_context().get_node_id())  # tests only
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     seed = member_seed(cfg, member)
     torch.manual_seed(seed)
     data = load_task_data(cfg.data)
-    scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
+    model_cfg = cfg.model
+    if cfg.cluster.use_gpu:  # the GPU Ray Train assigned to this worker
+        import ray.train.torch
+
+        model_cfg = dataclasses.replace(cfg.model, device=str(ray.train.torch.get_device()))
+    scorer = build_scorer(model_cfg, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
 
     def on_checkpoint(step: int, metrics: dict[str, float], state: TrainerState) -> None:
         clean = nan_safe(metrics)
@@ -63,7 +62,6 @@ def member_train_loop(config: dict[str, Any]) -> None:
             state.save(d, clean, primary=rank == 0)  # every rank: ZeRO shards and gathers are collective
             has_files = any(os.scandir(d))
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
-        _maybe_fail(config, member, step)
 
     resume_dir = None
     checkpoint = ray.train.get_checkpoint()
@@ -71,7 +69,7 @@ def member_train_loop(config: dict[str, Any]) -> None:
         resume_dir = tempfile.mkdtemp(prefix="rayblora-resume-")
         with checkpoint.as_directory() as d:
             shutil.copytree(d, resume_dir, dirs_exist_ok=True)
-    loop_ctx = LoopContext(seed=seed, rank=rank, world_size=world, hooks=make_hooks(cfg),
+    loop_ctx = LoopContext(seed=seed, rank=rank, world_size=world, hooks=make_hooks(cfg) + test_hooks,
                            on_checkpoint=on_checkpoint, label=f"member {member} rank {rank}",
                            resume_dir=resume_dir, use_gpu=cfg.cluster.use_gpu)
     try:

@@ -1,0 +1,205 @@
+"""Batched sample execution: S adapter states in one forward over the shared base vs S sequential forwards.
+
+Same inputs (VADER movie test prompts, batches of B), same S LoRA states (SWAG-like Gaussian perturbations of one
+adapter), SmolLM2-135M-Instruct. Target: time ratio batched / sequential <= 0.5. The two paths are timed in one
+process, alternating batch by batch (so load drift on a shared machine hits both alike). Peak memory is taken for
+each path in its own fresh subprocess over one call: the resident-set peak (sampled every 2 ms) over the RSS
+before the call (CPU), or `torch.cuda.max_memory_allocated` over the allocation before it (GPU). (`tracemalloc`
+only sees Python's allocator, not torch's tensor memory, so it is not used.) A first check compares the logits.
+
+    .venv/bin/python benchmarks/batched_samples.py [--samples 8] [--batch-size 8] [--batches 4] [--device cpu]
+
+`--random-weights` builds the model from the cached config.json with random weights in a temporary folder (for
+a machine where the cached weights are not available; timings depend on the architecture only). Writes
+benchmarks/results/batched_samples[_<device>].json and prints a markdown row for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from rayblora import assets
+from rayblora.config import AdapterConfig, DataConfig, ModelConfig
+from rayblora.data.batches import eval_batches
+from rayblora.data.sources import load_task_data
+from rayblora.scoring import build_scorer
+
+
+def _random_weight_folder(root: Path) -> str:
+    """A HF model folder with the cached SmolLM2 config + tokenizer and random weights (seed 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = assets.model_dir(assets.SMOLLM2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(source).save_pretrained(root)
+    return str(root)
+
+
+def _inputs(args, model_name: str):
+    data = load_task_data(DataConfig(task="movie", shift_tasks=(), train_size=0, val_size=8,
+                                     test_size=args.batch_size * (args.batches + 1), max_length=64))
+    scorer = build_scorer(ModelConfig(name=model_name, device=args.device), AdapterConfig(rank=8, alpha=16),
+                          data.spec, 64)
+    scorer.max_batch_rows = args.samples * args.batch_size  # all S states in one forward
+    batches = list(eval_batches(data.test, scorer.tokenizer, args.batch_size, 64))
+    g = torch.Generator().manual_seed(0)
+    base = scorer.adapter_state()
+    states = [{k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+              for _ in range(args.samples)]
+    return scorer, batches, states
+
+
+class PeakRss:
+    """Samples this process's resident set size every 2 ms while active (bytes)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.002)
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(run, batch, states, device: str) -> float:
+    t0 = time.perf_counter()
+    run(batch, states)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _time_both(scorer, batches, states, device: str) -> dict:
+    """Both paths on the same batches, alternating per batch (load drift hits both alike); batch 0 warms up."""
+    paths = {"sequential": scorer.logits_for_states_sequential, "batched": scorer.logits_for_states}
+    for run in paths.values():
+        run(batches[0], states)
+    times = {name: [] for name in paths}
+    for i, batch in enumerate(batches[1:]):
+        for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+            times[name].append(_timed(paths[name], batch, states, device))
+    return {name: {"seconds": sum(t), "seconds_per_batch": [round(x, 3) for x in t]} for name, t in times.items()}
+
+
+def _peak_memory(run, batch, states, device: str) -> dict:
+    """Peak memory of one call (warm-up included) over what the loaded model and states already hold."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _timed(run, batch, states, device)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        before = PeakRss.current()
+        with PeakRss() as rss:
+            _timed(run, batch, states, device)
+        peak = rss.peak
+    return {"peak_increase_mib": round((peak - before) / 2 ** 20, 1),
+            "process_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _child(args, model_name: str) -> dict:
+    """One subprocess job: check (logit agreement) | time (both paths) | sequential / batched (peak memory)."""
+    scorer, batches, states = _inputs(args, model_name)
+    if args.child == "check":
+        batched = scorer.logits_for_states(batches[0], states)
+        sequential = scorer.logits_for_states_sequential(batches[0], states)
+        return {"max_abs_logit_diff": float((batched - sequential).abs().max()),
+                "logit_scale": float(sequential.abs().max())}
+    if args.child == "time":
+        return _time_both(scorer, batches, states, args.device)
+    run = scorer.logits_for_states if args.child == "batched" else scorer.logits_for_states_sequential
+    return _peak_memory(run, batches[0], states, args.device)
+
+
+def _run_child(mode: str, model_folder: str) -> dict:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", mode]
+    if model_folder:
+        cmd += ["--model-folder", model_folder]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=4, help="timed batches (one more is the warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--model-folder", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(_child(args, args.model_folder or assets.SMOLLM2)))
+        return
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _random_weight_folder(Path(tmp)) if args.random_weights else ""
+        check, times = _run_child("check", folder), _run_child("time", folder)
+        sequential = {**times["sequential"], **_run_child("sequential", folder)}
+        batched = {**times["batched"], **_run_child("batched", folder)}
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(args.device), "device": args.device,
+              "torch_threads": torch.get_num_threads(), "load_average_1m": [load_start[0], os.getloadavg()[0]],
+              "model": assets.SMOLLM2 + (" (random weights)" if args.random_weights else ""),
+              "samples": args.samples, "batch_size": args.batch_size, "timed_batches": args.batches,
+              "check": check, "sequential": sequential, "batched": batched,
+              "time_ratio": round(batched["seconds"] / sequential["seconds"], 3), "target_ratio": 0.5}
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    out = Path(args.out or f"benchmarks/results/batched_samples{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_out, out)
+    print(json.dumps(result, indent=2))
+    print(f"| {result['date']} | {result['machine']} | S={args.samples}, B={args.batch_size} | "
+          f"{sequential['seconds'] / args.batches:.2f} | {batched['seconds'] / args.batches:.2f} | "
+          f"{result['time_ratio']:.2f} | {sequential['peak_increase_mib']} | {batched['peak_increase_mib']} | "
+          f"{check['max_abs_logit_diff']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""BH-PEFT: the hybrid adapter (LoRA + prefix + bottleneck), its mean-field variational posterior, the
+round-to-round Gaussian prior and the dynamic fine-tuning driver (tiny model, no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides, write_sentiment_jsonl
+
+HYBRID = {"posterior.method": "hybrid_vi", "posterior.members": "1", "hybrid.prefix_tokens": "2",
+          "hybrid.bottleneck_dim": "4", "hybrid.samples": "3", "hybrid.init_std": "0.01", "train.steps": "6"}
+
+
+def _config(files, out, **extra):
+    from rayblora.config import load_config
+
+    return load_config(None, tiny_overrides(files, out, **{**HYBRID, **extra}))
+
+
+@pytest.fixture
+def hybrid_config(sentiment_files, tmp_path):
+    return _config(sentiment_files, tmp_path / "run")
+
+
+def _scorer(cfg):
+    from rayblora.data.formats import classification_spec
+    from rayblora.scoring import build_scorer
+
+    spec = classification_spec(cfg.data.label_names, cfg.data.prompt_template)
+    return build_scorer(cfg.model, cfg.adapter, spec, cfg.data.max_length, seed=0)
+
+
+def test_kl_matches_the_closed_form_for_gaussians():
+    from torch.distributions import Normal, kl_divergence
+
+    from rayblora.hybrid.gaussian import DiagonalGaussian
+
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(7, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64) + .1
+    prior = DiagonalGaussian(torch.randn(7, generator=g, dtype=torch.float64),
+                             torch.rand(7, generator=g, dtype=torch.float64) * 5 + 0.2)
+    expected = kl_divergence(Normal(mean, std), Normal(prior.mean, prior.precision.rsqrt())).sum()
+    assert torch.allclose(prior.kl_from(mean, std), expected, rtol=1e-10)
+    assert float(prior.kl_from(prior.mean, prior.precision.rsqrt())) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_round_prior_penalty_is_zero_at_the_previous_mean_with_its_precision_as_hessian():
+    from rayblora.hybrid.gaussian import DiagonalGaussian, inverse_softplus, softplus_std
+
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(5, generator=g, dtype=torch.float64)
+    std = softplus_std(inverse_softplus(torch.rand(5, generator=g, dtype=torch.float64) + 0.05))
+    prior = DiagonalGaussian.from_posterior(mean, std, scale=2.0)
+    assert float(prior.penalty(prior.mean)) == 0.0
+    theta = torch.randn(5, generator=g, dtype=torch.float64)
+    hessian = torch.autograd.functional.hessian(prior.penalty, theta)
+    assert torch.allclose(hessian, torch.diag(prior.precision.double()), rtol=1e-6)
+    assert torch.allclose(prior.precision.double(), 2.0 / std ** 2, rtol=1e-5)
+
+
+def test_hybrid_modules_respect_padding_start_as_identity_and_act_only_when_active(hybrid_config):
+    import dataclasses
+
+    from rayblora.hybrid.modules import HybridModules, active
+
+    scorer = _scorer(hybrid_config)
+    prompts = ["good great film\nSentiment:", "bad\nSentiment:"]
+    bottleneck_only = HybridModules(scorer.model, dataclasses.replace(hybrid_config.hybrid, prefix_tokens=0),
+                                    hybrid_config.adapter)
+    both = HybridModules(scorer.model, hybrid_config.hybrid, hybrid_config.adapter)
+    with torch.no_grad():
+        plain = scorer.logits(scorer.encode(prompts))
+        with active(scorer.model, bottleneck_only):
+            assert torch.allclose(scorer.logits(scorer.encode(prompts)), plain, atol=1e-6)  # W_up = 0
+        with active(scorer.model, both):
+            batched = scorer.logits(scorer.encode(prompts))
+            alone = scorer.logits(scorer.encode(prompts[1:]))
+        after = scorer.logits(scorer.encode(prompts))
+    assert not torch.allclose(batched, plain, atol=1e-4)  # the prefix acts
+    assert torch.allclose(batched[1:], alone, atol=1e-5)  # left padding is masked out of the widened mask
+    assert torch.equal(after, plain)  # inactive modules leave the model alone
+
+
+def test_variational_objective_reaches_every_adapter_part(hybrid_config):
+    from rayblora.hybrid.variational import VariationalTraining
+
+    scorer = _scorer(hybrid_config)
+    objective = VariationalTraining.from_config(hybrid_config)
+    params = dict(objective.trainable_parameters(scorer))
+    assert set(params) == {"hybrid_vi.mean", "hybrid_vi.rho"}
+    batch = scorer.encode(["good film\nSentiment:", "poor plot\nSentiment:"])
+    loss = objective.logits(scorer, batch).logsumexp(-1).sum() + objective.regulariser(scorer)
+    loss.backward()
+    grads = objective.q.split(params["hybrid_vi.mean"].grad)
+    for part in ("lora_B", "prefixes", "bottlenecks"):
+        assert any(part in name and float(g.abs().sum()) > 0 for name, g in grads.items()), part
+    assert float(params["hybrid_vi.rho"].grad.abs().sum()) > 0
+
+
+def _train_one(cfg, directory):
+    from rayblora.data import load_task_data
+    from rayblora.posteriors import get_posterior_class
+    from rayblora.train.loop import LoopContext, train_member
+    from rayblora.train.worker import make_hooks
+
+    data = load_task_data(cfg.data)
+    torch.manual_seed(0)
+    scorer = _scorer(cfg)
+    ctx = LoopContext(seed=0, hooks=make_hooks(cfg), log=lambda _m: None,
+                      on_checkpoint=lambda step, m, state: state.save(directory, {}))
+    train_member(scorer, data.train, data.validation, cfg.train, ctx)
+    post = get_posterior_class("hybrid_vi").build(scorer, [scorer.adapter_state()], [{}], data=data,
+                                                  config=cfg, member_dirs=[str(directory)])
+    return post, data
+
+
+def test_hybrid_vi_artifact_round_trip_and_peft_member(sentiment_files, tmp_path):
+    from peft import PeftModel
+
+    from rayblora.artifact import load_posterior, save_posterior
+    from rayblora.model import load_base_model
+
+    cfg = _config(sentiment_files, tmp_path / "run")
+    post, data = _train_one(cfg, tmp_path / "ckpt")
+    batch = post.scorer.encode(list(data.test["prompt"][:5]))
+    logits = post.sample_logits(batch)
+    assert logits.shape == (3, 5, 2) and not torch.allclose(logits[0], logits[1])
+    path = save_posterior(post, tmp_path / "posterior", model_config=cfg.model, adapter_config=cfg.adapter)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert "hybrid.safetensors" in manifest["files"] and manifest["method"] == "hybrid_vi"
+    loaded = load_posterior(path)
+    assert torch.allclose(loaded.sample_logits(batch), logits, atol=1e-5)
+    mean_view = loaded.view("map")
+    assert mean_view.num_samples == 1
+    base, _ = load_base_model(cfg.model)
+    peft = PeftModel.from_pretrained(base, str(path / "members" / "0"))
+    lora_b = [p for n, p in peft.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # the trained LoRA posterior mean
+
+
+def test_config_rejects_an_empty_hybrid_and_rounds_of_another_family(sentiment_files, tmp_path):
+    from rayblora.config import ConfigError
+    from rayblora.rounds import run_rounds
+
+    with pytest.raises(ConfigError, match="hybrid.lora"):
+        _config(sentiment_files, tmp_path, **{"hybrid.lora": "false", "hybrid.prefix_tokens": "0",
+                                              "hybrid.bottleneck_dim": "0"})
+    cfg = _config(sentiment_files, tmp_path, **{"posterior.method": "ensemble"})
+    with pytest.raises(ConfigError, match="posterior.method"):
+        run_rounds(cfg, tasks=[str(sentiment_files["train"])], in_process=True)
+
+
+def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from rayblora.artifact import sha256_file
+    from rayblora.rounds import run_rounds
+
+    second = write_sentiment_jsonl(tmp_path / "second.jsonl", 300, seed=7, noise=0.2)
+    cfg = _config(sentiment_files, tmp_path / "rounds", **{"hybrid.prior_scale": "0.5"})
+    report = run_rounds(cfg, tasks=[str(sentiment_files["train"]), str(second)], in_process=True,
+                        log=lambda _m: None)
+    first_dir, second_dir = tmp_path / "rounds" / "round-0" / "posterior", tmp_path / "rounds" / "round-1" / "posterior"
+    lineage = json.loads((second_dir / "manifest.json").read_text())["lineage"]
+    assert lineage["round"] == 1 and lineage["parent"] == str(first_dir) and lineage["round_prior"]
+    assert lineage["parent_manifest_sha256"] == sha256_file(first_dir / "manifest.json")
+    assert json.loads((first_dir / "manifest.json").read_text())["lineage"]["parent"] is None
+    parent, child = load_file(str(first_dir / "hybrid.safetensors")), load_file(str(second_dir / "hybrid.safetensors"))
+    std = torch.nn.functional.softplus(parent["0.rho"])
+    assert torch.allclose(child["0.prior_mean"], parent["0.mean"])
+    assert torch.allclose(child["0.prior_precision"], 0.5 / std ** 2, rtol=1e-4)
+    naive = load_file(str(tmp_path / "rounds" / "naive" / "round-1" / "posterior" / "hybrid.safetensors"))
+    assert float(naive["0.prior_mean"].abs().max()) == 0.0
+    dynamic = report["chains"]["dynamic"]
+    assert [len(row["metrics"]) for row in dynamic["forgetting"]] == [1, 2]
+    assert len(dynamic["rejection"]["second"]["accuracy"]) == 10
+    for name in ("report.json", "report.md", "rejection.png"):
+        assert (tmp_path / "rounds" / name).stat().st_size > 0
+    assert "naive" in (tmp_path / "rounds" / "report.md").read_text()
+
+
+def test_variational_training_resumes_exactly_from_a_checkpoint(sentiment_files, tmp_path):
+    from rayblora.data import load_task_data
+    from rayblora.train.loop import LoopContext, train_member
+    from rayblora.train.worker import make_hooks
+
+    cfg = _config(sentiment_files, tmp_path / "run", **{"train.checkpoint_every": "3"})
+    data = load_task_data(cfg.data)
+
+    def run(resume_dir=None, stop_at=None):
+        torch.manual_seed(0)
+        scorer, hooks = _scorer(cfg), make_hooks(cfg)
+
+        def save(step, metrics, state):
+            if step == 3:
+                state.save(tmp_path / "ckpt", {})
+                if stop_at == 3:
+                    raise KeyboardInterrupt
+
+        ctx = LoopContext(seed=0, hooks=hooks, log=lambda _m: None, on_checkpoint=save, resume_dir=resume_dir)
+        try:
+            train_member(scorer, data.train, data.validation, cfg.train, ctx)
+        except KeyboardInterrupt:
+            pass
+        return hooks[0].q.mean.detach().clone(), hooks[0].q.rho.detach().clone()
+
+    straight = run()
+    run(stop_at=3)
+    resumed = run(resume_dir=str(tmp_path / "ckpt"))
+    assert torch.allclose(straight[0], resumed[0], atol=1e-6) and torch.allclose(straight[1], resumed[1], atol=1e-6)
+    assert not torch.allclose(straight[0], run(stop_at=3)[0])  # the check can fail: 3 steps differ from 6
