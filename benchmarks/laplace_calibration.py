@@ -81,7 +81,8 @@ def main() -> None:
     post = load_posterior(fitted)
     results.update(_laplace_rows(post, splits, 16, log))
     meta = {"model": cfg.model.name, "task": cfg.data.task, "members": len(post.members),
-            "fit_batches": args.fit_batches, "n_eval": args.n_eval, "prior_method": args.prior_method, "fit_seconds": round(fit_seconds, 1),
+            "fit_batches": args.fit_batches, "n_eval": args.n_eval, "prior_method": args.prior_method,
+            "fit_seconds": round(fit_seconds, 1),
             "prior_precision": [f.prior.tolist() for f in post.fits], "date": time.strftime("%Y-%m-%d"),
             "eval_seconds": round(time.time() - t0 - fit_seconds, 1)}
     report = write_report(out, results, split_name(cfg.data.task), meta)

@@ -33,7 +33,8 @@ def _config(args):
     return load_config(None, [
         "model.name=smollm2-135m-instruct", "data.task=movie", "data.shift_tasks=[]",
         f"data.train_size={args.n_train}", f"data.val_size={args.n_val}", "data.test_size=32", "data.max_length=64",
-        f"adapter.layers=[{args.layers}]", f"train.batch_size={args.batch}", f"train.steps={args.n_train // args.batch}",
+        f"adapter.layers=[{args.layers}]", f"train.batch_size={args.batch}",
+        f"train.steps={args.n_train // args.batch}",
         "train.warmup_steps=1", "laplace.prior_method=fixed", "laplace.link_samples=20"])
 
 

@@ -134,7 +134,7 @@ def test_low_rank_functional_variance_equals_explicit_covariance():
     expected = jac @ torch.linalg.inv(precision) @ jac.transpose(1, 2)
     rotated = torch.stack([glm.rotated_grad(eigen, a, grads[c]) for c in range(3)], 1)
     batch = glm.GLMBatch(torch.zeros(4, 3), {"b": glm.BlockJacobians(
-        rotated, glm._residual(a, grads.permute(1, 0, 2, 3), rotated))})
+        rotated, glm.residual_gram(a, grads.permute(1, 0, 2, 3), rotated))})
     got = glm.functional_covariance(batch, {"b": eigen}, {"b": delta})
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
     samples = torch.stack([glm.weight_noise(eigen, torch.randn(5, 7, generator=g), delta).reshape(-1)

@@ -51,7 +51,7 @@ def rotated_grad(eigen: BlockEigen, a: torch.Tensor, g: torch.Tensor) -> torch.T
     return torch.einsum("btk,btl->bkl", g, a).cpu()
 
 
-def _residual(a: torch.Tensor, grads: torch.Tensor, rotated: torch.Tensor) -> torch.Tensor:
+def residual_gram(a: torch.Tensor, grads: torch.Tensor, rotated: torch.Tensor) -> torch.Tensor:
     """⟨J_c, J_d⟩ − ⟨Ĵ_c, Ĵ_d⟩ (B, C, C) from inputs a (B, T, in) and output gradients (B, C, T, out)."""
     a = _with_tokens(a)
     gram_a = torch.einsum("bti,bsi->bts", a, a)
@@ -74,7 +74,7 @@ def batch_jacobians(logits_fn: LogitsFn, batch: dict, modules: dict, eigens: dic
     blocks = {}
     for key, parts in rotated.items():
         rot = torch.stack(parts, 1)
-        res = _residual(inputs[key], torch.stack(grads[key], 1), rot.to(inputs[key].device)).cpu() \
+        res = residual_gram(inputs[key], torch.stack(grads[key], 1), rot.to(inputs[key].device)).cpu() \
             if key in grads else None
         blocks[key] = BlockJacobians(rot, res)
     return GLMBatch(f_mu.cpu(), blocks)
