@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from rayblora import assets
+from rayblora.artifact import write_json_atomic
 from rayblora.config import AdapterConfig, DataConfig, ModelConfig
 from rayblora.data.batches import eval_batches
 from rayblora.data.sources import load_task_data
@@ -190,10 +191,7 @@ def main() -> None:
               "time_ratio": round(batched["seconds"] / sequential["seconds"], 3), "target_ratio": 0.5}
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     out = Path(args.out or f"benchmarks/results/batched_samples{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, out)
+    write_json_atomic(out, result, allow_nan=True)
     print(json.dumps(result, indent=2))
     print(f"| {result['date']} | {result['machine']} | S={args.samples}, B={args.batch_size} | "
           f"{sequential['seconds'] / args.batches:.2f} | {batched['seconds'] / args.batches:.2f} | "

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rayblora.artifact import write_json_atomic
+
 RUNS = {
     "ddp": ["train.strategy=ddp"],
     "zero2": ["train.strategy=deepspeed", "train.zero_stage=2"],
@@ -205,14 +207,6 @@ def markdown_rows(results: list[dict]) -> list[str]:
     return rows
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def run_all(args) -> None:
     """Prepare the model once, then every (batch size, run) in its own subprocess; write JSON and markdown."""
     with tempfile.TemporaryDirectory(prefix="rayblora-dsbench-") as scratch:
@@ -223,7 +217,7 @@ def run_all(args) -> None:
         results = [run_child(args, run, b, model, Path(scratch))
                    for b in args.batch_sizes for run in args.runs]
     payload = {**environment(args), "weights": weights, "command": " ".join(sys.argv), "results": results}
-    write_json(Path(args.out), payload)
+    write_json_atomic(Path(args.out), payload, allow_nan=True)
     print(json.dumps({k: v for k, v in payload.items() if k != "results"}, indent=2))
     print("\n".join(markdown_rows(results)))
 
@@ -251,7 +245,7 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     if args.one:
-        write_json(Path(args.out), measure(args, args.one, args.batch_sizes[0]))
+        write_json_atomic(Path(args.out), measure(args, args.one, args.batch_sizes[0]))
     else:
         run_all(args)
 

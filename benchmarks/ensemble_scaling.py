@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rayblora.artifact import write_json_atomic
 from rayblora.config import load_config
 from rayblora.coordinator import RAY_ENV, train_members
 
@@ -60,9 +61,7 @@ def main() -> None:
               "two_members_s": round(two, 1), "ratio": round(two / one, 3), "target_ratio": 1.15}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, out)
+    write_json_atomic(out, result, allow_nan=True)
     print(json.dumps(result, indent=2))
     print(f"| {result['date']} | {result['machine']} | {args.steps} | {startup:.1f} | {one:.1f} | {two:.1f} | "
           f"{two / one:.2f} |")

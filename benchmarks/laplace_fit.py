@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from rayblora.artifact import write_json_atomic
+
 PARTS = ("train_epoch", "ours_kfac", "ours_kfac_low_rank", "laplace_torch_kfac", "reevaluate")
 
 
@@ -212,10 +214,7 @@ def main() -> None:
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()}",
                        "load_average": os.getloadavg(), "args": vars(args)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, results, allow_nan=True)
     print(json.dumps(results, indent=2))
     print(_rows(results))
 

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rayblora.artifact import write_json_atomic
+
 VALUES, LOW, HIGH = 32, 1e-4, 1e4
 
 
@@ -171,9 +173,7 @@ def main() -> None:
                        "torch": torch.__version__, "load_average": os.getloadavg(), "args": vars(args)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(results, indent=2))
-    os.replace(tmp_out, out)
+    write_json_atomic(out, results, allow_nan=True)
     print(json.dumps(results, indent=2))
     print(_rows(results))
 

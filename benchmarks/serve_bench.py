@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rayblora.artifact import read_manifest  # noqa: E402
+from rayblora.artifact import read_manifest, write_json_atomic  # noqa: E402
 
 BENCH_CACHE = Path.home() / ".cache" / "rayblora" / "bench"
 
@@ -254,8 +254,7 @@ def main() -> None:
     result.update(targets=targets(result), serve_config=dataclasses.asdict(cfg),
                   posteriors={k: str(v) for k, v in paths.items()}, machine=machine(load_before[0]),
                   date=time.strftime("%Y-%m-%d %H:%M %Z"))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json_atomic(Path(args.out), result, allow_nan=True)
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {args.out}")
 

@@ -46,10 +46,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file in the same directory and an atomic rename."""
+def write_json_atomic(path: Path, data: Any, allow_nan: bool = False) -> None:
+    """Write JSON via a temporary file in the same directory and an atomic rename.
+
+    NaN / inf are refused unless `allow_nan` (benchmark records may hold them; manifests never do)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False))
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=allow_nan))
     os.replace(tmp, path)
 
 

@@ -140,16 +140,18 @@ def batched_logits(scorer, batch: dict[str, torch.Tensor], states: Sequence[Adap
                    lora_dropout: bool = False, max_rows: int = DEFAULT_MAX_ROWS) -> torch.Tensor:
     """Answer logits (S, B, C) of S adapter states, in forwards of at most `max_rows` rows each.
 
+    The frozen layers below the first adapted one run once for all states (`scorer.shared_trunk`).
     Falls back to `scorer.logits_for_states_sequential` where the adapter is not plain LoRA. With
     `lora_dropout`, LoRA dropout stays on, so each row block is an independent MC-dropout pass.
     """
     if not supports_batching(scorer.model, states):
         return scorer.logits_for_states_sequential(batch, states, lora_dropout=lora_dropout)
     rows = batch["input_ids"].shape[0]
-    outs = []
+    outs, trunk = [], scorer.shared_trunk(batch)
     with scorer.restoring_adapter(), lora_dropout_active(scorer.model, lora_dropout):
         for chunk in _chunks(len(states), rows, max_rows):
+            chunk_trunk = None if trunk is None else (trunk[0], trunk[1].repeat(len(chunk), 1, 1))
             with stacked_adapters(scorer.model, [states[i] for i in chunk]):
-                logits = scorer.logits(repeat_batch(batch, len(chunk)))
+                logits = scorer.logits(repeat_batch(batch, len(chunk)), chunk_trunk)
             outs.append(logits.reshape(len(chunk), rows, -1))
     return torch.cat(outs)

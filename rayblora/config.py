@@ -88,6 +88,9 @@ class DataConfig:
     (.jsonl, .csv, .parquet) or a `datasets.save_to_disk` folder."""
     shift_tasks: tuple[str, ...] = ("tweets", "amazon", "nyt")
     """Evaluation-only tasks with the same labels (distribution shift); built-in names or paths."""
+    joint_tasks: tuple[str, ...] = ()
+    """Further tasks whose training and validation splits are pooled with the task's (joint training, e.g. the
+    retrain-on-all-data baseline of dynamic fine-tuning); each is split exactly as when it is the run's task."""
     label_names: tuple[str, ...] = ("negative", "positive")
     """Answer words for classification tasks, in label order (label i is answered by label_names[i])."""
     prompt_template: str = "Review: {text}\nIs the sentiment of this review positive or negative?\nAnswer:"
@@ -111,6 +114,8 @@ class DataConfig:
             _check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         _check(self.val_size > 0 and self.test_size > 0, "data.val_size/test_size", "must be > 0")
         _check(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
+        _check(self.task not in self.joint_tasks and len(set(self.joint_tasks)) == len(self.joint_tasks),
+               "data.joint_tasks", "must not repeat a task or name data.task itself")
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,9 @@ class HybridConfig:
     paths); empty = one ordinary run on data.task."""
     compare_naive: bool = True
     """Dynamic fine-tuning: also run the same rounds without the round-to-round prior, for the report."""
+    compare_retrain: bool = False
+    """Dynamic fine-tuning: also train one posterior from scratch on the pooled training data of every round
+    (`train.steps` × rounds steps), the retrain-on-all-data reference of the report."""
 
     def __post_init__(self) -> None:
         _check(self.prefix_tokens >= 0, "hybrid.prefix_tokens", "must be >= 0")

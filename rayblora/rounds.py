@@ -6,6 +6,8 @@ t+1 starting from round t's posterior mean and using round t's posterior N(μ_t,
     <output.dir>/round-<t>/posterior          dynamic chain (round-to-round prior)
     <output.dir>/naive/round-<t>/posterior    naive sequential chain (`hybrid.compare_naive`): the same
                                               initialisation from round t, but the fixed N(0, prior_std²) prior
+    <output.dir>/retrain/posterior            retrain on all data (`hybrid.compare_retrain`): one posterior
+                                              from scratch on the pooled training splits of every round
 
 each with its lineage in the manifest (chain, round, task, parent artifact and the sha256 of its manifest).
 Each round's members are Ray Train runs through :func:`rayblora.pipeline.train`, or, with `in_process=True`,
@@ -47,9 +49,20 @@ def round_config(cfg: Config, task: str, t: int, chain: str, parent: Path | None
         hybrid=dataclasses.replace(cfg.hybrid, prior_artifact=str(parent or ""), round_prior=CHAINS[chain]))
 
 
+def retrain_config(cfg: Config, tasks: Sequence[str]) -> Config:
+    """The run config of the retrain-on-all-data reference: the rounds' training splits pooled
+    (`data.joint_tasks`), `train.steps` per round, fixed N(0, prior_std²) prior, fresh initialisation."""
+    round_config(cfg, tasks[0], 0, "naive", None)  # the same method check as the chains
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, task=tasks[0], joint_tasks=tuple(tasks[1:]), shift_tasks=()),
+        train=dataclasses.replace(cfg.train, steps=cfg.train.steps * len(tasks)),
+        output=dataclasses.replace(cfg.output, dir=str(cfg.out_dir / "retrain"), name=f"{cfg.output.name}-retrain"),
+        hybrid=dataclasses.replace(cfg.hybrid, prior_artifact="", round_prior=False))
+
+
 def round_lineage(chain: str, t: int, task: str, parent: Path | None) -> dict[str, Any]:
     """The manifest's lineage of a round: chain, round index, task, parent artifact and its manifest's sha256."""
-    lineage: dict[str, Any] = {"chain": chain, "round": t, "task": task, "round_prior": CHAINS[chain],
+    lineage: dict[str, Any] = {"chain": chain, "round": t, "task": task, "round_prior": CHAINS.get(chain, False),
                                "parent": None, "parent_manifest_sha256": None}
     if parent is not None:
         lineage.update(parent=str(parent), parent_manifest_sha256=sha256_file(parent / MANIFEST))
@@ -84,12 +97,25 @@ def train_in_process(cfg: Config, lineage: dict[str, Any], log: Callable[[str], 
                           training={"config": cfg.to_dict(), "in_process": True}, lineage=lineage)
 
 
+def _train_round(cfg: Config, lineage: dict[str, Any], in_process: bool, log: Callable[[str], None]) -> Path:
+    from rayblora.pipeline import train
+
+    return Path(train_in_process(cfg, lineage, log) if in_process else train(cfg, log, lineage=lineage))
+
+
+def run_retrain(cfg: Config, tasks: Sequence[str], in_process: bool = False,
+                log: Callable[[str], None] = print) -> Path:
+    """Train the retrain-on-all-data reference (:func:`retrain_config`); returns its artifact."""
+    retrain_cfg = retrain_config(cfg, tasks)
+    lineage = {**round_lineage("retrain", len(tasks) - 1, ",".join(tasks), None), "pooled_tasks": list(tasks)}
+    log(f"[rounds] retrain on all data: {' + '.join(tasks)} pooled, {retrain_cfg.train.steps} steps")
+    return _train_round(retrain_cfg, lineage, in_process, log)
+
+
 def run_chain(cfg: Config, tasks: Sequence[str], chain: str, in_process: bool = False,
               log: Callable[[str], None] = print, first: Path | None = None) -> list[Path]:
     """Train the rounds of one chain; returns the artifact of every round, in order. `first` reuses an
     existing round-0 artifact (round 0 has no parent, so it is the same in every chain)."""
-    from rayblora.pipeline import train
-
     paths: list[Path] = [first] if first is not None else []
     for t, task in enumerate(tasks):
         if t < len(paths):
@@ -98,8 +124,7 @@ def run_chain(cfg: Config, tasks: Sequence[str], chain: str, in_process: bool = 
         round_cfg = round_config(cfg, task, t, chain, parent)
         lineage = round_lineage(chain, t, task, parent)
         log(f"[rounds] {chain} round {t}: {task} (prior: {parent or 'N(0, prior_std²)'})")
-        path = train_in_process(round_cfg, lineage, log) if in_process else train(round_cfg, log, lineage=lineage)
-        paths.append(Path(path))
+        paths.append(_train_round(round_cfg, lineage, in_process, log))
     return paths
 
 
@@ -127,12 +152,14 @@ def _error_reduction_at_10(curve: dict[str, list[float]]) -> float:
 
 
 def evaluate_chain(paths: Sequence[Path], tasks: Sequence[str], test_sets: dict[str, Any], scorer,
-                   batch_size: int = 16) -> tuple[dict[str, Any], dict[str, SplitResult]]:
+                   batch_size: int = 16, rounds: Sequence[int] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, SplitResult]]:
     """(forgetting matrix + last-round rejection curves, last round's SplitResults) of one chain.
 
-    matrix[t][task_j] (j ≤ t) holds accuracy / nll / ece of round t's posterior on task j's test split."""
+    matrix[i][task_j] (j ≤ t) holds accuracy / nll / ece of the posterior after round t = rounds[i] (default
+    i) on task j's test split."""
     matrix, last = [], {}
-    for t, path in enumerate(paths):
+    for t, path in zip(rounds or range(len(paths)), paths):
         seen = {split_name(task): test_sets[split_name(task)] for task in tasks[:t + 1]}
         last = _predict(path, seen, scorer, batch_size)
         row = {}
@@ -151,12 +178,13 @@ def forgetting_summary(matrix: list[dict[str, Any]]) -> dict[str, Any]:
     last = matrix[-1]["metrics"]
     drop = {row["task"]: row["metrics"][row["task"]]["accuracy"] - last[row["task"]]["accuracy"]
             for row in matrix[:-1] if row["task"] in last}
-    return {"forgetting": drop, "mean_forgetting": float(np.mean(list(drop.values()))) if drop else 0.0,
-            "newest_accuracy": last[matrix[-1]["task"]]["accuracy"]}
+    return {"forgetting": drop, "mean_forgetting": float(np.mean(list(drop.values()))) if drop else None,
+            "newest_accuracy": last[matrix[-1]["task"]]["accuracy"],
+            "mean_accuracy": float(np.mean([m["accuracy"] for m in last.values()]))}
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3f}"
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def render_rounds_markdown(report: dict[str, Any]) -> str:
@@ -172,12 +200,13 @@ def render_rounds_markdown(report: dict[str, Any]) -> str:
                 cells = [_fmt(row["metrics"][t][metric]) if t in row["metrics"] else "" for t in tasks]
                 lines.append(f"| {row['round']} ({row['task']}) | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Summary", "", "| chain | mean forgetting (acc) | newest-task acc | error reduction @10 % "
-              "rejected (mean over tasks) |", "|---|---|---|---|"]
+    lines += ["## Summary (after the last round)", "", "| chain | mean forgetting (acc) | newest-task acc | "
+              "mean acc over tasks | error reduction @10 % rejected (mean over tasks) |", "|---|---|---|---|---|"]
     for chain, result in report["chains"].items():
         s = result["summary"]
         reduction = float(np.mean(list(result["error_reduction_at_10"].values())))
-        lines.append(f"| {chain} | {_fmt(s['mean_forgetting'])} | {_fmt(s['newest_accuracy'])} | {_fmt(reduction)} |")
+        lines.append(f"| {chain} | {_fmt(s['mean_forgetting'])} | {_fmt(s['newest_accuracy'])} | "
+                     f"{_fmt(s['mean_accuracy'])} | {_fmt(reduction)} |")
     lines += ["", "## Last round: accuracy after rejecting the most uncertain", "",
               "| chain | task | " + " | ".join(f"{int(r * 100)} %" for r in REJECTION) + " |",
               "|---" * (len(REJECTION) + 2) + "|"]
@@ -201,7 +230,9 @@ def evaluate_rounds(cfg: Config, tasks: Sequence[str], paths: dict[str, list[Pat
     last_results = {}
     for chain, chain_paths in paths.items():
         log(f"[rounds] evaluating the {chain} chain ({len(chain_paths)} rounds)")
-        result, last_results[chain] = evaluate_chain(chain_paths, tasks, test_sets, scorer, cfg.train.batch_size)
+        rounds = [len(tasks) - 1] if chain == "retrain" else None
+        result, last_results[chain] = evaluate_chain(chain_paths, tasks, test_sets, scorer, cfg.train.batch_size,
+                                                     rounds)
         result["summary"] = forgetting_summary(result["forgetting"])
         report["chains"][chain] = result
     out = cfg.out_dir
@@ -216,8 +247,9 @@ def evaluate_rounds(cfg: Config, tasks: Sequence[str], paths: dict[str, list[Pat
 
 def run_rounds(cfg: Config, tasks: Sequence[str] | None = None, in_process: bool = False,
                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the dynamic chain (and the naive one if `hybrid.compare_naive`) over `tasks` (default
-    `hybrid.rounds`), then evaluate and write the report under output.dir; returns the report."""
+    """Train the dynamic chain (the naive one if `hybrid.compare_naive`, the retrain-on-all-data reference if
+    `hybrid.compare_retrain`) over `tasks` (default `hybrid.rounds`), then evaluate and write the report under
+    output.dir; returns the report."""
     tasks = list(tasks or cfg.hybrid.rounds)
     if not tasks:
         raise ConfigError("hybrid.rounds: name at least one task (e.g. --rounds movie,tweets,amazon,nyt)")
@@ -226,6 +258,8 @@ def run_rounds(cfg: Config, tasks: Sequence[str] | None = None, in_process: bool
     for chain in chains:
         first = paths["dynamic"][0] if paths else None
         paths[chain] = run_chain(cfg, tasks, chain, in_process, log, first=first)
+    if cfg.hybrid.compare_retrain and len(tasks) > 1:
+        paths["retrain"] = [run_retrain(cfg, tasks, in_process, log)]
     report = evaluate_rounds(cfg, tasks, paths, log)
     log(f"[rounds] wrote {cfg.out_dir / 'report.md'}, report.json and rejection.png")
     return report

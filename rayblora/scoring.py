@@ -16,6 +16,7 @@ from rayblora.data.batches import encode
 from rayblora.data.formats import TaskSpec
 from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
                             lora_state, set_lora_state)
+from rayblora.trunk import above_trunk, first_adapted_layer, trunk_hidden
 
 
 def attention_kernels(device: torch.device):
@@ -52,10 +53,11 @@ class AnswerScorer:
         self.max_length = max_length
         self.fingerprint = fingerprint
         self.answer_ids = torch.tensor(answer_token_ids(tokenizer, spec.choices), dtype=torch.long)
-        self.max_batch_rows = 256
-        """Cap on the rows (samples × batch) of one batched multi-state forward (activation memory)."""
         self.device = next(peft_model.parameters()).device
         """Where batches go: the model's device (a DeepSpeed engine sets its own compute device)."""
+        self.max_batch_rows = 256 if self.device.type == "cuda" else 64
+        """Cap on the rows (samples × batch) of one batched multi-state forward: activation memory on a GPU;
+        on a CPU, rows beyond ~64 no longer raise throughput and spill out of cache."""
 
     @property
     def num_choices(self) -> int:
@@ -80,18 +82,38 @@ class AnswerScorer:
                              logits_to_keep=1)
         return out.hidden_states[-1][:, -1]
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """f_θ(x): answer logits (B, C) in float32 under the currently loaded adapter; invalid choices -inf.
 
         Runs with autograd as the caller's context says (training calls it with grad enabled). The batch's
-        tensors are moved to :attr:`device`; the logits stay there.
+        tensors are moved to :attr:`device`; the logits stay there. `trunk` = (L₀, hidden states (B, T, H)
+        entering layer L₀) from :meth:`shared_trunk` skips the frozen layers below L₀ (:mod:`rayblora.trunk`).
         """
         batch = self.to_device(batch)
-        with attention_kernels(self.device):
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        inputs = {"input_ids": batch["input_ids"]}
+        window = nullcontext()
+        if trunk is not None:
+            start, hidden = trunk
+            inputs, window = {"inputs_embeds": hidden.to(self.device)}, above_trunk(self.model, start)
+        with attention_kernels(self.device), window:
+            out = self.model(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
                              position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1)
         logits = out.logits[:, -1, :].index_select(-1, self.answer_ids.to(out.logits.device)).float()
         return mask_choices(logits, batch.get("num_choices"))
+
+    @torch.no_grad()
+    def shared_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor] | None:
+        """(L₀, hidden states (B, T, H) entering L₀) when the adapter leaves layers 0..L₀−1 frozen, else None.
+
+        Computed once per batch, it lets every adapter state of a posterior skip those layers.
+        """
+        start = first_adapted_layer(self.model)
+        if start == 0:
+            return None
+        batch = self.to_device(batch)
+        with attention_kernels(self.device):
+            hidden = trunk_hidden(self.model, batch, position_ids(batch["attention_mask"]), start)
+        return start, hidden
 
     @torch.no_grad()
     def logits_for_states(self, batch: dict[str, torch.Tensor], states: Sequence[dict[str, torch.Tensor]],
@@ -114,10 +136,10 @@ class AnswerScorer:
         from rayblora.batched import lora_dropout_active
 
         with self.restoring_adapter(), lora_dropout_active(self.model, lora_dropout):
-            outs = []
+            outs, trunk = [], self.shared_trunk(batch)
             for state in states:
                 set_lora_state(self.model, state)
-                outs.append(self.logits(batch))
+                outs.append(self.logits(batch, trunk))
         return torch.stack(outs)
 
     @contextmanager

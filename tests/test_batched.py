@@ -7,6 +7,7 @@ import torch
 
 from rayblora.batched import batched_logits, lora_dropout_rate, stacked_adapters, supports_batching
 from rayblora.config import AdapterConfig
+from rayblora.model import set_lora_state
 from rayblora.scoring import build_scorer
 
 
@@ -78,3 +79,30 @@ def test_lora_dropout_rows_are_independent_passes(tiny_session_config, tiny_data
     on = scorer.logits_for_states(batch, [state] * 3, lora_dropout=True)
     assert (on[0] - on[1]).abs().max() > 1e-4
     assert not any(m.training for m in scorer.model.modules())  # eval mode put back
+
+
+def test_shared_trunk_gives_full_forward_logits(tiny_session_config, tiny_data):
+    """LoRA on the top layer only: layers below run once per batch, yet every state's logits are unchanged."""
+    from dataclasses import replace
+
+    from rayblora.trunk import first_adapted_layer
+
+    cfg = tiny_session_config
+    model_cfg = replace(cfg.model, tiny_layers=3)
+    top = build_scorer(model_cfg, AdapterConfig(layers=(2,)), tiny_data.spec, cfg.data.max_length, seed=0)
+    states = [_noisy(top.adapter_state(), seed, scale=0.5) for seed in range(3)]
+    batch = top.encode(tiny_data.test["prompt"][:5])
+    assert first_adapted_layer(top.model) == 2 and top.shared_trunk(batch)[1].shape[:2] == batch["input_ids"].shape
+    full = []
+    for state in states:  # reference: whole stack per state, no trunk
+        with top.restoring_adapter():
+            set_lora_state(top.model, state)
+            full.append(top.logits(batch))
+    full = torch.stack(full)
+    assert (full[0] - full[1]).abs().max() > 1e-3
+    assert torch.allclose(top.logits_for_states(batch, states), full, atol=1e-5, rtol=0)
+    assert torch.allclose(top.logits_for_states_sequential(batch, states), full, atol=1e-5, rtol=0)
+    assert len(top.model.get_base_model().model.layers) == 3  # the window is put back
+
+    everywhere = build_scorer(model_cfg, AdapterConfig(), tiny_data.spec, cfg.data.max_length, seed=0)
+    assert first_adapted_layer(everywhere.model) == 0 and everywhere.shared_trunk(batch) is None

@@ -103,6 +103,27 @@ def test_shift_tasks_must_share_labels(tmp_path):
     assert list(data.shifts) == ["d"] and len(data.shifts["d"]) == 4
 
 
+def test_joint_tasks_pool_training_and_validation_splits_as_each_task_splits_alone(tmp_path):
+    from rayblora.config import ConfigError
+
+    first = _jsonl(tmp_path / "first.jsonl", ROWS)
+    second = _jsonl(tmp_path / "second.jsonl", [{"text": f"other text {i}", "label": i % 2} for i in range(16)])
+    alone = {p: load_task_data(_cfg(p)) for p in (first, second)}
+    pooled = load_task_data(load_config(None, [f"data.task={first}", f"data.joint_tasks=[{second}]",
+                                               "data.shift_tasks=[]", "data.val_size=4", "data.test_size=4",
+                                               "data.train_size=0"]).data)
+    prompts = lambda split: list(split["prompt"])  # noqa: E731
+    assert prompts(pooled.train) == prompts(alone[first].train) + prompts(alone[second].train)
+    assert prompts(pooled.validation) == prompts(alone[first].validation) + prompts(alone[second].validation)
+    assert prompts(pooled.test) == prompts(alone[first].test)  # evaluation stays on the task's own test split
+    with pytest.raises(ConfigError, match="data.joint_tasks"):
+        load_config(None, [f"data.task={first}", f"data.joint_tasks=[{first}]"])
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b", "c"], "label": 0}] * 20)
+    with pytest.raises(DataError, match="data.joint_tasks.*share the labels"):
+        load_task_data(load_config(None, [f"data.task={first}", f"data.joint_tasks=[{mc}]", "data.shift_tasks=[]",
+                                          "data.val_size=4", "data.test_size=4"]).data)
+
+
 def test_training_order_is_a_pure_function_of_the_batch_number():
     first = [train_batch_indices(10, 3, seed=5, batch_number=b).tolist() for b in range(6)]
     again = [train_batch_indices(10, 3, seed=5, batch_number=b).tolist() for b in range(6)]

@@ -160,7 +160,8 @@ def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment
     from rayblora.rounds import run_rounds
 
     second = write_sentiment_jsonl(tmp_path / "second.jsonl", 300, seed=7, noise=0.2)
-    cfg = _config(sentiment_files, tmp_path / "rounds", **{"hybrid.prior_scale": "0.5"})
+    cfg = _config(sentiment_files, tmp_path / "rounds", **{"hybrid.prior_scale": "0.5",
+                                                            "hybrid.compare_retrain": "true"})
     report = run_rounds(cfg, tasks=[str(sentiment_files["train"]), str(second)], in_process=True,
                         log=lambda _m: None)
     first_dir, second_dir = tmp_path / "rounds" / "round-0" / "posterior", tmp_path / "rounds" / "round-1" / "posterior"
@@ -180,6 +181,13 @@ def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment
     for name in ("report.json", "report.md", "rejection.png"):
         assert (tmp_path / "rounds" / name).stat().st_size > 0
     assert "naive" in (tmp_path / "rounds" / "report.md").read_text()
+    retrain_dir = tmp_path / "rounds" / "retrain" / "posterior"  # one posterior on both rounds' data, from scratch
+    retrain_manifest = json.loads((retrain_dir / "manifest.json").read_text())
+    assert retrain_manifest["lineage"]["pooled_tasks"] == [str(sentiment_files["train"]), str(second)]
+    assert retrain_manifest["training"]["config"]["train"]["steps"] == 2 * cfg.train.steps
+    (row,) = report["chains"]["retrain"]["forgetting"]
+    assert row["round"] == 1 and sorted(row["metrics"]) == ["second", "train"]
+    assert report["chains"]["retrain"]["summary"]["mean_forgetting"] is None
 
 
 def test_variational_training_resumes_exactly_from_a_checkpoint(sentiment_files, tmp_path):

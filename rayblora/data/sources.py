@@ -130,22 +130,36 @@ def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str) -> li
     return out
 
 
+def _check_same_answers(task: str, spec: TaskSpec, other: TaskSpec, field: str, role: str) -> None:
+    if other.choices != spec.choices:
+        raise DataError(f"{field}: {task!r} answers {list(other.choices)} but the task answers "
+                        f"{list(spec.choices)}; a {role} must share the labels")
+
+
+def _task_splits(task: str, cfg: DataConfig, spec: TaskSpec | None = None,
+                 field: str = "data.task") -> tuple[TaskSpec, list[list[dict[str, Any]]]]:
+    """(spec, [test, validation, train] examples) of one task, split as if it were the run's task."""
+    rows = read_rows(task)
+    own = infer_spec(rows, cfg, task)
+    if spec is not None:
+        _check_same_answers(task, spec, own, field, "joint task")
+    examples = rows_to_examples(rows, spec or own, task)
+    sizes = (cfg.test_size, cfg.val_size, cfg.train_size)
+    return spec or own, [[examples[i] for i in idx] for idx in _split_indices(len(examples), sizes, cfg.seed, task)]
+
+
 def load_task_data(cfg: DataConfig) -> TaskData:
-    """Load, validate, format and split the task and its shift tasks."""
-    rows = read_rows(cfg.task)
-    spec = infer_spec(rows, cfg, cfg.task)
-    examples = rows_to_examples(rows, spec, cfg.task)
-    test_idx, val_idx, train_idx = _split_indices(
-        len(examples), (cfg.test_size, cfg.val_size, cfg.train_size), cfg.seed, cfg.task)
-    pick = lambda idx: _to_dataset([examples[i] for i in idx])  # noqa: E731
+    """Load, validate, format and split the task and its shift tasks; pool the training and validation
+    splits of `cfg.joint_tasks` with the task's (each task split exactly as when it is the run's task)."""
+    spec, (test, val, train) = _task_splits(cfg.task, cfg)
+    for task in cfg.joint_tasks:
+        _, (_, joint_val, joint_train) = _task_splits(task, cfg, spec, "data.joint_tasks")
+        val, train = val + joint_val, train + joint_train
     shifts = {}
     for task in cfg.shift_tasks:
         shift_rows = read_rows(task)
-        shift_spec = infer_spec(shift_rows, cfg, task)
-        if shift_spec.choices != spec.choices:
-            raise DataError(f"data.shift_tasks: {task!r} answers {list(shift_spec.choices)} but the task "
-                            f"answers {list(spec.choices)}; a shift task must share the labels")
+        _check_same_answers(task, spec, infer_spec(shift_rows, cfg, task), "data.shift_tasks", "shift task")
         shift_examples = rows_to_examples(shift_rows, spec, task)
         (idx,) = _split_indices(len(shift_examples), (cfg.test_size,), cfg.seed, task)
         shifts[split_name(task)] = _to_dataset([shift_examples[i] for i in idx])
-    return TaskData(spec, pick(train_idx), pick(val_idx), pick(test_idx), shifts)
+    return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts)
