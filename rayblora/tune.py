@@ -101,15 +101,28 @@ def member_trial(sampled: dict[str, Any], base: dict[str, Any], sweep_dir: str) 
     member_trainer(cfg, 0, trial_id, callbacks=[_val_nll_relay()]).fit()
 
 
-def _trial_slots(cfg: Config) -> int:
-    """Member runs the cluster can hold at once (its CPUs, and GPUs when used, over one member's share)."""
+def _trial_slots(cfg: Config, log: Callable[[str], None] = print) -> int:
+    """Member runs the cluster can hold at once (its CPUs, and GPUs when used, over one member's share).
+
+    Raises ConfigError when even the whole cluster cannot hold one member run (the trials would wait forever);
+    warns when it could but the resources are held by something else right now."""
     import ray
 
-    resources, per = ray.cluster_resources(), cfg.cluster.workers_per_member
-    slots = int(resources.get("CPU", 1) // (per * cfg.cluster.cpus_per_worker + TRIAL_DRIVER_CPUS))
-    if cfg.cluster.use_gpu:
-        slots = min(slots, int(resources.get("GPU", 0) // per))
-    return max(1, slots)
+    per = cfg.cluster.workers_per_member
+    need = {"CPU": per * cfg.cluster.cpus_per_worker + TRIAL_DRIVER_CPUS, **({"GPU": per} if cfg.cluster.use_gpu else {})}
+
+    def fits(resources: dict[str, float]) -> int:
+        return min(int(resources.get(k, 0) // v) for k, v in need.items())
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    if fits(total) < 1:
+        raise ConfigError(f"cluster: one trial's member run needs {need} but the whole cluster has "
+                          f"{ {k: total.get(k, 0) for k in need} }; lower cluster.workers_per_member / "
+                          "cpus_per_worker or add nodes")
+    if fits(free) < 1:
+        log(f"[sweep] warning: only { {k: free.get(k, 0) for k in need} } free of {need} per trial; trials wait "
+            "until other work on the cluster releases resources")
+    return max(1, fits(total))
 
 
 def _train_status(status: str, steps: int, step: int | None) -> str:
@@ -169,7 +182,7 @@ def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], o
 
     max_t = _steps_candidates(base, dims)[1]
     grace = min(grace_period or base["train"]["checkpoint_every"], max_t)
-    slots = max_concurrent or _trial_slots(cfg)
+    slots = max_concurrent or _trial_slots(cfg, log)
     trainable = tune.with_resources(tune.with_parameters(member_trial, base=base, sweep_dir=str(out)),
                                     {"CPU": TRIAL_DRIVER_CPUS})
 

@@ -4,10 +4,11 @@ a 4-value prior sweep into a new artifact, and a 4-trial train sweep with ASHA t
 from __future__ import annotations
 
 import csv
-import os
 import dataclasses
 import json
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from rayblora.config import ConfigError, dump_config, load_config
 from rayblora.search_space import check_space, flatten, parse_space, param_space
 
 from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _space_error(cfg, space: dict) -> str:
@@ -161,23 +164,24 @@ def test_prior_sweep_writes_its_table_and_a_new_artifact(ray_session, laplace_ar
 
 
 # --- the train sweep ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RAYBLORA_TUNE_E2E") != "1",
-                    reason="hangs inside the full suite (Tune trials + their Ray Train runs wait on each other under "
-                         "the 4-CPU session Ray); open work on issue 6 — run it alone with RAYBLORA_TUNE_E2E=1")
-def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentiment_files, tmp_path):
-    from rayblora.tune import sweep_train
+def _sweep_train_cli(config: Path, space: Path, out: Path) -> subprocess.CompletedProcess:
+    """`rayblora sweep train` in its own process with its own 4-CPU local Ray, as a user runs it (the trials'
+    Ray Train runs then see only this sweep's resources, not what other tests left in the session Ray)."""
+    cmd = [sys.executable, "-m", "rayblora.cli", "sweep", "train", "--config", str(config), "--space", str(space),
+           "--out", str(out), "--num-samples", "1", "--max-concurrent", "2"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
+
+@pytest.mark.slow
+def test_train_sweep_stops_bad_trials_with_asha_and_resumes(sentiment_files, tmp_path):
     cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run", **{"posterior.members": "1"}))
+    config = tmp_path / "base.yaml"
+    config.write_text(dump_config(cfg))
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {grid: [5.0e-3, 4.0e-3, 3.0e-3, 1.0e-7]}\nadapter.rank: 4\n")
-    out, logs = tmp_path / "sweep", []
-    free_cpus = ray_session.available_resources().get("CPU", 0)
-    result = sweep_train(cfg, space, out, max_concurrent=2, log=logs.append)
-    deadline = time.time() + 30  # stopped trials end their Train runs: every CPU comes back
-    while ray_session.available_resources().get("CPU", 0) < free_cpus and time.time() < deadline:
-        time.sleep(0.5)
-    assert ray_session.available_resources().get("CPU", 0) >= free_cpus
+    out = tmp_path / "sweep"
+    done = _sweep_train_cli(config, space, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed", "stopped (ASHA)"}
     stopped = [r for r in rows if r["status"] == "stopped (ASHA)"]
@@ -192,9 +196,20 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
     assert (best.adapter.rank, best.train.checkpoint_every, best.output.dir) == (4, 0, cfg.output.dir)
     assert (out / "best.yaml").read_text().startswith("# Best trial ")
 
-    again = sweep_train(cfg, space, out, max_concurrent=2, log=logs.append)  # rerun: restored, nothing retrained
-    assert any("Tuner.restore" in line for line in logs)
-    assert [r["trial"] for r in again.rows] == [r["trial"] for r in result.rows]
+    again = _sweep_train_cli(config, space, out)  # rerun: restored, nothing retrained
+    assert again.returncode == 0 and "Tuner.restore" in again.stdout + again.stderr
+    assert list(csv.DictReader((out / "trials.csv").open())) == rows
     space.write_text("train.lr: {grid: [5.0e-3, 1.0e-3]}\n")
-    with pytest.raises(ConfigError, match="holds a sweep with another config, space or settings"):
-        sweep_train(cfg, space, out, max_concurrent=2, log=logs.append)
+    other = _sweep_train_cli(config, space, out)
+    assert other.returncode != 0 and "holds a sweep with another config, space or settings" in other.stderr
+
+
+def test_train_sweep_refuses_a_member_run_the_cluster_cannot_hold(ray_session, tiny_config, tmp_path):
+    from rayblora.tune import sweep_train
+
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {grid: [5.0e-3, 1.0e-3]}\n")
+    too_big = dataclasses.replace(tiny_config, cluster=dataclasses.replace(tiny_config.cluster, cpus_per_worker=64))
+    with pytest.raises(ConfigError, match="whole cluster has"):
+        sweep_train(too_big, space, tmp_path / "sweep", log=lambda _m: None)
+    assert not (tmp_path / "sweep" / "trials.csv").exists()
