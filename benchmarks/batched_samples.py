@@ -1,13 +1,16 @@
 """Batched sample execution: S adapter states in one forward over the shared base vs S sequential forwards.
 
 Same inputs (VADER movie test prompts, batches of B), same S LoRA states (SWAG-like Gaussian perturbations of one
-adapter), SmolLM2-135M-Instruct. Target: time ratio batched / sequential <= 0.5. The two paths are timed in one
+adapter), SmolLM2-135M-Instruct, LoRA on q/v of all layers or of `--layers`. Target: time ratio batched /
+sequential <= 0.5, where "sequential" is S full forwards. With `--layers` the batched path also runs the frozen
+layers below the adapter once (`rayblora.trunk`); S sequential forwards sharing that trunk are timed too. The two paths are timed in one
 process, alternating batch by batch (so load drift on a shared machine hits both alike). Peak memory is taken for
 each path in its own fresh subprocess over one call: the resident-set peak (sampled every 2 ms) over the RSS
 before the call (CPU), or `torch.cuda.max_memory_allocated` over the allocation before it (GPU). (`tracemalloc`
 only sees Python's allocator, not torch's tensor memory, so it is not used.) A first check compares the logits.
 
     .venv/bin/python benchmarks/batched_samples.py [--samples 8] [--batch-size 8] [--batches 4] [--device cpu]
+                                                   [--layers 26,27,28,29]
 
 `--random-weights` builds the model from the cached config.json with random weights in a temporary folder (for
 a machine where the cached weights are not available; timings depend on the architecture only). Writes
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,8 +57,9 @@ def _random_weight_folder(root: Path) -> str:
 def _inputs(args, model_name: str):
     data = load_task_data(DataConfig(task="movie", shift_tasks=(), train_size=0, val_size=8,
                                      test_size=args.batch_size * (args.batches + 1), max_length=64))
-    scorer = build_scorer(ModelConfig(name=model_name, device=args.device), AdapterConfig(rank=8, alpha=16),
-                          data.spec, 64)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else ()
+    scorer = build_scorer(ModelConfig(name=model_name, device=args.device),
+                          AdapterConfig(rank=8, alpha=16, layers=layers), data.spec, 64)
     scorer.max_batch_rows = args.samples * args.batch_size  # all S states in one forward
     batches = list(eval_batches(data.test, scorer.tokenizer, args.batch_size, 64))
     g = torch.Generator().manual_seed(0)
@@ -104,14 +109,22 @@ def _timed(run, batch, states, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def _paths(scorer) -> dict:
+    """Timed paths: S full forwards, S forwards sharing the frozen trunk, one batched forward."""
+    return {"sequential": partial(scorer.logits_for_states_sequential, share_trunk=False),
+            "sequential_shared_trunk": scorer.logits_for_states_sequential, "batched": scorer.logits_for_states}
+
+
 def _time_both(scorer, batches, states, device: str) -> dict:
-    """Both paths on the same batches, alternating per batch (load drift hits both alike); batch 0 warms up."""
-    paths = {"sequential": scorer.logits_for_states_sequential, "batched": scorer.logits_for_states}
+    """All paths on the same batches, rotating their order per batch (load drift hits all alike); batch 0 warms
+    up."""
+    paths = _paths(scorer)
     for run in paths.values():
         run(batches[0], states)
     times = {name: [] for name in paths}
     for i, batch in enumerate(batches[1:]):
-        for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
+        names = list(paths)
+        for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(_timed(paths[name], batch, states, device))
     return {name: {"seconds": sum(t), "seconds_per_batch": [round(x, 3) for x in t]} for name, t in times.items()}
 
@@ -137,13 +150,12 @@ def _child(args, model_name: str) -> dict:
     scorer, batches, states = _inputs(args, model_name)
     if args.child == "check":
         batched = scorer.logits_for_states(batches[0], states)
-        sequential = scorer.logits_for_states_sequential(batches[0], states)
+        sequential = _paths(scorer)["sequential"](batches[0], states)
         return {"max_abs_logit_diff": float((batched - sequential).abs().max()),
                 "logit_scale": float(sequential.abs().max())}
     if args.child == "time":
         return _time_both(scorer, batches, states, args.device)
-    run = scorer.logits_for_states if args.child == "batched" else scorer.logits_for_states_sequential
-    return _peak_memory(run, batches[0], states, args.device)
+    return _peak_memory(_paths(scorer)[args.child], batches[0], states, args.device)
 
 
 def _run_child(mode: str, model_folder: str) -> dict:
@@ -167,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="timed batches (one more is the warm-up)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--layers", default="", help="adapted decoder layers, e.g. 26,27,28,29 (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--model-folder", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -187,9 +200,11 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "load_average_1m": [load_start[0], os.getloadavg()[0]],
               "model": assets.SMOLLM2 + (" (random weights)" if args.random_weights else ""),
               "samples": args.samples, "batch_size": args.batch_size, "timed_batches": args.batches,
-              "check": check, "sequential": sequential, "batched": batched,
+              "adapter_layers": args.layers or "all", "check": check, "sequential": sequential,
+              "sequential_shared_trunk": times["sequential_shared_trunk"], "batched": batched,
               "time_ratio": round(batched["seconds"] / sequential["seconds"], 3), "target_ratio": 0.5}
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    suffix += f"_layers{args.layers.replace(',', '-')}" if args.layers else ""
     out = Path(args.out or f"benchmarks/results/batched_samples{suffix}.json")
     write_json_atomic(out, result, allow_nan=True)
     print(json.dumps(result, indent=2))

@@ -51,7 +51,12 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
     others = [m for m in methods if m not in MEMBER_VIEWS]
-    built = {m: full.view(m, data=data, config=cfg) for m in others}
+    built = {}
+    for m in others:  # Laplace views fit their curvature here: one pass over the training split per member
+        t0 = time.time()
+        log(f"[evaluate] preparing {m} from {artifact}")
+        built[m] = full.view(m, data=data, config=cfg)
+        log(f"[evaluate] {m} ready ({time.time() - t0:.0f} s)")
     ensemble = full.view("ensemble")
     for name, ds in splits.items():
         labels = ds["label"]

@@ -131,12 +131,13 @@ class AnswerScorer:
     @torch.no_grad()
     def logits_for_states_sequential(self, batch: dict[str, torch.Tensor],
                                      states: Sequence[dict[str, torch.Tensor]],
-                                     lora_dropout: bool = False) -> torch.Tensor:
-        """Answer logits (S, B, C): one forward per state, swapping the adapter tensors in between."""
+                                     lora_dropout: bool = False, share_trunk: bool = True) -> torch.Tensor:
+        """Answer logits (S, B, C): one forward per state, swapping the adapter tensors in between; the frozen
+        layers below the adapter run once unless `share_trunk` is False (S full forwards)."""
         from rayblora.batched import lora_dropout_active
 
         with self.restoring_adapter(), lora_dropout_active(self.model, lora_dropout):
-            outs, trunk = [], self.shared_trunk(batch)
+            outs, trunk = [], self.shared_trunk(batch) if share_trunk else None
             for state in states:
                 set_lora_state(self.model, state)
                 outs.append(self.logits(batch, trunk))
