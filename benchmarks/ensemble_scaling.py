@@ -49,7 +49,7 @@ def main() -> None:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     startup = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         _timed_members(1, 2, Path(tmp) / "warm", args.overrides)  # page cache, imports, worker pool

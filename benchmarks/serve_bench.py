@@ -244,7 +244,7 @@ def main() -> None:
     load_before = os.getloadavg()
     cfg = ServeConfig(port=free_port(), torch_threads=args.torch_threads, max_posteriors_per_replica=2,
                       auth_token_env="")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     try:
         url = start_server(cfg, {name: str(path) for name, path in paths.items()}, name="serve-bench")
         result = asyncio.run(measure(f"{url}/v1/predict", list(paths), movie_texts(), args))

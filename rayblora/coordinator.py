@@ -59,7 +59,10 @@ def ensure_ray(cluster: ClusterConfig) -> None:
     if address:  # a running cluster (`ray job submit` sets RAY_ADDRESS for the driver); its env is its own
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=cluster.num_cpus or None, include_dashboard=False)
+        # The dashboard (bound to 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner
+        # polls; without it a Train run whose controller is killed (a Tune trial stopped by ASHA) leaks its
+        # workers' placement group and the CPUs it holds, and later trials wait forever.
+        ray.init(address="local", num_cpus=cluster.num_cpus or None, include_dashboard=True)
 
 
 def config_digest(cfg: Config) -> str:
