@@ -3,11 +3,12 @@
 Same inputs (VADER movie test prompts, batches of B), same S LoRA states (SWAG-like Gaussian perturbations of one
 adapter), SmolLM2-135M-Instruct, LoRA on q/v of all layers or of `--layers`. Target: time ratio batched /
 sequential <= 0.5, where "sequential" is S full forwards. With `--layers` the batched path also runs the frozen
-layers below the adapter once (`rayblora.trunk`); S sequential forwards sharing that trunk are timed too. The two paths are timed in one
-process, alternating batch by batch (so load drift on a shared machine hits both alike). Peak memory is taken for
-each path in its own fresh subprocess over one call: the resident-set peak (sampled every 2 ms) over the RSS
-before the call (CPU), or `torch.cuda.max_memory_allocated` over the allocation before it (GPU). (`tracemalloc`
-only sees Python's allocator, not torch's tensor memory, so it is not used.) A first check compares the logits.
+layers below the adapter once (`rayblora.trunk`); S sequential forwards sharing that trunk are timed too. The
+paths are timed in one process, rotating their order batch by batch (so load drift on a shared machine hits all
+alike). Peak memory is taken for each path in its own fresh subprocess over one call: the resident-set peak
+(sampled every 2 ms) over the RSS before the call (CPU), or `torch.cuda.max_memory_allocated` over the
+allocation before it (GPU). (`tracemalloc` only sees Python's allocator, not torch's tensor memory, so it is not
+used.) A first check compares the logits.
 
     .venv/bin/python benchmarks/batched_samples.py [--samples 8] [--batch-size 8] [--batches 4] [--device cpu]
                                                    [--layers 26,27,28,29]

@@ -245,7 +245,7 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     if args.one:
-        write_json_atomic(Path(args.out), measure(args, args.one, args.batch_sizes[0]))
+        write_json_atomic(Path(args.out), measure(args, args.one, args.batch_sizes[0]), allow_nan=True)
     else:
         run_all(args)
 

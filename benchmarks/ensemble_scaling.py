@@ -60,7 +60,6 @@ def main() -> None:
               "steps": args.steps, "ray_init_s": round(startup, 2), "one_member_s": round(one, 1),
               "two_members_s": round(two, 1), "ratio": round(two / one, 3), "target_ratio": 1.15}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result, allow_nan=True)
     print(json.dumps(result, indent=2))
     print(f"| {result['date']} | {result['machine']} | {args.steps} | {startup:.1f} | {one:.1f} | {two:.1f} | "

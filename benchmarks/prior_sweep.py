@@ -172,7 +172,6 @@ def main() -> None:
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()}",
                        "torch": torch.__version__, "load_average": os.getloadavg(), "args": vars(args)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, results, allow_nan=True)
     print(json.dumps(results, indent=2))
     print(_rows(results))

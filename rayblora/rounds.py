@@ -37,11 +37,15 @@ REJECTION = tuple(round(0.1 * i, 1) for i in range(10))
 """Fractions of the most uncertain test examples rejected on the accuracy-vs-rejection curve."""
 
 
-def round_config(cfg: Config, task: str, t: int, chain: str, parent: Path | None) -> Config:
-    """The run config of round `t` of `chain`: its task, output folder, and the parent as prior / init."""
+def _check_method(cfg: Config) -> None:
     if cfg.posterior.method != HOOK_NAME:
         raise ConfigError(f"posterior.method: dynamic fine-tuning rounds need {HOOK_NAME!r}, got "
                           f"{cfg.posterior.method!r}")
+
+
+def round_config(cfg: Config, task: str, t: int, chain: str, parent: Path | None) -> Config:
+    """The run config of round `t` of `chain`: its task, output folder, and the parent as prior / init."""
+    _check_method(cfg)
     root = cfg.out_dir if chain == "dynamic" else cfg.out_dir / chain
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, task=task, shift_tasks=()),
@@ -52,7 +56,7 @@ def round_config(cfg: Config, task: str, t: int, chain: str, parent: Path | None
 def retrain_config(cfg: Config, tasks: Sequence[str]) -> Config:
     """The run config of the retrain-on-all-data reference: the rounds' training splits pooled
     (`data.joint_tasks`), `train.steps` per round, fixed N(0, prior_std²) prior, fresh initialisation."""
-    round_config(cfg, tasks[0], 0, "naive", None)  # the same method check as the chains
+    _check_method(cfg)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, task=tasks[0], joint_tasks=tuple(tasks[1:]), shift_tasks=()),
         train=dataclasses.replace(cfg.train, steps=cfg.train.steps * len(tasks)),

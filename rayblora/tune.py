@@ -109,7 +109,9 @@ def _trial_slots(cfg: Config, log: Callable[[str], None] = print) -> int:
     import ray
 
     per = cfg.cluster.workers_per_member
-    need = {"CPU": per * cfg.cluster.cpus_per_worker + TRIAL_DRIVER_CPUS, **({"GPU": per} if cfg.cluster.use_gpu else {})}
+    need = {"CPU": per * cfg.cluster.cpus_per_worker + TRIAL_DRIVER_CPUS}
+    if cfg.cluster.use_gpu:
+        need["GPU"] = per
 
     def fits(resources: dict[str, float]) -> int:
         return min(int(resources.get(k, 0) // v) for k, v in need.items())
@@ -122,7 +124,7 @@ def _trial_slots(cfg: Config, log: Callable[[str], None] = print) -> int:
     if fits(free) < 1:
         log(f"[sweep] warning: only { {k: free.get(k, 0) for k in need} } free of {need} per trial; trials wait "
             "until other work on the cluster releases resources")
-    return max(1, fits(total))
+    return fits(total)
 
 
 def _train_status(status: str, steps: int, step: int | None) -> str:
@@ -182,7 +184,8 @@ def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], o
 
     max_t = _steps_candidates(base, dims)[1]
     grace = min(grace_period or base["train"]["checkpoint_every"], max_t)
-    slots = max_concurrent or _trial_slots(cfg, log)
+    slots = _trial_slots(cfg, log)  # also refuses a member run the cluster cannot hold, whatever max_concurrent
+    slots = max_concurrent or slots
     trainable = tune.with_resources(tune.with_parameters(member_trial, base=base, sweep_dir=str(out)),
                                     {"CPU": TRIAL_DRIVER_CPUS})
 

@@ -130,36 +130,32 @@ def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str) -> li
     return out
 
 
-def _check_same_answers(task: str, spec: TaskSpec, other: TaskSpec, field: str, role: str) -> None:
-    if other.choices != spec.choices:
-        raise DataError(f"{field}: {task!r} answers {list(other.choices)} but the task answers "
-                        f"{list(spec.choices)}; a {role} must share the labels")
+def _task_splits(task: str, cfg: DataConfig, sizes: tuple[int, ...], spec: TaskSpec | None = None,
+                 field: str = "data.task", role: str = "") -> tuple[TaskSpec, list[list[dict[str, Any]]]]:
+    """(spec, one example list per size in `sizes`) of one task, from the seeded split of its rows.
 
-
-def _task_splits(task: str, cfg: DataConfig, spec: TaskSpec | None = None,
-                 field: str = "data.task") -> tuple[TaskSpec, list[list[dict[str, Any]]]]:
-    """(spec, [test, validation, train] examples) of one task, split as if it were the run's task."""
+    The first splits of a permutation do not depend on the later sizes, so a shift task's (test_size,) split is
+    the test split it has as the run's task. With `spec` given, the task must answer with the same choices."""
     rows = read_rows(task)
     own = infer_spec(rows, cfg, task)
-    if spec is not None:
-        _check_same_answers(task, spec, own, field, "joint task")
-    examples = rows_to_examples(rows, spec or own, task)
-    sizes = (cfg.test_size, cfg.val_size, cfg.train_size)
-    return spec or own, [[examples[i] for i in idx] for idx in _split_indices(len(examples), sizes, cfg.seed, task)]
+    if spec is not None and own.choices != spec.choices:
+        raise DataError(f"{field}: {task!r} answers {list(own.choices)} but the task answers "
+                        f"{list(spec.choices)}; a {role} must share the labels")
+    spec = spec or own
+    examples = rows_to_examples(rows, spec, task)
+    return spec, [[examples[i] for i in idx] for idx in _split_indices(len(examples), sizes, cfg.seed, task)]
 
 
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Load, validate, format and split the task and its shift tasks; pool the training and validation
     splits of `cfg.joint_tasks` with the task's (each task split exactly as when it is the run's task)."""
-    spec, (test, val, train) = _task_splits(cfg.task, cfg)
+    sizes = (cfg.test_size, cfg.val_size, cfg.train_size)
+    spec, (test, val, train) = _task_splits(cfg.task, cfg, sizes)
     for task in cfg.joint_tasks:
-        _, (_, joint_val, joint_train) = _task_splits(task, cfg, spec, "data.joint_tasks")
+        _, (_, joint_val, joint_train) = _task_splits(task, cfg, sizes, spec, "data.joint_tasks", "joint task")
         val, train = val + joint_val, train + joint_train
     shifts = {}
     for task in cfg.shift_tasks:
-        shift_rows = read_rows(task)
-        _check_same_answers(task, spec, infer_spec(shift_rows, cfg, task), "data.shift_tasks", "shift task")
-        shift_examples = rows_to_examples(shift_rows, spec, task)
-        (idx,) = _split_indices(len(shift_examples), (cfg.test_size,), cfg.seed, task)
-        shifts[split_name(task)] = _to_dataset([shift_examples[i] for i in idx])
+        _, (shift_test,) = _task_splits(task, cfg, (cfg.test_size,), spec, "data.shift_tasks", "shift task")
+        shifts[split_name(task)] = _to_dataset(shift_test)
     return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts)
