@@ -59,10 +59,36 @@ def ensure_ray(cluster: ClusterConfig) -> None:
     if address:  # a running cluster (`ray job submit` sets RAY_ADDRESS for the driver); its env is its own
         ray.init(address=address)
     else:
-        # The dashboard (bound to 127.0.0.1) serves the State API, which Ray Train's placement-group cleaner
-        # polls; without it a Train run whose controller is killed (a Tune trial stopped by ASHA) leaks its
-        # workers' placement group and the CPUs it holds, and later trials wait forever.
-        ray.init(address="local", num_cpus=cluster.num_cpus or None, include_dashboard=True)
+        start_local_ray(cluster.num_cpus or None)
+
+
+def start_local_ray(num_cpus: int | None) -> None:
+    """Start a local Ray head whose workers know its address.
+
+    Ray Train's placement-group cleaner polls the State API from inside the cluster; without it a Train run
+    whose controller is killed (a Tune trial stopped by ASHA) leaks its workers' placement group and CPUs, and
+    later trials wait forever. The State API needs the dashboard (bound to 127.0.0.1) and, when another local
+    Ray runs on the machine (a notebook, a test session), `RAY_ADDRESS` in the workers' environment: without it
+    they cannot tell which cluster is theirs. So the GCS port is chosen here and passed to every worker.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    gcs_address = f"{ray.util.get_node_ip_address()}:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT")
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 def config_digest(cfg: Config) -> str:

@@ -19,12 +19,14 @@ last round, the accuracy after rejecting the 0–90 % most uncertain examples (p
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rayblora.artifact import MANIFEST, load_posterior, save_posterior, sha256_file, write_json_atomic
+from rayblora.artifact import (MANIFEST, ArtifactError, load_posterior, read_manifest, save_posterior, sha256_file,
+                               write_json_atomic)
 from rayblora.config import Config, ConfigError
 from rayblora.data.sources import load_task_data, split_name
 from rayblora.hybrid.variational import HOOK_NAME
@@ -101,9 +103,26 @@ def train_in_process(cfg: Config, lineage: dict[str, Any], log: Callable[[str], 
                           training={"config": cfg.to_dict(), "in_process": True}, lineage=lineage)
 
 
+def finished_round(cfg: Config, lineage: dict[str, Any]) -> Path | None:
+    """The artifact `<output.dir>/posterior` of a round trained before with exactly this config and lineage
+    (parent and its manifest's sha256 included), or None: a rerun after an interruption, or to re-evaluate,
+    reuses finished rounds and trains the rest; a changed config or parent trains the round again."""
+    path = cfg.out_dir / "posterior"
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError:
+        return None
+    same_config = manifest.get("training", {}).get("config") == json.loads(json.dumps(cfg.to_dict()))
+    return path if same_config and manifest.get("lineage") == json.loads(json.dumps(lineage)) else None
+
+
 def _train_round(cfg: Config, lineage: dict[str, Any], in_process: bool, log: Callable[[str], None]) -> Path:
     from rayblora.pipeline import train
 
+    done = finished_round(cfg, lineage)
+    if done is not None:
+        log(f"[rounds] {cfg.output.name}: reusing {done} (same config and parent)")
+        return done
     return Path(train_in_process(cfg, lineage, log) if in_process else train(cfg, log, lineage=lineage))
 
 

@@ -188,6 +188,13 @@ def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment
     (row,) = report["chains"]["retrain"]["forgetting"]
     assert row["round"] == 1 and sorted(row["metrics"]) == ["second", "train"]
     assert report["chains"]["retrain"]["summary"]["mean_forgetting"] is None
+    created = json.loads((second_dir / "manifest.json").read_text())["created"]
+    messages: list[str] = []  # a rerun reuses every finished round: dynamic 0-1, naive 1, retrain
+    again = run_rounds(cfg, tasks=[str(sentiment_files["train"]), str(second)], in_process=True,
+                       log=messages.append)
+    assert sum("reusing" in m for m in messages) == 4 and not any("] step " in m for m in messages)
+    assert json.loads((second_dir / "manifest.json").read_text())["created"] == created
+    assert again["chains"]["dynamic"]["forgetting"] == dynamic["forgetting"]
 
 
 def test_variational_training_resumes_exactly_from_a_checkpoint(sentiment_files, tmp_path):
@@ -220,3 +227,23 @@ def test_variational_training_resumes_exactly_from_a_checkpoint(sentiment_files,
     resumed = run(resume_dir=str(tmp_path / "ckpt"))
     assert torch.allclose(straight[0], resumed[0], atol=1e-6) and torch.allclose(straight[1], resumed[1], atol=1e-6)
     assert not torch.allclose(straight[0], run(stop_at=3)[0])  # the check can fail: 3 steps differ from 6
+
+
+def test_hybrid_draws_share_the_frozen_trunk_below_the_adapted_layers(sentiment_files, tmp_path):
+    """Hybrid adapter on the top layer of three: the two layers below run once for all draws, logits unchanged."""
+    cfg = _config(sentiment_files, tmp_path / "run", **{"model.tiny_layers": "3", "adapter.layers": "[2]",
+                                                         "train.steps": "2", "hybrid.init_std": "0.1"})
+    post, data = _train_one(cfg, tmp_path / "ckpt")
+    batch = post.scorer.encode(list(data.test["prompt"][:5]))
+    assert post.scorer.shared_trunk(batch)[0] == 2
+    with post.scorer.restoring_adapter():  # reference: the whole stack per draw
+        full = torch.stack([post.adapters[0].logits(batch, theta) for theta in post.draws[0]])
+    assert (full[0] - full[1]).abs().max() > 1e-4
+    calls = []
+    bottom = post.scorer.model.get_base_model().model.layers[0]
+    handle = bottom.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert torch.allclose(post.sample_logits(batch), full, atol=1e-5, rtol=0)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # once for the 3 draws

@@ -37,8 +37,8 @@ class _ScorerForward(nn.Module):
         self.peft = scorer.model
         self.hybrid = modules if modules is not None else nn.Module()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.scorer.logits(batch)
+    def forward(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.scorer.logits(batch, trunk)
 
 
 def adapter_tensor_names(scorer, modules: HybridModules | None, lora: bool) -> list[str]:
@@ -100,12 +100,14 @@ class VariationalAdapter(nn.Module):
             offset += n
         return out
 
-    def logits(self, batch: dict[str, torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: dict[str, torch.Tensor], theta: torch.Tensor,
+               trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Answer logits (B, C) with the adapter tensors set to θ (P,) for this one forward (with this adapter's
-        hybrid modules active)."""
+        hybrid modules active); `trunk` from `scorer.shared_trunk(batch)` skips the frozen layers below it."""
         hybrid = self.forward_module.hybrid
         with active(self.forward_module.peft, hybrid if isinstance(hybrid, HybridModules) else None):
-            return torch.func.functional_call(self.forward_module, self.split(theta), (batch,), strict=False)
+            return torch.func.functional_call(self.forward_module, self.split(theta), (batch,), {"trunk": trunk},
+                                              strict=False)
 
     @torch.no_grad()
     def write(self, theta: torch.Tensor) -> None:

@@ -138,10 +138,14 @@ class HybridVIPosterior(Posterior):
 
     @torch.no_grad()
     def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer logits (K · S, B, C): every draw of every member, one forward each."""
+        """Answer logits (K · S, B, C): every draw of every member, one forward each of the layers from the first
+        adapted one up; the frozen layers below run once for all draws (:mod:`rayblora.trunk`)."""
         out = []
         with self.scorer.restoring_adapter():
+            trunk = self.scorer.shared_trunk(batch)
+            if trunk is not None and trunk[0] > min(self.layers, default=0):
+                trunk = None  # a prefix / bottleneck module below the first LoRA layer
             for state, adapter, draws in zip(self.members, self.adapters, self.draws):
                 set_lora_state(self.scorer.model, state)  # the LoRA slot when the LoRA part is not variational
-                out += [adapter.logits(batch, theta) for theta in draws]
+                out += [adapter.logits(batch, theta, trunk) for theta in draws]
         return torch.stack(out)
