@@ -27,7 +27,7 @@ import numpy as np
 
 from rayblora.artifact import (MANIFEST, ArtifactError, load_posterior, read_manifest, save_posterior, sha256_file,
                                write_json_atomic)
-from rayblora.config import Config, ConfigError
+from rayblora.config import Config, ConfigError, HybridConfig
 from rayblora.data.sources import load_task_data, split_name
 from rayblora.hybrid.variational import HOOK_NAME
 from rayblora.metrics import accuracy_at_coverage, classification_metrics
@@ -45,14 +45,25 @@ def _check_method(cfg: Config) -> None:
                           f"{cfg.posterior.method!r}")
 
 
+def _hybrid_without_round_prior(cfg: Config) -> HybridConfig:
+    """`hybrid` of a round that has no round-to-round prior: `prior_scale` does not act there, so it is kept at
+    its default and such rounds (round 0, naive, retrain) are reused when only `prior_scale` changes."""
+    return dataclasses.replace(cfg.hybrid, prior_artifact="", round_prior=False, prior_scale=HybridConfig.prior_scale)
+
+
 def round_config(cfg: Config, task: str, t: int, chain: str, parent: Path | None) -> Config:
     """The run config of round `t` of `chain`: its task, output folder, and the parent as prior / init."""
     _check_method(cfg)
     root = cfg.out_dir if chain == "dynamic" else cfg.out_dir / chain
+    hybrid = _hybrid_without_round_prior(cfg)
+    if parent is not None:
+        hybrid = dataclasses.replace(cfg.hybrid, prior_artifact=str(parent), round_prior=CHAINS[chain])
+        if not CHAINS[chain]:
+            hybrid = dataclasses.replace(hybrid, prior_scale=HybridConfig.prior_scale)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, task=task, shift_tasks=()),
         output=dataclasses.replace(cfg.output, dir=str(root / f"round-{t}"), name=f"{cfg.output.name}-{chain}{t}"),
-        hybrid=dataclasses.replace(cfg.hybrid, prior_artifact=str(parent or ""), round_prior=CHAINS[chain]))
+        hybrid=hybrid)
 
 
 def retrain_config(cfg: Config, tasks: Sequence[str]) -> Config:
@@ -63,7 +74,7 @@ def retrain_config(cfg: Config, tasks: Sequence[str]) -> Config:
         cfg, data=dataclasses.replace(cfg.data, task=tasks[0], joint_tasks=tuple(tasks[1:]), shift_tasks=()),
         train=dataclasses.replace(cfg.train, steps=cfg.train.steps * len(tasks)),
         output=dataclasses.replace(cfg.output, dir=str(cfg.out_dir / "retrain"), name=f"{cfg.output.name}-retrain"),
-        hybrid=dataclasses.replace(cfg.hybrid, prior_artifact="", round_prior=False))
+        hybrid=_hybrid_without_round_prior(cfg))
 
 
 def round_lineage(chain: str, t: int, task: str, parent: Path | None) -> dict[str, Any]:
@@ -175,8 +186,8 @@ def _error_reduction_at_10(curve: dict[str, list[float]]) -> float:
 
 
 def evaluate_chain(paths: Sequence[Path], tasks: Sequence[str], test_sets: dict[str, Any], scorer,
-                   batch_size: int = 16, rounds: Sequence[int] | None = None
-                   ) -> tuple[dict[str, Any], dict[str, SplitResult]]:
+                   batch_size: int = 16, rounds: Sequence[int] | None = None,
+                   log: Callable[[str], None] = lambda _m: None) -> tuple[dict[str, Any], dict[str, SplitResult]]:
     """(forgetting matrix + last-round rejection curves, last round's SplitResults) of one chain.
 
     matrix[i][task_j] (j ≤ t) holds accuracy / nll / ece of the posterior after round t = rounds[i] (default
@@ -190,6 +201,8 @@ def evaluate_chain(paths: Sequence[Path], tasks: Sequence[str], test_sets: dict[
             m = classification_metrics(r.probs, r.labels, r.entropy)
             row[name] = {k: m[k] for k in ("accuracy", "nll", "ece")}
         matrix.append({"round": t, "task": split_name(tasks[t]), "artifact": str(path), "metrics": row})
+        log(f"[rounds]   after round {t}: " + ", ".join(f"{n} acc {m['accuracy']:.3f} nll {m['nll']:.3f}"
+                                                       for n, m in row.items()))
     curves = {name: rejection_curve(r) for name, r in last.items()}
     return {"forgetting": matrix, "rejection": curves,
             "error_reduction_at_10": {n: _error_reduction_at_10(c) for n, c in curves.items()}}, last
@@ -255,7 +268,7 @@ def evaluate_rounds(cfg: Config, tasks: Sequence[str], paths: dict[str, list[Pat
         log(f"[rounds] evaluating the {chain} chain ({len(chain_paths)} rounds)")
         rounds = [len(tasks) - 1] if chain == "retrain" else None
         result, last_results[chain] = evaluate_chain(chain_paths, tasks, test_sets, scorer, cfg.train.batch_size,
-                                                     rounds)
+                                                     rounds, log)
         result["summary"] = forgetting_summary(result["forgetting"])
         report["chains"][chain] = result
     out = cfg.out_dir

@@ -3,6 +3,7 @@ round-to-round Gaussian prior and the dynamic fine-tuning driver (tiny model, no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -195,6 +196,11 @@ def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment
     assert sum("reusing" in m for m in messages) == 4 and not any("] step " in m for m in messages)
     assert json.loads((second_dir / "manifest.json").read_text())["created"] == created
     assert again["chains"]["dynamic"]["forgetting"] == dynamic["forgetting"]
+    messages.clear()  # another prior_scale retrains only the rounds with a round-to-round prior
+    tempered = dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, prior_scale=0.25))
+    run_rounds(tempered, tasks=[str(sentiment_files["train"]), str(second)], in_process=True, log=messages.append)
+    assert sum("reusing" in m for m in messages) == 3 and any("dynamic1 member 0] step" in m for m in messages)
+    assert json.loads((second_dir / "manifest.json").read_text())["created"] != created
 
 
 def test_variational_training_resumes_exactly_from_a_checkpoint(sentiment_files, tmp_path):
