@@ -262,6 +262,10 @@ class LaplaceConfig:
                "per-module prior precision is chosen by marglik (or fixed), not val_nll")
 
 
+ROUND_PRECISIONS = ("variational", "laplace")
+"""Choices of `hybrid.round_precision`."""
+
+
 @dataclass(frozen=True)
 class HybridConfig:
     lora: bool = True
@@ -291,6 +295,10 @@ class HybridConfig:
     N(0, prior_std²) (false = naive sequential fine-tuning)."""
     prior_scale: float = 1.0
     """Multiplier of the previous round's precision Λ_t (tempering of the round-to-round prior)."""
+    round_precision: str = "variational"
+    """Precision Λ_t of the round-to-round prior: `variational` = 1 / σ_t² of round t's posterior; `laplace` =
+    the diagonal GGN of round t's training split at μ_t plus round t's own prior precision
+    (:mod:`rayblora.hybrid.laplace_prior`, computed when round t's artifact is written)."""
     rounds: tuple[str, ...] = ()
     """Dynamic fine-tuning: tasks trained round after round by `rayblora train --rounds` (built-in names or
     paths); empty = one ordinary run on data.task."""
@@ -309,6 +317,8 @@ class HybridConfig:
         for name in ("prior_std", "init_std", "prior_scale", "prefix_init_std"):
             _check(getattr(self, name) > 0, f"hybrid.{name}", f"must be > 0, got {getattr(self, name)}")
         _check(self.samples >= 1, "hybrid.samples", "must be >= 1")
+        _check(self.round_precision in ROUND_PRECISIONS, "hybrid.round_precision",
+               f"must be one of {ROUND_PRECISIONS}, got {self.round_precision!r}")
 
 
 @dataclass(frozen=True)

@@ -253,3 +253,39 @@ def test_hybrid_draws_share_the_frozen_trunk_below_the_adapted_layers(sentiment_
     finally:
         handle.remove()
     assert len(calls) == 1  # once for the 3 draws
+
+
+def test_laplace_round_precision_is_the_ggn_diagonal_plus_the_prior_and_becomes_the_next_prior(sentiment_files,
+                                                                                                 tmp_path):
+    from rayblora.artifact import save_posterior
+    from rayblora.config import ConfigError
+    from rayblora.hybrid.laplace_prior import diagonal_ggn
+    from rayblora.hybrid.variational import VariationalTraining, prior_from_artifact
+
+    cfg = _config(sentiment_files, tmp_path / "run", **{"hybrid.round_precision": "laplace", "train.steps": "2"})
+    post, data = _train_one(cfg, tmp_path / "ckpt")
+    adapter, gaussian, few = post.adapters[0], post.gaussians[0], data.train.select(range(3))
+    reference = torch.zeros_like(adapter.mean)  # diag(Jᵀ (diag p − p pᵀ) J) from full Jacobians
+    with post.scorer.restoring_adapter():
+        for row in range(3):
+            batch = post.scorer.encode([few["prompt"][row]])
+            jac = torch.autograd.functional.jacobian(lambda th: adapter.logits(batch, th)[0], adapter.mean.detach())
+            p = torch.softmax(adapter.logits(batch, adapter.mean.detach())[0].detach(), -1)
+            reference += torch.einsum("cp,cd,dp->p", jac, torch.diag(p) - torch.outer(p, p), jac)
+    ggn = diagonal_ggn(adapter, few, post.scorer)
+    assert float(ggn.max()) > 0 and torch.allclose(ggn, reference, rtol=1e-3, atol=1e-7)
+    assert torch.all(gaussian.laplace_precision >= gaussian.prior.precision)
+    assert float((gaussian.laplace_precision - gaussian.prior.precision).max()) > float(ggn.max())  # whole split
+
+    path = save_posterior(post, tmp_path / "round0", model_config=cfg.model, adapter_config=cfg.adapter)
+    _names, mean, _std, precision = prior_from_artifact(str(path), "laplace")
+    assert torch.allclose(precision, gaussian.laplace_precision) and torch.allclose(mean, gaussian.mean)
+    hybrid = dataclasses.replace(cfg.hybrid, prior_artifact=str(path), prior_scale=0.5)
+    hook = VariationalTraining(hybrid, cfg.adapter)
+    hook.trainable_parameters(_scorer(cfg))
+    assert torch.allclose(hook.prior.precision, 0.5 * gaussian.laplace_precision)
+
+    gaussian.laplace_precision = None  # a round trained with the variational precision cannot seed a Laplace prior
+    plain = save_posterior(post, tmp_path / "plain", model_config=cfg.model, adapter_config=cfg.adapter)
+    with pytest.raises(ConfigError, match="round_precision"):
+        prior_from_artifact(str(plain), "laplace")

@@ -117,11 +117,13 @@ class VariationalAdapter(nn.Module):
             params[name].copy_(value.to(params[name].dtype))
 
 
-def prior_from_artifact(path: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(tensor names, μ_t (P,), σ_t (P,)) of member 0 of a hybrid_vi artifact, its checksums verified.
+def prior_from_artifact(path: str, round_precision: str = "variational"
+                        ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tensor names, μ_t, σ_t, Λ_t), each (P,), of member 0 of a hybrid_vi artifact, its checksums verified.
 
-    They define the round-to-round prior N(μ_t, diag σ_t² / hybrid.prior_scale) (module
-    :mod:`rayblora.hybrid.gaussian`) and initialise the next round's posterior.
+    μ_t and σ_t initialise the next round's posterior; N(μ_t, (hybrid.prior_scale · Λ_t)⁻¹) is its prior
+    (:mod:`rayblora.hybrid.gaussian`), with Λ_t = 1 / σ_t² (`variational`) or the artifact's diagonal Laplace
+    precision (`laplace`, :mod:`rayblora.hybrid.laplace_prior`).
     """
     from safetensors.torch import load_file
 
@@ -137,8 +139,13 @@ def prior_from_artifact(path: str) -> tuple[list[str], torch.Tensor, torch.Tenso
         raise ConfigError(f"hybrid.prior_artifact: {root} is a {manifest['method']!r} posterior; the round prior "
                           f"needs a {HOOK_NAME} artifact")
     tensors = load_file(str(root / HYBRID_FILE))
-    names = list(manifest["family"]["names"][0])
-    return names, tensors["0.mean"], softplus_std(tensors["0.rho"])
+    names, mean, std = list(manifest["family"]["names"][0]), tensors["0.mean"], softplus_std(tensors["0.rho"])
+    if round_precision == "variational":
+        return names, mean, std, 1.0 / std ** 2
+    if "0.laplace_precision" not in tensors:
+        raise ConfigError(f"hybrid.round_precision: laplace needs the Laplace precision in {root}; train that "
+                          "round with hybrid.round_precision=laplace too")
+    return names, mean, std, tensors["0.laplace_precision"]
 
 
 class VariationalTraining:
@@ -155,7 +162,8 @@ class VariationalTraining:
             raise ConfigError(f"train.strategy: {HOOK_NAME} trains its variational parameters with the ddp "
                               f"strategy only, got {strategy!r}")
         self.hybrid, self.adapter = hybrid, adapter
-        self.previous = prior_from_artifact(hybrid.prior_artifact) if hybrid.prior_artifact else None
+        self.previous = (prior_from_artifact(hybrid.prior_artifact, hybrid.round_precision)
+                         if hybrid.prior_artifact else None)
         self.q: VariationalAdapter | None = None
         self.prior: DiagonalGaussian | None = None
 
@@ -180,7 +188,7 @@ class VariationalTraining:
         return [("hybrid_vi.mean", self.q.mean), ("hybrid_vi.rho", self.q.rho)]
 
     def _continue_from_previous(self, names: list[str]) -> None:
-        old_names, mean, std = self.previous
+        old_names, mean, std, precision = self.previous
         if old_names != names or mean.numel() != self.q.mean.numel():
             raise ConfigError("hybrid.prior_artifact: its adapter tensors differ from this run's (same model, "
                               "adapter and hybrid sections are needed across rounds)")
@@ -188,7 +196,7 @@ class VariationalTraining:
             self.q.mean.copy_(mean)
             self.q.rho.copy_(inverse_softplus(std))
         if self.hybrid.round_prior:
-            self.prior = DiagonalGaussian.from_posterior(mean, std, self.hybrid.prior_scale)
+            self.prior = DiagonalGaussian(mean.detach().clone().float(), self.hybrid.prior_scale * precision.float())
 
     def logits(self, scorer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits (B, C) under one reparameterised draw θ̃ ~ q."""

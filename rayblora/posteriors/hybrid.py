@@ -7,7 +7,8 @@ batch's prediction is reproducible) and averages the S · K answer softmaxes (th
 
 Artifact: `members/<k>/` hold the LoRA part of member k's posterior mean (PEFT-loadable); `hybrid.safetensors`
 holds per member k the flat tensors `k.mean` (μ), `k.rho` (ρ, σ = softplus(ρ)), `k.prior_mean` and
-`k.prior_precision` (the prior it was trained against); the manifest's family section names the tensors and
+`k.prior_precision` (the prior it was trained against) and, with `hybrid.round_precision: laplace`,
+`k.laplace_precision` (the next round's prior precision, :mod:`rayblora.hybrid.laplace_prior`); the manifest's family section names the tensors and
 the hybrid parts, so the prefix / bottleneck modules are rebuilt on load.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from rayblora.config import AdapterConfig, HybridConfig
 from rayblora.hybrid.gaussian import DiagonalGaussian, softplus_std
+from rayblora.hybrid.laplace_prior import diagonal_ggn
 from rayblora.hybrid.modules import HybridModules, set_active
 from rayblora.hybrid.variational import HOOK_NAME, HYBRID_FILE, VariationalAdapter, VariationalTraining
 from rayblora.model import set_lora_state
@@ -38,19 +40,30 @@ class MemberGaussian:
     mean: torch.Tensor
     rho: torch.Tensor
     prior: DiagonalGaussian
+    laplace_precision: torch.Tensor | None = None
+    """Diagonal Laplace precision at `mean` (`hybrid.round_precision: laplace`), else None."""
 
     @classmethod
     def from_hook_state(cls, state: dict[str, Any]) -> "MemberGaussian":
         return cls(list(state["names"]), state["mean"].float(), state["rho"].float(),
                    DiagonalGaussian(state["prior_mean"].float(), state["prior_precision"].float()))
 
+    @classmethod
+    def from_tensors(cls, names: Sequence[str], tensors: dict[str, torch.Tensor], prefix: str) -> "MemberGaussian":
+        return cls(list(names), tensors[f"{prefix}.mean"], tensors[f"{prefix}.rho"],
+                   DiagonalGaussian(tensors[f"{prefix}.prior_mean"], tensors[f"{prefix}.prior_precision"]),
+                   tensors.get(f"{prefix}.laplace_precision"))
+
     @property
     def std(self) -> torch.Tensor:
         return softplus_std(self.rho)
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.mean": self.mean, f"{prefix}.rho": self.rho, f"{prefix}.prior_mean": self.prior.mean,
-                f"{prefix}.prior_precision": self.prior.precision}
+        out = {f"{prefix}.mean": self.mean, f"{prefix}.rho": self.rho, f"{prefix}.prior_mean": self.prior.mean,
+               f"{prefix}.prior_precision": self.prior.precision}
+        if self.laplace_precision is not None:
+            out[f"{prefix}.laplace_precision"] = self.laplace_precision
+        return out
 
 
 class HybridVIPosterior(Posterior):
@@ -96,16 +109,31 @@ class HybridVIPosterior(Posterior):
             raise ValueError(f"{cls.method}: needs the variational parameters saved during training and the run "
                              "config; train with posterior.method = hybrid_vi and evaluate that artifact")
         gaussians = [MemberGaussian.from_hook_state(read_hook_state(d, HOOK_NAME)) for d in member_dirs]
-        return cls(scorer, members, member_info, gaussians, config.hybrid, config.adapter.layers)
+        posterior = cls(scorer, members, member_info, gaussians, config.hybrid, config.adapter.layers)
+        if config.hybrid.round_precision == "laplace":
+            if data is None:
+                raise ValueError(f"{cls.method}: hybrid.round_precision=laplace needs the training split")
+            posterior.fit_laplace_precision(data.train)
+        return posterior
+
+    def fit_laplace_precision(self, train_split) -> None:
+        """Each member's diagonal Laplace precision at its mean: its prior precision + the GGN diagonal of
+        `train_split` (:mod:`rayblora.hybrid.laplace_prior`), stored with the artifact for the next round."""
+        def progress(done: int, total: int) -> None:
+            if done % 64 == 0 or done == total:
+                print(f"[{self.method}] Laplace precision: {done}/{total} training prompts", flush=True)
+
+        for state, adapter, gaussian in zip(self.members, self.adapters, self.gaussians):
+            set_lora_state(self.scorer.model, state)
+            ggn = diagonal_ggn(adapter, train_split, self.scorer, progress)
+            gaussian.laplace_precision = gaussian.prior.precision + ggn.cpu()
 
     @classmethod
     def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "HybridVIPosterior":
         if HYBRID_FILE not in tensors:
             raise ValueError(f"{cls.method} artifact has no {HYBRID_FILE}")
         file, names = tensors[HYBRID_FILE], extra["names"]
-        gaussians = [MemberGaussian(list(names[k]), file[f"{k}.mean"], file[f"{k}.rho"],
-                                    DiagonalGaussian(file[f"{k}.prior_mean"], file[f"{k}.prior_precision"]))
-                     for k in range(len(members))]
+        gaussians = [MemberGaussian.from_tensors(names[k], file, str(k)) for k in range(len(members))]
         hybrid = HybridConfig(**{p: extra["parts"][p] for p in PARTS}, samples=int(extra["samples"]),
                               sample_seed=int(extra["sample_seed"]))
         return cls(scorer, members, member_info, gaussians, hybrid, extra["layers"])
