@@ -45,25 +45,27 @@ def _check_method(cfg: Config) -> None:
                           f"{cfg.posterior.method!r}")
 
 
-def _hybrid_without_round_prior(cfg: Config) -> HybridConfig:
-    """`hybrid` of a round that has no round-to-round prior: `prior_scale` does not act there, so it is kept at
-    its default and such rounds (round 0, naive, retrain) are reused when only `prior_scale` changes."""
-    return dataclasses.replace(cfg.hybrid, prior_artifact="", round_prior=False, prior_scale=HybridConfig.prior_scale)
+def _round_hybrid(cfg: Config, chain: str, parent: Path | None) -> HybridConfig:
+    """`hybrid` of a round of `chain` trained after `parent`. Knobs that do not act in a round keep their
+    defaults, so such rounds are reused when only those knobs change: `prior_scale` without a round-to-round
+    prior (round 0, naive, retrain), `round_precision` outside the dynamic chain (nothing reads its prior)."""
+    with_prior = CHAINS.get(chain, False) and parent is not None
+    hybrid = dataclasses.replace(cfg.hybrid, prior_artifact=str(parent or ""), round_prior=with_prior)
+    if not with_prior:
+        hybrid = dataclasses.replace(hybrid, prior_scale=HybridConfig.prior_scale)
+    if not CHAINS.get(chain, False):
+        hybrid = dataclasses.replace(hybrid, round_precision=HybridConfig.round_precision)
+    return hybrid
 
 
 def round_config(cfg: Config, task: str, t: int, chain: str, parent: Path | None) -> Config:
     """The run config of round `t` of `chain`: its task, output folder, and the parent as prior / init."""
     _check_method(cfg)
     root = cfg.out_dir if chain == "dynamic" else cfg.out_dir / chain
-    hybrid = _hybrid_without_round_prior(cfg)
-    if parent is not None:
-        hybrid = dataclasses.replace(cfg.hybrid, prior_artifact=str(parent), round_prior=CHAINS[chain])
-        if not CHAINS[chain]:
-            hybrid = dataclasses.replace(hybrid, prior_scale=HybridConfig.prior_scale)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, task=task, shift_tasks=()),
         output=dataclasses.replace(cfg.output, dir=str(root / f"round-{t}"), name=f"{cfg.output.name}-{chain}{t}"),
-        hybrid=hybrid)
+        hybrid=_round_hybrid(cfg, chain, parent))
 
 
 def retrain_config(cfg: Config, tasks: Sequence[str]) -> Config:
@@ -74,7 +76,7 @@ def retrain_config(cfg: Config, tasks: Sequence[str]) -> Config:
         cfg, data=dataclasses.replace(cfg.data, task=tasks[0], joint_tasks=tuple(tasks[1:]), shift_tasks=()),
         train=dataclasses.replace(cfg.train, steps=cfg.train.steps * len(tasks)),
         output=dataclasses.replace(cfg.output, dir=str(cfg.out_dir / "retrain"), name=f"{cfg.output.name}-retrain"),
-        hybrid=_hybrid_without_round_prior(cfg))
+        hybrid=_round_hybrid(cfg, "retrain", None))
 
 
 def round_lineage(chain: str, t: int, task: str, parent: Path | None) -> dict[str, Any]:
