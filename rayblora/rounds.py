@@ -125,7 +125,7 @@ def finished_round(cfg: Config, lineage: dict[str, Any]) -> Path | None:
         manifest = read_manifest(path)
     except ArtifactError:
         return None
-    same_config = manifest.get("training", {}).get("config") == json.loads(json.dumps(cfg.to_dict()))
+    same_config = manifest.get("training", {}).get("config") == cfg.to_dict()
     return path if same_config and manifest.get("lineage") == json.loads(json.dumps(lineage)) else None
 
 

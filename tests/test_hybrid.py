@@ -278,8 +278,8 @@ def test_laplace_round_precision_is_the_ggn_diagonal_plus_the_prior_and_becomes_
     assert float((gaussian.laplace_precision - gaussian.prior.precision).max()) > float(ggn.max())  # whole split
 
     path = save_posterior(post, tmp_path / "round0", model_config=cfg.model, adapter_config=cfg.adapter)
-    _names, mean, _std, precision = prior_from_artifact(str(path), "laplace")
-    assert torch.allclose(precision, gaussian.laplace_precision) and torch.allclose(mean, gaussian.mean)
+    _names, _std, prior = prior_from_artifact(str(path), "laplace")
+    assert torch.allclose(prior.precision, gaussian.laplace_precision) and torch.allclose(prior.mean, gaussian.mean)
     hybrid = dataclasses.replace(cfg.hybrid, prior_artifact=str(path), prior_scale=0.5)
     hook = VariationalTraining(hybrid, cfg.adapter)
     hook.trainable_parameters(_scorer(cfg))

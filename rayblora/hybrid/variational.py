@@ -118,8 +118,8 @@ class VariationalAdapter(nn.Module):
 
 
 def prior_from_artifact(path: str, round_precision: str = "variational"
-                        ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tensor names, μ_t, σ_t, Λ_t), each (P,), of member 0 of a hybrid_vi artifact, its checksums verified.
+                        ) -> tuple[list[str], torch.Tensor, DiagonalGaussian]:
+    """(tensor names, σ_t (P,), N(μ_t, Λ_t⁻¹)) of member 0 of a hybrid_vi artifact, its checksums verified.
 
     μ_t and σ_t initialise the next round's posterior; N(μ_t, (hybrid.prior_scale · Λ_t)⁻¹) is its prior
     (:mod:`rayblora.hybrid.gaussian`), with Λ_t = 1 / σ_t² (`variational`) or the artifact's diagonal Laplace
@@ -141,11 +141,11 @@ def prior_from_artifact(path: str, round_precision: str = "variational"
     tensors = load_file(str(root / HYBRID_FILE))
     names, mean, std = list(manifest["family"]["names"][0]), tensors["0.mean"], softplus_std(tensors["0.rho"])
     if round_precision == "variational":
-        return names, mean, std, 1.0 / std ** 2
+        return names, std, DiagonalGaussian.from_posterior(mean, std)
     if "0.laplace_precision" not in tensors:
         raise ConfigError(f"hybrid.round_precision: laplace needs the Laplace precision in {root}; train that "
                           "round with hybrid.round_precision=laplace too")
-    return names, mean, std, tensors["0.laplace_precision"]
+    return names, std, DiagonalGaussian(mean.float(), tensors["0.laplace_precision"].float())
 
 
 class VariationalTraining:
@@ -188,15 +188,15 @@ class VariationalTraining:
         return [("hybrid_vi.mean", self.q.mean), ("hybrid_vi.rho", self.q.rho)]
 
     def _continue_from_previous(self, names: list[str]) -> None:
-        old_names, mean, std, precision = self.previous
-        if old_names != names or mean.numel() != self.q.mean.numel():
+        old_names, std, previous = self.previous
+        if old_names != names or previous.size != self.q.mean.numel():
             raise ConfigError("hybrid.prior_artifact: its adapter tensors differ from this run's (same model, "
                               "adapter and hybrid sections are needed across rounds)")
         with torch.no_grad():
-            self.q.mean.copy_(mean)
+            self.q.mean.copy_(previous.mean)
             self.q.rho.copy_(inverse_softplus(std))
         if self.hybrid.round_prior:
-            self.prior = DiagonalGaussian(mean.detach().clone().float(), self.hybrid.prior_scale * precision.float())
+            self.prior = DiagonalGaussian(previous.mean, self.hybrid.prior_scale * previous.precision)
 
     def logits(self, scorer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits (B, C) under one reparameterised draw θ̃ ~ q."""

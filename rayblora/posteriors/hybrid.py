@@ -8,8 +8,8 @@ batch's prediction is reproducible) and averages the S · K answer softmaxes (th
 Artifact: `members/<k>/` hold the LoRA part of member k's posterior mean (PEFT-loadable); `hybrid.safetensors`
 holds per member k the flat tensors `k.mean` (μ), `k.rho` (ρ, σ = softplus(ρ)), `k.prior_mean` and
 `k.prior_precision` (the prior it was trained against) and, with `hybrid.round_precision: laplace`,
-`k.laplace_precision` (the next round's prior precision, :mod:`rayblora.hybrid.laplace_prior`); the manifest's family section names the tensors and
-the hybrid parts, so the prefix / bottleneck modules are rebuilt on load.
+`k.laplace_precision` (the next round's prior precision, :mod:`rayblora.hybrid.laplace_prior`); the manifest's
+family section names the tensors and the hybrid parts, so the prefix / bottleneck modules are rebuilt on load.
 """
 
 from __future__ import annotations
