@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]" --no-deps
 	$(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0" transformers peft "ray[train,tune,serve]" deepspeed datasets \
-		pyarrow safetensors gguf matplotlib pyyaml numpy pytest httpx \
+		pyarrow safetensors gguf matplotlib pyyaml numpy pytest httpx import-linter \
 		asdfghjkl einconv linear_operator unfoldNd einops opt-einsum scipy torchmetrics tqdm
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps laplace-torch backpack-for-pytorch curvlinops-for-pytorch
 	$(BIN)/python -m pip uninstall -y -q torchvision 2>/dev/null || true

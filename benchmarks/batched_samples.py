@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from rayblora import assets
-from rayblora.artifact import write_json_atomic
+from rayblora.manifest import write_json_atomic
 from rayblora.config import AdapterConfig, DataConfig, ModelConfig
 from rayblora.data.batches import eval_batches
 from rayblora.data.sources import load_task_data

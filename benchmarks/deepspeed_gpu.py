@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO member on GPU (issue 7): one member trained in-process (no Ray) by the real member loop
-(`rayblora.train.loop.train_member`) with plain `ddp` mechanics (baseline) and with the DeepSpeed ZeRO-2 / ZeRO-3
+(`rayblora.workflows.members.train_one_member`) with plain `ddp` mechanics (baseline) and with the DeepSpeed ZeRO-2 / ZeRO-3
 engine (`DeepSpeedStepper`, bf16 with fp32 master weights), on SmolLM2-135M + VADER movie.
 
     python benchmarks/deepspeed_gpu.py [--model smollm2-135m-instruct] [--random-init-from CONFIG_DIR] \
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rayblora.artifact import write_json_atomic
+from rayblora.manifest import write_json_atomic
 
 RUNS = {
     "ddp": ["train.strategy=ddp"],
@@ -129,7 +129,7 @@ def measure(args, run: str, batch_size: int) -> dict:
 
     from rayblora.data.sources import load_task_data
     from rayblora.scoring import build_scorer
-    from rayblora.train.loop import LoopContext, train_member
+    from rayblora.workflows.members import train_one_member
 
     cfg = run_config(args, run, batch_size)
     on_gpu = cfg.model.device != "cpu"
@@ -140,10 +140,10 @@ def measure(args, run: str, batch_size: int) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     clock = StepClock(torch.cuda.synchronize if on_gpu else (lambda: None))
-    ctx = LoopContext(seed=cfg.train.seed, hooks=[clock], use_gpu=on_gpu, label=run)
     t0 = time.perf_counter()
-    final = train_member(scorer, data.train, data.validation, cfg.train, ctx)
+    trained = train_one_member(cfg, 0, data=data, scorer=scorer, label=run, extra_hooks=[clock])
     wall = time.perf_counter() - t0
+    final = trained.metrics
     counts = tokens_per_step(data.train, scorer.tokenizer, cfg.train, cfg.train.seed, cfg.data.max_length)
     mib = 1 << 20
     result = {"run": run, "strategy": cfg.train.strategy,
@@ -156,7 +156,7 @@ def measure(args, run: str, batch_size: int) -> dict:
               "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / mib, 1) if on_gpu else None,
               "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / mib, 1) if on_gpu else None,
               "lora_parameters": sum(p.numel() for _, p in scorer.lora_parameters()),
-              "loss_curve": [round(m["train_loss"], 5) for m in ctx.history],
+              "loss_curve": [round(m["train_loss"], 5) for m in trained.history],
               "final_val_nll": final.get("val_nll"), "final_val_accuracy": final.get("val_accuracy")}
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

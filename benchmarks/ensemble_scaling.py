@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from rayblora.artifact import write_json_atomic
+from rayblora.manifest import write_json_atomic
 from rayblora.config import load_config
-from rayblora.coordinator import RAY_ENV, train_members
+from rayblora.workflows.coordinator import RAY_ENV, train_members
 
 
 def _config(members: int, steps: int, out: Path, extra: list[str]):

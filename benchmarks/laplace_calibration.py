@@ -5,7 +5,7 @@
         [--method laplace_ensemble|laplace] [--prior-method marglik|val_nll]
 
 Takes a trained ensemble artifact (e.g. from `rayblora demo`), fits a mixture of Laplaces onto it with
-`rayblora.fit.fit_laplace` (curvature on the first `--fit-batches` batches of the members' own training split,
+`rayblora.workflows.fit.fit_laplace` (curvature on the first `--fit-batches` batches of the members' own training split,
 prior precision by marginal likelihood), and evaluates every row on the first `--n-eval` test examples of each split
 (the `data.test_size = n_eval` split). The `laplace` row is member 0's component of the mixture (its GLM moments
 are computed once and shared with the mixture). Writes a report directory and prints the markdown table.
@@ -65,8 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     from rayblora.artifact import load_posterior
     from rayblora.data import load_task_data, split_name
-    from rayblora.evaluate import evaluate_methods
-    from rayblora.fit import fit_laplace
+    from rayblora.workflows.evaluate import evaluate_methods
+    from rayblora.workflows.fit import fit_laplace
     from rayblora.report import render_markdown, write_report
 
     log = lambda m: print(m, flush=True)  # noqa: E731

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from rayblora.artifact import write_json_atomic
+from rayblora.manifest import write_json_atomic
 
 PARTS = ("train_epoch", "ours_kfac", "ours_kfac_low_rank", "laplace_torch_kfac", "reevaluate")
 
@@ -78,13 +78,15 @@ def _tensor_mib(tensors) -> float:
 
 
 def part_train_epoch(args) -> dict:
-    from rayblora.train.loop import LoopContext, train_member
+    import dataclasses
+
+    from rayblora.workflows.members import train_one_member
 
     cfg, data, scorer, _ = _setup(args)
-    val = data.validation.select(range(1))  # the loop validates once at the end; keep that negligible
+    one_val = dataclasses.replace(data, validation=data.validation.select(range(1)))  # end-of-run check: negligible
 
     def epoch():
-        train_member(scorer, data.train, val, cfg.train, LoopContext(seed=0, log=lambda _m: None))
+        train_one_member(cfg, 0, data=one_val, scorer=scorer, log=lambda _m: None)
         return {"steps": cfg.train.steps}
 
     return _measure(epoch)

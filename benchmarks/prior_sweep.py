@@ -1,7 +1,7 @@
 """Prior-precision sweep benchmark on SmolLM2-135M-Instruct + VADER movie (one LoRA adapter on q/v of the last
 layers, LoRA B drawn N(0, 0.02²) as in benchmarks/laplace_fit.py, so every block has curvature):
 
-* our 32-value Ray Tune prior sweep (`rayblora.tune.sweep_prior`: one caching GLM pass over the validation
+* our 32-value Ray Tune prior sweep (`rayblora.workflows.sweeps.sweep_prior`: one caching GLM pass over the validation
   split, then 32 trials reading the cached Jacobians from the object store) vs one validation pass
   (target <= 1.5x), where "one validation pass" is the GLM predictive at one prior precision (a forward and C
   backward passes per batch: what one grid value costs without a cache); the plain forward-only pass is
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rayblora.artifact import write_json_atomic
+from rayblora.manifest import write_json_atomic
 
 VALUES, LOW, HIGH = 32, 1e-4, 1e4
 
@@ -81,8 +81,8 @@ def _validation_passes(cfg, data, scorer, post) -> dict:
 def _our_sweep(cfg, post, root: Path) -> dict:
     """The Tune sweep on the saved artifact (the driver reuses the loaded base model's artifact load)."""
     from rayblora.artifact import save_posterior
-    from rayblora.coordinator import ensure_ray
-    from rayblora.tune import sweep_prior
+    from rayblora.workflows.runtime import ensure_ray
+    from rayblora.workflows.sweeps import sweep_prior
 
     artifact = save_posterior(post, root / "posterior", model_config=cfg.model, adapter_config=cfg.adapter)
     start, _ = _timed(lambda: ensure_ray(cfg.cluster))

@@ -36,7 +36,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rayblora.artifact import read_manifest, write_json_atomic  # noqa: E402
+from rayblora.manifest import read_manifest, write_json_atomic  # noqa: E402
 
 BENCH_CACHE = Path.home() / ".cache" / "rayblora" / "bench"
 
@@ -49,24 +49,18 @@ def train_k4(steps: int, out: Path) -> Path:
     """4 freshly initialised SmolLM2 LoRA members (seeds 0..3), `steps` optimizer steps each, as an ensemble."""
     from rayblora.artifact import save_posterior
     from rayblora.config import load_config
-    from rayblora.data import load_task_data
     from rayblora.posteriors.ensemble import EnsemblePosterior
-    from rayblora.scoring import build_scorer
-    from rayblora.train.loop import LoopContext, train_member
+    from rayblora.workflows.members import train_members_in_process
 
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [f"train.steps={steps}", "train.warmup_steps=1",
-                                                        "train.torch_threads=0", "data.shift_tasks=[]"])
-    data = load_task_data(cfg.data)
-    states, infos, scorer = [], [], None
-    for i in range(4):
-        scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=i)
-        metrics = train_member(scorer, data.train, data.validation, cfg.train,
-                               LoopContext(seed=i, log=lambda m: None))
-        states.append(scorer.adapter_state())
-        infos.append({"seed": i, "metrics": {k: float(v) for k, v in metrics.items()}})
-        print(f"member {i}: {infos[-1]['metrics']}", flush=True)
-    return save_posterior(EnsemblePosterior(scorer, states, infos), out, model_config=cfg.model,
-                          adapter_config=cfg.adapter, training={"steps": steps, "purpose": "serve benchmark"})
+    cfg = load_config(ROOT / "jobs/configs/demo.yaml", [
+        f"train.steps={steps}", "train.warmup_steps=1", "train.torch_threads=0", "data.shift_tasks=[]",
+        "posterior.method=ensemble", "posterior.members=4", f"output.dir={out.parent / (out.name + '-members')}"])
+    scorer, members = train_members_in_process(cfg, log=lambda _m: None)
+    for m in members:
+        print(f"member {m.index}: {m.metrics}", flush=True)
+    return save_posterior(EnsemblePosterior(scorer, [m.adapter for m in members], [m.info() for m in members]),
+                          out, model_config=cfg.model, adapter_config=cfg.adapter,
+                          training={"steps": steps, "purpose": "serve benchmark"})
 
 
 def derive(source: Path, k: int, out: Path) -> Path:

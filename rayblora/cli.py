@@ -1,29 +1,62 @@
-"""`rayblora` command line: assets | train | evaluate | demo (further verbs are added by their modules).
+"""`rayblora` command line: one table of verbs (assets, train, evaluate, demo, fit, sweep train, sweep prior,
+serve), each calling one workflow.
 
-Every verb that takes `--config` also takes dotted overrides after it, e.g.
-`rayblora train --config jobs/configs/tiny.yaml train.steps=5 posterior.members=2`.
+Every verb that reads a run config takes `--config` and dotted overrides after it, through one helper, e.g.
+`rayblora train --config jobs/configs/tiny.yaml train.steps=5 posterior.members=2`. A bad config, data file,
+artifact or asset ends the command with exit code 2 and one `rayblora: error: ...` line, before any Ray work.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rayblora.config import ConfigError, load_config
+from rayblora import assets
+from rayblora.assets import AssetError
+from rayblora.config import Config, ConfigError, load_config
+from rayblora.data.formats import DataError
+from rayblora.manifest import ArtifactError
+from rayblora.model import ModelError
+from rayblora.report import render_markdown
+from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
+from rayblora.workflows.evaluate import evaluate
+from rayblora.workflows.fit import LAPLACE_METHODS, fit_laplace
+from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
+from rayblora.workflows.runtime import ensure_ray
+from rayblora.workflows.sweeps import SweepInterrupted, sweep_prior, sweep_train
+from rayblora.workflows.sweeps.prior import SELECT
+from rayblora.workflows.train import train, train_and_evaluate
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
+USER_ERRORS = (ConfigError, DataError, ArtifactError, AssetError, ModelError)
+"""Errors of the user's input: reported as one line with exit code 2, no traceback."""
 
 
-def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--config", default=default, help="YAML config (see jobs/configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+@dataclass(frozen=True)
+class Verb:
+    """One command: its words (e.g. ("sweep", "train")), help, own arguments, and what it runs.
+
+    `config`: None for a verb without a run config, else the help of its `--config` (whose default is
+    `default_config`); `run(args, cfg)` gets the loaded config (None without one) and returns the exit code."""
+
+    words: tuple[str, ...]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Config | None], int]
+    config: str | None = "YAML config (see jobs/configs/)"
+    default_config: str | None = None
 
 
-def _cmd_assets(args) -> int:
-    from rayblora import assets
+# --- the verbs ------------------------------------------------------------------------------------------------
+def _assets_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["fetch", "check"])
 
+
+def _run_assets(args, _cfg) -> int:
     if args.action == "fetch":
         assets.fetch_all()
     else:
@@ -32,92 +65,180 @@ def _cmd_assets(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    from rayblora.pipeline import train
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", default="", help="dynamic fine-tuning over these tasks in order, e.g. "
+                   "movie,tweets,amazon,nyt (sets hybrid.rounds; needs posterior.method=hybrid_vi)")
+    p.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--evaluate", action="store_true", help="then evaluate posterior.eval_methods and write the "
+                                                           "report (as `rayblora demo`)")
 
-    rounds = [f"hybrid.rounds={args.rounds}"] if args.rounds else []
-    cfg = load_config(args.config, list(args.overrides) + rounds)
+
+def _run_train(args, cfg: Config) -> int:
+    if args.rounds:
+        cfg = load_config(args.config, [*args.overrides, f"hybrid.rounds={args.rounds}"])
     if cfg.hybrid.rounds:  # dynamic fine-tuning: one posterior per round, each the next round's prior
-        from rayblora.rounds import render_rounds_markdown, run_rounds
-
         print(render_rounds_markdown(run_rounds(cfg, in_process=args.in_process)))
-        return 0
-    print(train(cfg))
+    elif args.evaluate:
+        train_and_evaluate(cfg)
+    else:
+        print(train(cfg, in_process=args.in_process))
     return 0
 
 
-def _cmd_evaluate(args) -> int:
-    from rayblora.evaluate import evaluate
-    from rayblora.report import render_markdown
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--posterior", required=True, help="posterior artifact directory")
+    p.add_argument("--methods", default="", help="comma-separated rows (default: posterior.eval_methods)")
+    p.add_argument("--out", default=None, help="report directory (default: output.dir)")
 
-    cfg = load_config(args.config, args.overrides)
+
+def _run_evaluate(args, cfg: Config) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    report = evaluate(args.posterior, cfg, out_dir=args.out, methods=methods)
-    print(render_markdown(report))
+    print(render_markdown(evaluate(args.posterior, cfg, out_dir=args.out, methods=methods)))
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from rayblora.pipeline import train_and_evaluate
-
-    if not Path(args.config).is_file():
-        raise ConfigError(f"demo config {args.config} not found; run from the repository root or pass --config")
-    train_and_evaluate(load_config(args.config, args.overrides))
+def _run_demo(_args, cfg: Config) -> int:
+    train_and_evaluate(cfg)
     return 0
+
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--posterior", required=True, help="parent artifact directory (ensemble or map)")
+    p.add_argument("--method", default="", choices=["", *LAPLACE_METHODS],
+                   help="laplace | laplace_ensemble (default: posterior.method if Laplace, else by member count)")
+    p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-laplace)")
+
+
+def _run_fit(args, cfg: Config) -> int:
+    print(fit_laplace(args.posterior, cfg, args.out or str(cfg.out_dir / "posterior-laplace"),
+                      method=args.method or None))
+    return 0
+
+
+def _sweep_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="search-space YAML (see jobs/configs/sweep_space.yaml)")
+    p.add_argument("--num-samples", type=int, default=8, help="Tune samples of the space (default 8)")
+    p.add_argument("--out", default=None, help="sweep directory (default <output.dir>/sweep-train); "
+                                               "rerun with the same one to resume")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = what the cluster holds)")
+    p.add_argument("--grace-period", type=int, default=0, help="steps before ASHA may stop a trial "
+                                                               "(0 = train.checkpoint_every)")
+    p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
+
+
+def _run_sweep_train(args, cfg: Config) -> int:
+    sweep_train(cfg, args.space, args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    return 0
+
+
+def _sweep_prior_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--posterior", required=True, help="a laplace / laplace_ensemble artifact directory")
+    p.add_argument("--values", type=int, default=32, help="prior precisions to try (default 32)")
+    p.add_argument("--min", type=float, default=1e-4, help="smallest prior precision (default 1e-4)")
+    p.add_argument("--max", type=float, default=1e4, help="largest prior precision (default 1e4)")
+    p.add_argument("--search", choices=["grid", "random"], default="grid",
+                   help="log grid, or Tune's random search over log-uniform values (default grid)")
+    p.add_argument("--select", choices=list(SELECT), default="val_nll",
+                   help="choose by validation NLL or by marginal likelihood (default val_nll)")
+    p.add_argument("--out", default=None, help="sweep directory (default <output.dir>/sweep-prior)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = one per CPU)")
+
+
+def _run_sweep_prior(args, cfg: Config) -> int:
+    sweep_prior(args.posterior, cfg, args.out, values=args.values, low=args.min, high=args.max,
+                search=args.search, select=args.select, max_concurrent=args.max_concurrent)
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--posterior", action="append", required=True, metavar="[NAME=]DIR",
+                   help="posterior artifact to serve; repeat for several (the first is the default)")
+    p.add_argument("--host", default=None, help="bind address (default serve.host = 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port = 8000)")
+
+
+def _run_serve(args, cfg: Config) -> int:
+    changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve_cfg = dataclasses.replace(cfg.serve, **changes)
+    posteriors = check_posteriors(parse_posterior_specs(args.posterior))  # before any Ray start
+    ensure_ray(cfg.cluster)
+    auth = "bearer token required" if resolve_token(serve_cfg) else "no auth"
+    serve_until_stopped(serve_cfg, posteriors, lambda url: print(
+        f"rayblora: serving {', '.join(posteriors)} at {url}/v1/predict ({auth}; docs at {url}/docs); "
+        "Ctrl-C stops", flush=True))
+    return 0
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb(("assets",), "fetch or check the registry-shipped model and data", _assets_args, _run_assets, None),
+    Verb(("train",), "train a posterior's members on Ray and write the artifact", _train_args, _run_train),
+    Verb(("evaluate",), "evaluate a posterior artifact and write the report", _evaluate_args, _run_evaluate),
+    Verb(("demo",), "K=4 LoRA ensemble of SmolLM2 on VADER movie, evaluated under shift", lambda p: None,
+         _run_demo, default_config=DEMO_CONFIG),
+    Verb(("fit",), "fit a Laplace-LoRA posterior onto a trained artifact (new artifact)", _fit_args, _run_fit),
+    Verb(("sweep", "train"), "sweep rank / alpha / lr / weight decay / steps, one Ray Train run per trial, ASHA "
+         "on val_nll; writes trials.csv/.md and best.yaml", _sweep_train_args, _run_sweep_train,
+         "base YAML config (see jobs/configs/)"),
+    Verb(("sweep", "prior"), "sweep the prior precision of a Laplace artifact post-hoc; writes "
+         "prior_sweep.csv/.md and the new artifact <out>/posterior", _sweep_prior_args, _run_sweep_prior,
+         "the config the posterior was fitted with"),
+    Verb(("serve",), "serve posterior artifacts over HTTP with uncertainty (Ray Serve)", _serve_args, _run_serve,
+         "YAML config whose `serve` section applies"),
+)
+GROUPS = {"sweep": "Ray Tune sweeps: member training (ASHA) or the Laplace prior"}
+"""Help of the verbs that group sub-verbs."""
+
+
+# --- parsing and running --------------------------------------------------------------------------------------
+def _config_args(p: argparse.ArgumentParser, verb: Verb) -> None:
+    """`--config` and the dotted overrides, the same for every verb that reads a run config."""
+    p.add_argument("--config", default=verb.default_config, help=verb.config)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+
+
+def _subparsers(parent, groups: dict, words: tuple[str, ...]):
+    """The subparsers action under which the verb `words` goes, creating its group parsers on first use."""
+    for depth, word in enumerate(words[:-1]):
+        key = words[:depth + 1]
+        if key not in groups:
+            group = groups[words[:depth]].add_parser(word, help=GROUPS.get(word, ""))
+            groups[key] = group.add_subparsers(dest="_".join(key), required=True)
+        parent = groups[key]
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayblora", description="Bayesian LoRA fine-tuning on Ray")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("assets", help="fetch or check the registry-shipped model and data")
-    p.add_argument("action", choices=["fetch", "check"])
-    p.set_defaults(func=_cmd_assets)
-    p = sub.add_parser("train", help="train a posterior's members on Ray and write the artifact")
-    _config_args(p)
-    p.add_argument("--rounds", default="", help="dynamic fine-tuning over these tasks in order, e.g. "
-                   "movie,tweets,amazon,nyt (sets hybrid.rounds; needs posterior.method=hybrid_vi)")
-    p.add_argument("--in-process", action="store_true", help="with rounds: train in this process, without Ray")
-    p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("evaluate", help="evaluate a posterior artifact and write the report")
-    _config_args(p)
-    p.add_argument("--posterior", required=True, help="posterior artifact directory")
-    p.add_argument("--methods", default="", help="comma-separated rows (default: posterior.eval_methods)")
-    p.add_argument("--out", default=None, help="report directory (default: output.dir)")
-    p.set_defaults(func=_cmd_evaluate)
-    p = sub.add_parser("demo", help="K=4 LoRA ensemble of SmolLM2 on VADER movie, evaluated under shift")
-    _config_args(p, DEMO_CONFIG)
-    p.set_defaults(func=_cmd_demo)
-    for register in _extra_verbs():
-        register(sub)
+    groups = {(): parser.add_subparsers(dest="command", required=True)}
+    for verb in VERBS:
+        p = _subparsers(groups[()], groups, verb.words).add_parser(verb.words[-1], help=verb.help)
+        if verb.config is not None:
+            _config_args(p, verb)
+        verb.arguments(p)
+        p.set_defaults(verb=verb)
     return parser
 
 
-def _extra_verbs() -> list[Callable]:
-    """Verbs contributed by other modules (`add_cli(subparsers)` functions)."""
-    import importlib
-
-    verbs = []
-    for module in ("rayblora.fit", "rayblora.tune", "rayblora.serve.app"):
-        try:
-            verbs.append(importlib.import_module(module).add_cli)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    return verbs
+def _load(args, verb: Verb) -> Config | None:
+    if verb.config is None:
+        return None
+    if verb.default_config and args.config == verb.default_config and not Path(args.config).is_file():
+        raise ConfigError(f"{' '.join(verb.words)} config {args.config} not found; run from the repository root "
+                          "or pass --config")
+    return load_config(args.config, args.overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rayblora.artifact import ArtifactError
-    from rayblora.assets import AssetError
-    from rayblora.data.formats import DataError
-    from rayblora.model import ModelError
-
     try:
-        return args.func(args)
-    except (ConfigError, DataError, ArtifactError, AssetError, ModelError) as exc:
+        return args.verb.run(args, _load(args, args.verb))
+    except USER_ERRORS as exc:
         print(f"rayblora: error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as exc:
+        print(f"rayblora: {exc}")
+        return 1
 
 
 if __name__ == "__main__":

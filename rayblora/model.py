@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from rayblora import assets
 from rayblora.config import AdapterConfig, ModelConfig
 
 TINY = "tiny-llama"
@@ -62,7 +63,6 @@ def _tiny_model(cfg: ModelConfig, vocab_size: int):
 def _model_path(name: str) -> str:
     from pathlib import Path
 
-    from rayblora import assets
 
     if name == assets.SMOLLM2:
         path = assets.model_dir(name)

@@ -1,7 +1,8 @@
 """The Bayesian model average and its uncertainty split.
 
 Given S samples (ensemble members, SWAG / Laplace draws) of class probabilities p_s(y|x), the predictive is
-their average p(y|x) = 1/S Σ_s p_s(y|x) (probabilities, never logits, are averaged: DESIGN rule 6), and
+their average p(y|x) = 1/S Σ_s p_s(y|x) (probabilities, never logits, are averaged: docs/ARCHITECTURE.md,
+"aggregation"), and
 
     total entropy   H[p]                    = aleatoric + epistemic
     aleatoric       1/S Σ_s H[p_s]          (expected entropy)

@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from rayblora.batched import batched_logits, lora_dropout_active
 from rayblora.config import AdapterConfig, ModelConfig
 from rayblora.data.batches import encode
 from rayblora.data.formats import TaskSpec
@@ -124,8 +125,6 @@ class AnswerScorer:
         (:func:`rayblora.batched.batched_logits`); anything else runs :meth:`logits_for_states_sequential`.
         `lora_dropout` keeps LoRA dropout on (each sample an independent MC-dropout pass).
         """
-        from rayblora.batched import batched_logits
-
         return batched_logits(self, batch, states, lora_dropout=lora_dropout, max_rows=self.max_batch_rows)
 
     @torch.no_grad()
@@ -134,8 +133,6 @@ class AnswerScorer:
                                      lora_dropout: bool = False, share_trunk: bool = True) -> torch.Tensor:
         """Answer logits (S, B, C): one forward per state, swapping the adapter tensors in between; the frozen
         layers below the adapter run once unless `share_trunk` is False (S full forwards)."""
-        from rayblora.batched import lora_dropout_active
-
         with self.restoring_adapter(), lora_dropout_active(self.model, lora_dropout):
             outs, trunk = [], self.shared_trunk(batch) if share_trunk else None
             for state in states:

@@ -78,18 +78,10 @@ def tiny_data(tiny_session_config):
 @pytest.fixture(scope="session")
 def trained_members(tiny_session_config, tiny_data):
     """Two tiny members trained in-process (no Ray): (scorer, [adapter states], [info])."""
-    from rayblora.scoring import build_scorer
-    from rayblora.train.loop import LoopContext, train_member
+    from rayblora.workflows.members import train_members_in_process
 
-    cfg, states, infos = tiny_session_config, [], []
-    scorer = None
-    for i in range(2):
-        scorer = build_scorer(cfg.model, cfg.adapter, tiny_data.spec, cfg.data.max_length, seed=i)
-        metrics = train_member(scorer, tiny_data.train, tiny_data.validation, cfg.train,
-                               LoopContext(seed=i, log=lambda _m: None))
-        states.append(scorer.adapter_state())
-        infos.append({"seed": i, "metrics": {k: float(v) for k, v in metrics.items()}})
-    return scorer, states, infos
+    scorer, members = train_members_in_process(tiny_session_config, log=lambda _m: None, data=tiny_data)
+    return scorer, [m.adapter for m in members], [m.info() for m in members]
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_thres
 
 
 def run_dir(cfg, member: int) -> Path:
-    """Ray Train's storage directory of member `member`'s run (see `rayblora.coordinator.member_trainer`)."""
-    from rayblora.coordinator import config_digest
+    """Ray Train's storage directory of member `member`'s run (see `rayblora.workflows.coordinator.member_trainer`)."""
+    from rayblora.workflows.members import config_digest
 
     return cfg.out_dir / "ray_runs" / f"{cfg.output.name}-member{member}-{config_digest(cfg)}"
 
@@ -48,7 +48,7 @@ def run(result_path: Path, probe_dir: Path, overrides: list[str]) -> None:
     from ray.cluster_utils import Cluster
 
     from rayblora.config import load_config
-    from rayblora.coordinator import RAY_ENV, run_members
+    from rayblora.workflows.coordinator import RAY_ENV, run_members
     from rayblora.train.faults import wait_for_pause
 
     for key, value in RAY_ENV.items():  # before the nodes start: their processes inherit it

@@ -59,7 +59,7 @@ def test_missing_and_invalid_files(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_name_their_launch_command(path):
     if path.name.endswith("_space.yaml"):  # a Tune search space over dotted fields, not a run config
-        from rayblora.search_space import load_space
+        from rayblora.workflows.sweeps.space import load_space
 
         assert load_space(path)
     else:

@@ -25,7 +25,7 @@ def test_generated_config_follows_the_train_config():
 
 
 def _loss_curve(cfg, tag: str):
-    from rayblora.coordinator import member_trainer
+    from rayblora.workflows.coordinator import member_trainer
 
     result = member_trainer(cfg, 0, tag).fit()
     history = sorted((m["step"], m["train_loss"]) for _, m in result.best_checkpoints)
@@ -47,7 +47,7 @@ def _save_as_peft(cfg, checkpoint_dir, out_dir):
     from safetensors.torch import load_file
 
     from rayblora.model import add_lora, load_base_model, set_lora_state
-    from rayblora.train.loop import ADAPTER
+    from rayblora.train.checkpoint import ADAPTER
 
     model, _ = load_base_model(cfg.model)
     peft_model = add_lora(model, cfg.adapter, seed=0)

@@ -36,7 +36,7 @@ def _check_report(report: dict, splits: set[str]) -> None:
 def test_ensemble_on_ray_to_report(ray_session, sentiment_files, tmp_path):
     from rayblora.artifact import load_posterior
     from rayblora.config import load_config
-    from rayblora.pipeline import train_and_evaluate
+    from rayblora.workflows.train import train_and_evaluate
 
     cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run"))
     report = train_and_evaluate(cfg, log=lambda _m: None)

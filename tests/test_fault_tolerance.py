@@ -41,21 +41,12 @@ def fault_overrides(files, out_dir: Path, **extra: str) -> list[str]:
 
 def uninterrupted_adapter(cfg, member: int) -> dict[str, torch.Tensor]:
     """Member `member` trained in this process without interruption, as its Ray Train worker would."""
-    from rayblora.data import load_task_data
-    from rayblora.scoring import build_scorer
-    from rayblora.train.loop import LoopContext, train_member
-    from rayblora.train.worker import make_hooks, member_seed
+    from rayblora.workflows.members import train_one_member
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.train.torch_threads)
-        seed = member_seed(cfg, member)
-        torch.manual_seed(seed)
-        data = load_task_data(cfg.data)
-        scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
-        train_member(scorer, data.train, data.validation, cfg.train,
-                     LoopContext(seed=seed, hooks=make_hooks(cfg), log=lambda _m: None))
-        return scorer.adapter_state()
+        return train_one_member(cfg, member, log=lambda _m: None).scorer.adapter_state()
     finally:
         torch.set_num_threads(threads)
 
@@ -104,7 +95,7 @@ def sigkill_when_paused(cfg, probe: Path, member: int, job) -> dict:
 
 def test_sigkilled_worker_resumes_its_member_from_the_last_checkpoint(ray_session, sentiment_files, tmp_path):
     from rayblora.artifact import load_posterior
-    from rayblora.pipeline import train
+    from rayblora.workflows.train import train
 
     cfg = load_config(None, fault_overrides(sentiment_files, tmp_path / "run"))
     probe = tmp_path / "probe"
@@ -130,8 +121,8 @@ def test_sigkilled_worker_resumes_its_member_from_the_last_checkpoint(ray_sessio
 
 def test_min_members_builds_from_survivors_or_fails_without_an_artifact(ray_session, sentiment_files, tmp_path):
     from rayblora.artifact import load_posterior
-    from rayblora.coordinator import TrainingError
-    from rayblora.pipeline import train
+    from rayblora.workflows.coordinator import TrainingError
+    from rayblora.workflows.train import train
 
     fails_for_good = {"fail_members": [1]}  # every attempt of member 1 raises (max_failures = 1: two attempts)
     cfg = load_config(None, fault_overrides(sentiment_files, tmp_path / "survivors",
@@ -159,8 +150,8 @@ def test_min_members_builds_from_survivors_or_fails_without_an_artifact(ray_sess
 
 def test_resubmitted_half_finished_job_redoes_no_finished_member(ray_session, sentiment_files, tmp_path):
     from rayblora.artifact import load_posterior
-    from rayblora.coordinator import TrainingError
-    from rayblora.pipeline import train
+    from rayblora.workflows.coordinator import TrainingError
+    from rayblora.workflows.train import train
 
     # first submission: no retries; member 1's worker is killed after its step-4 checkpoint -> job fails half done
     cfg = load_config(None, fault_overrides(sentiment_files, tmp_path / "run", **{"cluster.max_failures": "0"}))

@@ -37,7 +37,7 @@ def _scorer(cfg):
 def test_kl_matches_the_closed_form_for_gaussians():
     from torch.distributions import Normal, kl_divergence
 
-    from rayblora.hybrid.gaussian import DiagonalGaussian
+    from rayblora.posteriors.hybrid.gaussian import DiagonalGaussian
 
     g = torch.Generator().manual_seed(0)
     mean, std = torch.randn(7, generator=g, dtype=torch.float64), torch.rand(7, generator=g, dtype=torch.float64) + .1
@@ -49,7 +49,7 @@ def test_kl_matches_the_closed_form_for_gaussians():
 
 
 def test_round_prior_penalty_is_zero_at_the_previous_mean_with_its_precision_as_hessian():
-    from rayblora.hybrid.gaussian import DiagonalGaussian, inverse_softplus, softplus_std
+    from rayblora.posteriors.hybrid.gaussian import DiagonalGaussian, inverse_softplus, softplus_std
 
     g = torch.Generator().manual_seed(1)
     mean = torch.randn(5, generator=g, dtype=torch.float64)
@@ -65,7 +65,7 @@ def test_round_prior_penalty_is_zero_at_the_previous_mean_with_its_precision_as_
 def test_hybrid_modules_respect_padding_start_as_identity_and_act_only_when_active(hybrid_config):
     import dataclasses
 
-    from rayblora.hybrid.modules import HybridModules, active
+    from rayblora.posteriors.hybrid.modules import HybridModules, active
 
     scorer = _scorer(hybrid_config)
     prompts = ["good great film\nSentiment:", "bad\nSentiment:"]
@@ -86,7 +86,7 @@ def test_hybrid_modules_respect_padding_start_as_identity_and_act_only_when_acti
 
 
 def test_variational_objective_reaches_every_adapter_part(hybrid_config):
-    from rayblora.hybrid.variational import VariationalTraining
+    from rayblora.posteriors.hybrid.variational import VariationalTraining
 
     scorer = _scorer(hybrid_config)
     objective = VariationalTraining.from_config(hybrid_config)
@@ -104,15 +104,11 @@ def test_variational_objective_reaches_every_adapter_part(hybrid_config):
 def _train_one(cfg, directory):
     from rayblora.data import load_task_data
     from rayblora.posteriors import get_posterior_class
-    from rayblora.train.loop import LoopContext, train_member
-    from rayblora.train.worker import make_hooks
+    from rayblora.workflows.members import train_one_member
 
     data = load_task_data(cfg.data)
-    torch.manual_seed(0)
-    scorer = _scorer(cfg)
-    ctx = LoopContext(seed=0, hooks=make_hooks(cfg), log=lambda _m: None,
-                      on_checkpoint=lambda step, m, state: state.save(directory, {}))
-    train_member(scorer, data.train, data.validation, cfg.train, ctx)
+    scorer = train_one_member(cfg, 0, data=data, log=lambda _m: None,
+                              on_checkpoint=lambda step, m, state: state.save(directory, {})).scorer
     post = get_posterior_class("hybrid_vi").build(scorer, [scorer.adapter_state()], [{}], data=data,
                                                   config=cfg, member_dirs=[str(directory)])
     return post, data
@@ -144,7 +140,7 @@ def test_hybrid_vi_artifact_round_trip_and_peft_member(sentiment_files, tmp_path
 
 def test_config_rejects_an_empty_hybrid_and_rounds_of_another_family(sentiment_files, tmp_path):
     from rayblora.config import ConfigError
-    from rayblora.rounds import run_rounds
+    from rayblora.workflows.rounds import run_rounds
 
     with pytest.raises(ConfigError, match="hybrid.lora"):
         _config(sentiment_files, tmp_path, **{"hybrid.lora": "false", "hybrid.prefix_tokens": "0",
@@ -157,8 +153,8 @@ def test_config_rejects_an_empty_hybrid_and_rounds_of_another_family(sentiment_f
 def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment_files, tmp_path):
     from safetensors.torch import load_file
 
-    from rayblora.artifact import sha256_file
-    from rayblora.rounds import run_rounds
+    from rayblora.manifest import sha256_file
+    from rayblora.workflows.rounds import run_rounds
 
     second = write_sentiment_jsonl(tmp_path / "second.jsonl", 300, seed=7, noise=0.2)
     cfg = _config(sentiment_files, tmp_path / "rounds", **{"hybrid.prior_scale": "0.5",
@@ -205,27 +201,23 @@ def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment
 
 def test_variational_training_resumes_exactly_from_a_checkpoint(sentiment_files, tmp_path):
     from rayblora.data import load_task_data
-    from rayblora.train.loop import LoopContext, train_member
-    from rayblora.train.worker import make_hooks
+    from rayblora.workflows.members import train_one_member
 
     cfg = _config(sentiment_files, tmp_path / "run", **{"train.checkpoint_every": "3"})
     data = load_task_data(cfg.data)
 
     def run(resume_dir=None, stop_at=None):
-        torch.manual_seed(0)
-        scorer, hooks = _scorer(cfg), make_hooks(cfg)
-
         def save(step, metrics, state):
             if step == 3:
                 state.save(tmp_path / "ckpt", {})
                 if stop_at == 3:
-                    raise KeyboardInterrupt
+                    raise KeyboardInterrupt(state.hooks)  # the interrupted run's hooks, as they were at step 3
 
-        ctx = LoopContext(seed=0, hooks=hooks, log=lambda _m: None, on_checkpoint=save, resume_dir=resume_dir)
         try:
-            train_member(scorer, data.train, data.validation, cfg.train, ctx)
-        except KeyboardInterrupt:
-            pass
+            hooks = train_one_member(cfg, 0, data=data, log=lambda _m: None, on_checkpoint=save,
+                                     resume_dir=resume_dir).hooks
+        except KeyboardInterrupt as stopped:
+            hooks = stopped.args[0]
         return hooks[0].q.mean.detach().clone(), hooks[0].q.rho.detach().clone()
 
     straight = run()
@@ -259,8 +251,8 @@ def test_laplace_round_precision_is_the_ggn_diagonal_plus_the_prior_and_becomes_
                                                                                                  tmp_path):
     from rayblora.artifact import save_posterior
     from rayblora.config import ConfigError
-    from rayblora.hybrid.laplace_prior import diagonal_ggn
-    from rayblora.hybrid.variational import VariationalTraining, prior_from_artifact
+    from rayblora.posteriors.hybrid.laplace_prior import diagonal_ggn
+    from rayblora.posteriors.hybrid.variational import VariationalTraining, prior_from_artifact
 
     cfg = _config(sentiment_files, tmp_path / "run", **{"hybrid.round_precision": "laplace", "train.steps": "2"})
     post, data = _train_one(cfg, tmp_path / "ckpt")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from rayblora.posteriors import glm
-from rayblora.posteriors.kfac import (BlockEigen, Factor, LoraCurvature, block_modules, find_lora_sites,
+from rayblora.posteriors.laplace import glm
+from rayblora.posteriors.laplace.kfac import (BlockEigen, Factor, LoraCurvature, block_modules, find_lora_sites,
                                       ggn_columns, per_example_grad)
 
 

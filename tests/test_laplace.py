@@ -12,8 +12,9 @@ import torch
 from rayblora.artifact import ArtifactError, load_posterior, save_posterior
 from rayblora.config import ConfigError, load_config
 from rayblora.data.batches import eval_batches
-from rayblora.posteriors import get_posterior_class, glm
-from rayblora.posteriors.kfac import LoraCurvature, find_lora_sites
+from rayblora.posteriors import get_posterior_class
+from rayblora.posteriors.laplace import glm
+from rayblora.posteriors.laplace.kfac import LoraCurvature, find_lora_sites
 from rayblora.posteriors.laplace import LAPLACE_FILE, PRIOR_GRID, LaplacePosterior
 
 from conftest import tiny_overrides
@@ -236,7 +237,7 @@ def test_fit_cli_writes_a_new_laplace_artifact(ensemble_artifact, sentiment_file
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # atomic: no temporaries
     post = load_posterior(out)
     assert len(post.fits) == 2 and post.fits[0].prior_source == "marglik"
-    from rayblora.fit import fit_laplace
+    from rayblora.workflows.fit import fit_laplace
 
     with pytest.raises(ConfigError, match="--method"):
         fit_laplace(ensemble_artifact, load_config(None, overrides), tmp_path / "x", method="ensemble")
@@ -245,7 +246,7 @@ def test_fit_cli_writes_a_new_laplace_artifact(ensemble_artifact, sentiment_file
 @pytest.mark.slow
 def test_ray_train_fit_on_two_workers_equals_in_process_fit(ensemble_artifact, sentiment_files, tmp_path,
                                                             ray_session):
-    from rayblora.fit import fit_laplace
+    from rayblora.workflows.fit import fit_laplace
 
     def cfg(workers: int):
         return load_config(None, tiny_overrides(sentiment_files, tmp_path / f"run{workers}", **{

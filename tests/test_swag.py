@@ -11,13 +11,12 @@ import torch
 
 from rayblora.artifact import ArtifactError, load_posterior, save_posterior
 from rayblora.config import ConfigError, SwagConfig, TrainConfig, load_config
-from rayblora.evaluate import evaluate_methods
+from rayblora.workflows.evaluate import evaluate_methods
 from rayblora.posteriors import get_posterior_class
 from rayblora.posteriors.swag import (SWAG_FILE, SwagCollector, SwagMoments, flatten_state,
                                       read_checkpoint_moments, sample_swag, swa_learning_rate)
-from rayblora.scoring import build_scorer
-from rayblora.train.loop import LoopContext, TrainerState, train_member
-from rayblora.train.worker import make_hooks
+from rayblora.train.loop import TrainerState
+from rayblora.workflows.members import train_one_member
 from conftest import tiny_overrides
 
 
@@ -114,21 +113,15 @@ class _Crash(RuntimeError):
 def _train(cfg, data, member: int, checkpoint_dir: Path | None = None, crash_at: int = 0,
            resume_dir: Path | None = None):
     """One trajectory in-process (as the Ray worker runs it): returns (scorer, hooks)."""
-    seed = cfg.train.seed + 1000 * member
-    scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
-    hooks = make_hooks(cfg)
-
     def on_checkpoint(step: int, metrics, state: TrainerState) -> None:
         if checkpoint_dir is not None:
             state.save(checkpoint_dir, {k: float(v) for k, v in metrics.items()})
         if step == crash_at:
             raise _Crash(step)
 
-    ctx = LoopContext(seed=seed, hooks=hooks, on_checkpoint=on_checkpoint, log=lambda _m: None,
-                      resume_dir=str(resume_dir) if resume_dir else None)
-    torch.manual_seed(seed)
-    train_member(scorer, data.train, data.validation, cfg.train, ctx)
-    return scorer, hooks
+    trained = train_one_member(cfg, member, data=data, log=lambda _m: None, on_checkpoint=on_checkpoint,
+                               resume_dir=str(resume_dir) if resume_dir else None)
+    return trained.scorer, trained.hooks
 
 
 def test_kill_and_resume_mid_collection_gives_same_moments(sentiment_files, tiny_data, tmp_path):

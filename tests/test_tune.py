@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rayblora.config import ConfigError, dump_config, load_config
-from rayblora.search_space import check_space, flatten, parse_space, param_space
+from rayblora.workflows.sweeps.space import check_space, flatten, parse_space, param_space
 
 from conftest import tiny_overrides
 
@@ -41,7 +41,7 @@ def test_search_space_errors_name_the_field(tiny_config):
 
 
 def test_search_space_to_tune_and_back(tiny_config):
-    from rayblora.tune import trial_config, with_report_cadence
+    from rayblora.workflows.sweeps import trial_config, with_report_cadence
 
     dims = parse_space({"adapter.rank": {"grid": [2, 4]}, "train.lr": {"loguniform": [1e-4, 1e-2]},
                         "train.steps": {"randint": [8, 12]}, "data.max_length": 32})
@@ -91,7 +91,7 @@ def laplace_artifact(trained_members, tiny_data, tiny_session_config, tmp_path_f
 def test_prior_cache_equals_the_posterior_without_forward_passes(laplace_artifact, trained_members, tiny_data):
     from rayblora import metrics
     from rayblora.artifact import load_posterior
-    from rayblora.prior_cache import PriorCache
+    from rayblora.posteriors.laplace.prior_cache import PriorCache
 
     scorer = trained_members[0]
     post = load_posterior(laplace_artifact, scorer=scorer)
@@ -125,9 +125,10 @@ def test_prior_cache_equals_the_posterior_without_forward_passes(laplace_artifac
 @pytest.mark.slow
 def test_prior_sweep_writes_its_table_and_a_new_artifact(ray_session, laplace_artifact, tiny_session_config,
                                                          tmp_path):
-    from rayblora.artifact import load_posterior, sha256_file
+    from rayblora.artifact import load_posterior
+    from rayblora.manifest import sha256_file
     from rayblora.cli import main
-    from rayblora.tune import sweep_prior
+    from rayblora.workflows.sweeps import sweep_prior
 
     parent_sha = sha256_file(laplace_artifact / "manifest.json")
     out = tmp_path / "sweep"
@@ -175,7 +176,7 @@ def _sweep_train_cli(config: Path, space: Path, out: Path) -> subprocess.Complet
 LOCAL_RAY_PROBE = """
 import ray
 import ray.util.state
-from rayblora.coordinator import start_local_ray
+from rayblora.workflows.runtime import start_local_ray
 
 start_local_ray(1)
 list_nodes = ray.remote(lambda: len(ray.util.state.list_nodes()))
@@ -228,7 +229,7 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
 
 
 def test_train_sweep_refuses_a_member_run_the_cluster_cannot_hold(ray_session, tiny_config, tmp_path):
-    from rayblora.tune import sweep_train
+    from rayblora.workflows.sweeps import sweep_train
 
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {grid: [5.0e-3, 1.0e-3]}\n")

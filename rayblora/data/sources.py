@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from rayblora import assets
 from rayblora.config import DataConfig
 from rayblora.data.formats import (DataError, TaskSpec, classification_spec, multiple_choice_spec,
                                    rows_to_examples)
@@ -66,7 +67,6 @@ def _read_user_rows(path: Path) -> list[dict[str, Any]]:
 def _builtin_rows(task: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    from rayblora import assets
 
     path = assets.vader_path(task)
     if not path.is_file():

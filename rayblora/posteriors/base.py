@@ -2,7 +2,9 @@
 
 A posterior over the LoRA parameters θ is built from trained members (and, for post-hoc families, data),
 yields answer logits f_θs(x) for S parameter samples, and predicts through the Bayesian model average
-(:mod:`rayblora.predictive`). Families persist their own tensors through the artifact hooks.
+(:mod:`rayblora.predictive`). Families persist their own tensors through the artifact hooks and declare the
+training hooks their members need (:meth:`Posterior.training_hooks`); the workflows look a family up once in
+:mod:`rayblora.registry` and pass it on.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from rayblora import predictive
+from rayblora.data.batches import eval_batches
 from rayblora.predictive import Predictive
+from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer
+from rayblora.train.loop import StepHook
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -47,6 +52,12 @@ class Posterior(ABC):
         self.members = list(members)
         self.member_info = list(member_info) if member_info is not None else [{} for _ in members]
 
+    @classmethod
+    def training_hooks(cls, cfg) -> list[StepHook]:
+        """Per-step hooks each member's training loop runs for this family (e.g. SWAG's moment collection),
+        built from the run's Config; they also validate the family's config section. Default: none."""
+        return []
+
     # --- construction -------------------------------------------------------------------------------
     @classmethod
     def build(cls, scorer: AnswerScorer, members: Sequence[AdapterState],
@@ -72,8 +83,6 @@ class Posterior(ABC):
     def view(self, method: str, data=None, config=None) -> "Posterior":
         """This posterior seen as the registered family `method` (e.g. "map" of an ensemble): itself when
         `method` is its own, else built from its members; families that carry more (SWAG moments) override."""
-        from rayblora.posteriors import get_posterior_class
-
         if method == self.method:
             return self
         return get_posterior_class(method).build(self.scorer, self.members, self.member_info, data=data,
@@ -102,8 +111,6 @@ class Posterior(ABC):
     def predict_dataset(self, dataset, batch_size: int = 16,
                         progress: Callable[[int, int], None] | None = None) -> Predictive:
         """Predictive over a split (a `datasets.Dataset` with prompt / label / num_choices)."""
-        from rayblora.data.batches import eval_batches
-
         parts, done = [], 0
         for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
             parts.append(self.predict_batch(batch))

@@ -37,6 +37,8 @@ import torch
 
 from rayblora.config import ConfigError, SwagConfig, TrainConfig
 from rayblora.posteriors.base import AdapterState, Posterior
+from rayblora.registry import get_posterior_class
+from rayblora.train.checkpoint import read_hook_state
 
 SWAG_FILE = "swag.safetensors"
 HOOK_NAME = "swag"
@@ -202,17 +204,14 @@ class SwagCollector:
 
 def read_checkpoint_moments(directory: str | Path) -> tuple[list[str], SwagMoments]:
     """(parameter keys, moments) of the SWAG hook saved in a member checkpoint's trainer state."""
-    from rayblora.train.loop import TRAINER_STATE
-
-    path = Path(directory) / TRAINER_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {TRAINER_STATE}; not a member checkpoint")
-    hooks = torch.load(path, weights_only=True).get("hooks", [])
-    found = [h for h in hooks if isinstance(h, dict) and h.get("hook") == HOOK_NAME]
-    if not found or not found[0]["keys"]:
+    try:
+        state = read_hook_state(directory, HOOK_NAME)
+    except KeyError:
+        state = {"keys": []}
+    if not state["keys"]:
         raise ValueError(f"{directory}: the checkpoint holds no SWAG moments (was the member trained with "
                          "posterior.method = swa | swag | multiswag, and did it reach swag.start_step?)")
-    return list(found[0]["keys"]), SwagMoments.from_tensors(found[0], "moments")
+    return list(state["keys"]), SwagMoments.from_tensors(state, "moments")
 
 
 @dataclass
@@ -324,8 +323,6 @@ class SwagFamily(Posterior):
 
     def view(self, method: str, data=None, config=None) -> Posterior:
         """Another SWAG family from the same moments; any other family from the final iterates (the MAPs)."""
-        from rayblora.posteriors import get_posterior_class
-
         cls = get_posterior_class(method)
         if method == self.method:
             return self

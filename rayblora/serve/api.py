@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 import rayblora
-from rayblora.artifact import ArtifactError
 from rayblora.config import ServeConfig
+from rayblora.manifest import ArtifactError
 from rayblora.serve.engine import InputError, UnknownPosterior
 from rayblora.serve.schemas import ErrorResponse, Health, PosteriorList, PredictResponse, field_name, request_model
 

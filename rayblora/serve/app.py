@@ -18,9 +18,12 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from rayblora.artifact import load_posterior
 from rayblora.config import ConfigError, ServeConfig, load_config
+from rayblora.manifest import read_manifest, verify_files
+from rayblora.serve.engine import PosteriorEntry
 from rayblora.serve.schemas import NAME_PATTERN
 
 APP_NAME = "rayblora"
@@ -44,9 +47,6 @@ def parse_posterior_specs(specs: Sequence[str]) -> dict[str, str]:
 def check_posteriors(posteriors: Mapping[str, str | os.PathLike]) -> dict[str, str]:
     """Validate names, read every manifest and verify every file's checksum (ArtifactError naming the
     directory) before anything is deployed; returns absolute paths. Replicas verify again when loading."""
-    from rayblora.artifact import read_manifest, verify_files
-    from rayblora.serve.engine import PosteriorEntry
-
     if not posteriors:
         raise ConfigError("serve: give at least one posterior (--posterior DIR or --posterior name=DIR)")
     out = {}
@@ -72,8 +72,7 @@ def build_app(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathL
 
     `loader(path, scorer=None) -> Posterior` defaults to the verified :func:`rayblora.artifact.load_posterior`.
     """
-    from rayblora.artifact import load_posterior
-    from rayblora.serve.deployment import PosteriorServer, deployment_options
+    from rayblora.serve.deployment import PosteriorServer, deployment_options  # deferred: imports Ray Serve (s)
 
     paths = check_posteriors(posteriors)
     return PosteriorServer.options(**deployment_options(serve_config)).bind(
@@ -122,20 +121,12 @@ def start_server(serve_config: ServeConfig, posteriors: Mapping[str, str | os.Pa
     return base_url(serve_config, route_prefix)
 
 
-def _cmd_serve(args) -> int:
-    from rayblora.coordinator import ensure_ray
-
-    cfg = load_config(args.config, args.overrides)
-    changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    serve_cfg = dataclasses.replace(cfg.serve, **changes)
-    posteriors = check_posteriors(parse_posterior_specs(args.posterior))
-    ensure_ray(cfg.cluster)
-    url = start_server(serve_cfg, posteriors)
-    auth = "bearer token required" if resolve_token(serve_cfg) else "no auth"
-    print(f"rayblora: serving {', '.join(posteriors)} at {url}/v1/predict ({auth}; docs at {url}/docs); "
-          "Ctrl-C stops", flush=True)
+def serve_until_stopped(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathLike],
+                        on_ready: Callable[[str], object] = print) -> None:
+    """Deploy `posteriors` on the connected Ray, call `on_ready(base_url)`, and block until Ctrl-C or SIGTERM,
+    then shut Serve down (`rayblora serve`)."""
+    on_ready(start_server(serve_config, posteriors))
     _wait_for_interrupt()
-    return 0
 
 
 def _wait_for_interrupt() -> None:
@@ -154,15 +145,3 @@ def _wait_for_interrupt() -> None:
         print("rayblora: shutting down", flush=True)
     finally:
         serve.shutdown()
-
-
-def add_cli(subparsers) -> None:
-    """The `rayblora serve` verb."""
-    p = subparsers.add_parser("serve", help="serve posterior artifacts over HTTP with uncertainty (Ray Serve)")
-    p.add_argument("--posterior", action="append", required=True, metavar="[NAME=]DIR",
-                   help="posterior artifact to serve; repeat for several (the first is the default)")
-    p.add_argument("--host", default=None, help="bind address (default serve.host = 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port = 8000)")
-    p.add_argument("--config", default=None, help="YAML config whose `serve` section applies")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. serve.max_queued_requests=32")
-    p.set_defaults(func=_cmd_serve)

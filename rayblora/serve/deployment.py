@@ -17,6 +17,7 @@ from ray import serve
 
 from rayblora.config import ServeConfig
 from rayblora.predictive import Predictive
+from rayblora.serve.api import make_api
 from rayblora.serve.engine import Job, Loader, PosteriorPool, count_inputs, predict_jobs, predictions
 
 DEPLOYMENT_NAME = "PosteriorServer"
@@ -54,8 +55,6 @@ class PosteriorServer:
         self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
-        from rayblora.serve.api import make_api
-
         return make_api(self, self._auth_token)
 
     def list_posteriors(self) -> dict[str, Any]:

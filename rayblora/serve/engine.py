@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from rayblora.artifact import MANIFEST, read_manifest
+from rayblora.manifest import MANIFEST, read_manifest
 from rayblora.data.formats import TaskSpec, format_classification, format_multiple_choice
 from rayblora.predictive import Predictive
 

@@ -1,7 +1,7 @@
 """Fault injection and a step probe for the fault-tolerance tests (pure Python, no Ray).
 
 Driven by optional keys of a member's `train_loop_config`, which only tests set (through
-`rayblora.coordinator.train_members(cfg, extra=...)` or `rayblora.pipeline.train(cfg, extra=...)`); a
+`rayblora.workflows.coordinator.train_members(cfg, extra=...)` or `rayblora.workflows.train.train(cfg, extra=...)`); a
 production run carries none of them and gets no hooks:
 
 - ``probe_dir``: every worker appends one JSON line per optimizer step it executes to

@@ -20,10 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from rayblora.config import TrainConfig
 from rayblora.data.batches import eval_batches, train_batch
-
-ADAPTER = "adapter.safetensors"
-TRAINER_STATE = "trainer_state.pt"
-STATE_JSON = "state.json"
+from rayblora.model import set_lora_state
+from rayblora.train.checkpoint import ADAPTER, STATE_JSON, TRAINER_STATE, read_step_state, read_trainer_state
+from rayblora.train.deepspeed import DeepSpeedStepper
 
 
 class StepHook(Protocol):
@@ -42,7 +41,7 @@ class StepHook(Protocol):
 
 class TrainingObjective(Protocol):
     """Optional extension of a step hook that changes what the loop trains and how (e.g. variational
-    inference, :mod:`rayblora.hybrid.variational`); at most one hook of a member may implement it."""
+    inference, :mod:`rayblora.posteriors.hybrid.variational`); at most one hook of a member may implement it."""
 
     def trainable_parameters(self, scorer) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters the optimizer updates (instead of the scorer's LoRA parameters)."""
@@ -61,18 +60,6 @@ def training_objective(hooks: Sequence[StepHook]) -> TrainingObjective | None:
     if len(found) > 1:
         raise ValueError(f"{len(found)} step hooks define a training objective; at most one may")
     return found[0] if found else None
-
-
-def read_hook_state(directory: str | Path, hook: str) -> dict[str, Any]:
-    """The checkpointed state dict of the step hook named `hook` (its state's "hook" entry) in a member
-    checkpoint's trainer state; KeyError naming the hook if the checkpoint has none."""
-    path = Path(directory) / TRAINER_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {TRAINER_STATE}; not a member checkpoint")
-    for state in torch.load(path, weights_only=True).get("hooks", []):
-        if isinstance(state, dict) and state.get("hook") == hook:
-            return state
-    raise KeyError(f"{directory}: the checkpoint holds no state of the {hook!r} training hook")
 
 
 def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
@@ -207,10 +194,8 @@ class TrainerState:
 
     def restore(self, directory: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` (tensors only: `weights_only=True`)."""
-        from rayblora.model import set_lora_state
-
         d = Path(directory)
-        blob = torch.load(d / TRAINER_STATE, weights_only=True)
+        blob = read_trainer_state(d)
         if not self.stepper.load(d):
             set_lora_state(self.scorer.model, load_file(str(d / ADAPTER)))
         self.stepper.load_state_dict(blob["stepper"])
@@ -218,7 +203,7 @@ class TrainerState:
             torch.set_rng_state(blob["cpu_rng"])
         for hook, state in zip(self.hooks, blob["hooks"]):
             hook.load_state_dict(state)
-        self.step = json.loads((d / STATE_JSON).read_text())["step"]
+        self.step = read_step_state(d)["step"]
 
 
 def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContext) -> float:
@@ -247,8 +232,6 @@ def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     if cfg.strategy == "deepspeed":
-        from rayblora.train.deepspeed import DeepSpeedStepper
-
         stepper = DeepSpeedStepper(scorer, optimizer, scheduler, cfg, use_gpu)
     else:
         stepper = TorchStepper(scorer, optimizer, scheduler, cfg)

@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from rayblora.posteriors.kfac import ggn_columns
+from rayblora.data.batches import eval_batches
+from rayblora.posteriors.laplace.kfac import ggn_columns
 
 
 def diagonal_ggn(adapter, dataset, scorer, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -29,8 +30,6 @@ def diagonal_ggn(adapter, dataset, scorer, progress: Callable[[int, int], None] 
     binary answer; the frozen layers below the adapter get no gradient. Answers the prompt does not offer
     (-inf logits) have p = 0 and add nothing.
     """
-    from rayblora.data.batches import eval_batches
-
     theta = adapter.mean.detach().clone().requires_grad_(True)
     total = torch.zeros_like(theta)
     with scorer.restoring_adapter():

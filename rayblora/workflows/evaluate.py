@@ -16,7 +16,7 @@ from rayblora import predictive
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, load_task_data, split_name
-from rayblora.posteriors import get_posterior_class
+from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
 
 MEMBER_VIEWS = ("map", "ensemble")

@@ -1,7 +1,7 @@
 """The linearised (GLM) Laplace predictive and the Laplace evidence over LoRA blocks (pure torch).
 
 Posterior precision of block b with prior precision δ_b (Laplace-LoRA, arXiv 2308.13111, sec. 3):
-P_b = curvature_b + δ_b I, diagonal in the block's eigenbasis (:class:`~rayblora.posteriors.kfac.BlockEigen`)
+P_b = curvature_b + δ_b I, diagonal in the block's eigenbasis (:class:`~rayblora.posteriors.laplace.kfac.BlockEigen`)
 with eigenvalues Λ_b + δ_b, and δ_b on the complement where a low-rank factor leaves one.
 
 * GLM predictive (sec. 3.2): f(x) ~ N(f_θ*(x), J Σ Jᵀ) over the C answer logits. With Ĵ = q_outᵀ J q_in, the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayblora.posteriors.kfac import (BlockEigen, LogitsFn, backprop_columns, identity_columns)
+from rayblora.posteriors.laplace.kfac import (BlockEigen, LogitsFn, backprop_columns, identity_columns)
 
 
 @dataclass

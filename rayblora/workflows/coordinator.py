@@ -1,138 +1,85 @@
-"""The coordinator: one Ray Train run per member, launched concurrently, gathered into a posterior artifact.
+"""The coordinator: one Ray Train run per member, launched concurrently, gathered into a posterior's members.
 
 Ray Train is SPMD (its workers share one model), so K independent members are K TorchTrainer runs
-(DESIGN rule 5). They are started together from driver threads; Ray schedules as many at once as the
-cluster's resources allow and queues the rest. Finished members are kept under `<output.dir>/members/<i>/`,
-so a resubmitted job skips them.
+(docs/ARCHITECTURE.md, "members are independent runs"). They are started together from driver threads; Ray
+schedules as many at once as the cluster's resources allow and queues the rest. Each worker runs
+:func:`member_train_loop`, which trains through :func:`rayblora.workflows.members.train_one_member` and reports
+checkpoints (adapter, optimizer, scheduler, step, hook state) so a restarted worker resumes where the last one
+left off. Finished members are kept under `<output.dir>/members/<i>/`, so a resubmitted job skips them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import shutil
+import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
-from safetensors.torch import load_file
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from rayblora.config import ClusterConfig, Config
-from rayblora.train.loop import ADAPTER, STATE_JSON
-from rayblora.train.worker import member_seed, member_train_loop
+from rayblora.config import Config, config_from_dict
+from rayblora.train.faults import injected_hooks
+from rayblora.train.loop import TrainerState, nan_safe
+from rayblora.workflows.members import (MemberResult, config_digest, keep_finished, load_finished,
+                                        train_one_member)
+from rayblora.workflows.runtime import RAY_ENV, ensure_ray
 
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+__all__ = ["EnsembleOutcome", "MemberResult", "RAY_ENV", "TrainingError", "config_digest", "ensure_ray",
+           "member_train_loop", "member_trainer", "run_members", "train_members"]
 
 
 class TrainingError(RuntimeError):
     """Too few members finished training."""
 
 
-@dataclass
-class MemberResult:
-    """A finished member: its adapter tensors, seed, final metrics and the directory of its last checkpoint."""
-
-    index: int
-    seed: int
-    adapter: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-    checkpoint_dir: str
-
-    def info(self) -> dict[str, Any]:
-        return {"index": self.index, "seed": self.seed, "metrics": self.metrics}
+def _resume_dir() -> str | None:
+    """A local copy of the checkpoint Ray Train restores this worker from, if any (the caller removes it)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    resume_dir = tempfile.mkdtemp(prefix="rayblora-resume-")
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, resume_dir, dirs_exist_ok=True)
+    return resume_dir
 
 
-def ensure_ray(cluster: ClusterConfig) -> None:
-    """Connect to the configured cluster, or start a local Ray in this process."""
-    import ray
+def member_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of one member run (called by Ray Train on every worker).
 
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
-    address = cluster.address or os.environ.get("RAY_ADDRESS", "")
-    if address:  # a running cluster (`ray job submit` sets RAY_ADDRESS for the driver); its env is its own
-        ray.init(address=address)
-    else:
-        start_local_ray(cluster.num_cpus or None)
+    Everything the worker needs travels in `config`: the run config as a dict and the member index (plus the
+    fault-injection keys of :mod:`rayblora.train.faults` in tests)."""
+    cfg = config_from_dict(config["config"])
+    member = int(config["member"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    test_hooks = injected_hooks(config, member, rank, ray.get_runtime_context().get_node_id())  # tests only
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
 
+    def on_checkpoint(step: int, metrics: dict[str, float], state: TrainerState) -> None:
+        clean = nan_safe(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            state.save(d, clean, primary=rank == 0)  # every rank: ZeRO shards and gathers are collective
+            has_files = any(os.scandir(d))
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
 
-def start_local_ray(num_cpus: int | None) -> None:
-    """Start a local Ray head whose workers know its address.
-
-    Ray Train's placement-group cleaner polls the State API from inside the cluster; without it a Train run
-    whose controller is killed (a Tune trial stopped by ASHA) leaks its workers' placement group and CPUs, and
-    later trials wait forever. The State API needs the dashboard (bound to 127.0.0.1) and, when another local
-    Ray runs on the machine (a notebook, a test session), `RAY_ADDRESS` in the workers' environment: without it
-    they cannot tell which cluster is theirs. So the GCS port is chosen here and passed to every worker.
-    """
-    import socket
-
-    import ray
-
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    gcs_address = f"{ray.util.get_node_ip_address()}:{port}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    resume_dir = _resume_dir()
+    device = str(ray.train.torch.get_device()) if cfg.cluster.use_gpu else None  # the GPU Ray Train assigned
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}})
+        train_one_member(cfg, member, label=f"member {member} rank {rank}", on_checkpoint=on_checkpoint,
+                         resume_dir=resume_dir, rank=rank, world_size=world, device=device,
+                         extra_hooks=test_hooks)
     finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT")
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
-
-
-def config_digest(cfg: Config) -> str:
-    """Digest of what determines a member's training (model, adapter, data, train)."""
-    d = cfg.to_dict()
-    keep = {k: d[k] for k in ("model", "adapter", "data", "train")}
-    keep["posterior_method"] = d["posterior"]["method"]
-    from rayblora.posteriors import get_posterior_class
-
-    for section in get_posterior_class(cfg.posterior.method).training_sections:
-        keep[section] = d[section]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _member_dir(cfg: Config, i: int) -> Path:
-    return cfg.out_dir.resolve() / "members" / str(i)
-
-
-def _load_finished(cfg: Config, i: int) -> MemberResult | None:
-    """A member finished by an earlier submission of the same config, if any."""
-    d = _member_dir(cfg, i)
-    try:
-        meta = json.loads((d / "member.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("config_digest") != config_digest(cfg):
-        return None
-    return MemberResult(i, meta["seed"], load_file(str(d / ADAPTER)), meta["metrics"], str(d))
-
-
-def _keep_finished(cfg: Config, i: int, checkpoint_dir: str) -> MemberResult:
-    """Copy a member's final checkpoint to `<out>/members/<i>/` (atomically) and load it."""
-    import shutil
-
-    final = _member_dir(cfg, i)
-    tmp = final.with_name(f".{i}.tmp-{uuid.uuid4().hex}")
-    shutil.copytree(checkpoint_dir, tmp)
-    state = json.loads((tmp / STATE_JSON).read_text())
-    meta = {"seed": member_seed(cfg, i), "metrics": state["metrics"], "config_digest": config_digest(cfg)}
-    (tmp / "member.json").write_text(json.dumps(meta))
-    from rayblora.artifact import replace_dir
-
-    replace_dir(tmp, final)
-    return MemberResult(i, meta["seed"], load_file(str(final / ADAPTER)), meta["metrics"], str(final))
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | None = None,
@@ -140,9 +87,6 @@ def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | No
     """The TorchTrainer of member `i`: its own seed, the configured scaling, storage and retries.
 
     `callbacks` are Ray Train run callbacks (e.g. the Tune sweep's relay of reported metrics to its trial)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
     return TorchTrainer(
         member_train_loop,
@@ -163,7 +107,7 @@ def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any],
         if result.checkpoint is None:
             raise TrainingError(f"member {i} finished without a checkpoint")
         with result.checkpoint.as_directory() as d:
-            member = _keep_finished(cfg, i, d)
+            member = keep_finished(cfg, i, d)
     except Exception as exc:  # one member failing must not stop the others
         log(f"[coordinator] member {i} failed after {time.time() - t0:.0f} s: {type(exc).__name__}: {exc}")
         return exc
@@ -214,7 +158,7 @@ def run_members(cfg: Config, log: Callable[[str], None] = print,
     """
     ensure_ray(cfg.cluster)
     k = cfg.posterior.members
-    done = {i: m for i in range(k) if (m := _load_finished(cfg, i)) is not None}
+    done = {i: m for i in range(k) if (m := load_finished(cfg, i)) is not None}
     if done:
         log(f"[coordinator] reusing finished members {sorted(done)} from {cfg.out_dir / 'members'}")
     outcome = EnsembleOutcome(k, [], sorted(done), {})

@@ -3,7 +3,7 @@
 Laplace-LoRA (Yang et al., arXiv 2308.13111, sec. 3) gives, for prior precision δ, the GLM predictive
 f(x) ~ N(f_θ*(x), J Σ_δ Jᵀ) and the evidence log p(D | δ). Neither needs a new forward or backward pass when δ
 changes: J Σ_δ Jᵀ comes from the rotated per-example Jacobians and the curvature eigenvalues
-(:func:`rayblora.posteriors.glm.functional_covariance`), the evidence from the eigenvalues, ‖θ*‖² and the
+(:func:`rayblora.posteriors.laplace.glm.functional_covariance`), the evidence from the eigenvalues, ‖θ*‖² and the
 log-likelihood (:meth:`MemberLaplace.log_marglik`). :class:`PriorCache` holds exactly those for every fitted
 member on the validation split — built once, at the cost of one validation pass of the GLM predictive (one
 forward and C backward passes per batch) — and evaluates any δ from them.
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from rayblora import metrics
-from rayblora.posteriors import glm
-from rayblora.posteriors.kfac import BlockEigen
-from rayblora.posteriors.laplace import LaplacePosterior, MemberLaplace
+from rayblora.data.batches import eval_batches
+import rayblora.posteriors.laplace.glm as glm
+from rayblora.posteriors.laplace.kfac import BlockEigen
+from rayblora.posteriors.laplace.posterior import LaplacePosterior, MemberLaplace
 
 
 @dataclass
@@ -43,8 +44,6 @@ class PriorCache:
     @classmethod
     def from_posterior(cls, posterior: LaplacePosterior, dataset, batch_size: int) -> "PriorCache":
         """One pass over `dataset` (a split with prompt / label / num_choices) per fitted member."""
-        from rayblora.data.batches import eval_batches
-
         scorer = posterior.scorer
         data = list(eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length))
         batches = [[posterior.glm_batch(m, b) for b in data] for m in range(len(posterior.fits))]
@@ -56,7 +55,7 @@ class PriorCache:
 
     def probs(self, prior: float) -> torch.Tensor:
         """(N, C) probit GLM predictive at scalar prior precision `prior` (every block, every fitted member),
-        averaged over the fitted members (probabilities, DESIGN rule 6)."""
+        averaged over the fitted members (probabilities: docs/ARCHITECTURE.md, "aggregation")."""
         out = []
         for b in range(len(self.batches[0])):
             per_member = [glm.probit_probs(jac.f_mu, glm.functional_covariance(jac, fit.eigens,

@@ -11,7 +11,7 @@ Each top-level key is a dotted config field; its value is a distribution (a one-
 
 Every choice and both bounds of every range are built into a full :class:`~rayblora.config.Config` before the
 sweep starts, so an unknown field or a bad value fails naming the field. Integer fields take only choice, grid,
-randint or a fixed value. Pure Python: Ray is imported only to turn a dimension into a Tune domain.
+randint or a fixed value.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence, get_type_hints
 
 import yaml
+from ray import tune
 
 from rayblora.config import Config, ConfigError, config_from_dict
 
@@ -51,8 +52,6 @@ class Dimension:
 
     def domain(self) -> Any:
         """The Tune search-space domain of this dimension (the value itself when fixed)."""
-        from ray import tune
-
         lo, hi = (self.values + (None, None))[:2]
         return {"fixed": lambda: self.values[0], "choice": lambda: tune.choice(list(self.values)),
                 "grid": lambda: tune.grid_search(list(self.values)), "uniform": lambda: tune.uniform(lo, hi),

@@ -10,10 +10,10 @@ t+1 starting from round t's posterior mean and using round t's posterior N(μ_t,
                                               from scratch on the pooled training splits of every round
 
 each with its lineage in the manifest (chain, round, task, parent artifact and the sha256 of its manifest).
-Each round's members are Ray Train runs through :func:`rayblora.pipeline.train`, or, with `in_process=True`,
-trained in this process by the pure-torch loop (tests, small runs). The report evaluates every round's
-posterior on the test split of every round so far (the forgetting matrix of accuracy / NLL / ECE) and, for the
-last round, the accuracy after rejecting the 0–90 % most uncertain examples (predictive entropy).
+Each round's members are Ray Train runs through :func:`rayblora.workflows.train.train`, or, with `in_process=True`,
+trained in this process (:func:`rayblora.workflows.members.train_members_in_process`; tests, small runs). The report
+evaluates every round's posterior on the test split of every round so far (the forgetting matrix of accuracy / NLL /
+ECE) and, for the last round, the accuracy after rejecting the 0–90 % most uncertain examples (predictive entropy).
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rayblora.artifact import (MANIFEST, ArtifactError, load_posterior, read_manifest, save_posterior, sha256_file,
-                               write_json_atomic)
+from rayblora.artifact import load_posterior
 from rayblora.config import Config, ConfigError, HybridConfig
 from rayblora.data.sources import load_task_data, split_name
-from rayblora.hybrid.variational import HOOK_NAME
+from rayblora.posteriors.hybrid.variational import HOOK_NAME
+from rayblora.manifest import ArtifactError, parent_lineage, read_manifest, write_json_atomic, write_text_atomic
 from rayblora.metrics import accuracy_at_coverage, classification_metrics
 from rayblora.report import SplitResult, write_coverage_png
+from rayblora.scoring import build_scorer
+from rayblora.workflows.train import train
 
 CHAINS = {"dynamic": True, "naive": False}
 """Chain name -> whether round t's posterior is round t+1's prior."""
@@ -84,36 +86,8 @@ def round_lineage(chain: str, t: int, task: str, parent: Path | None) -> dict[st
     lineage: dict[str, Any] = {"chain": chain, "round": t, "task": task, "round_prior": CHAINS.get(chain, False),
                                "parent": None, "parent_manifest_sha256": None}
     if parent is not None:
-        lineage.update(parent=str(parent), parent_manifest_sha256=sha256_file(parent / MANIFEST))
+        lineage.update(parent_lineage(parent))
     return lineage
-
-
-def train_in_process(cfg: Config, lineage: dict[str, Any], log: Callable[[str], None] = print) -> Path:
-    """Train the members of `cfg` one after another in this process (no Ray), write `<output.dir>/posterior`."""
-    import torch
-
-    from rayblora.posteriors import get_posterior_class
-    from rayblora.scoring import build_scorer
-    from rayblora.train.loop import LoopContext, nan_safe, train_member
-    from rayblora.train.worker import make_hooks, member_seed
-
-    data = load_task_data(cfg.data)
-    states, infos, dirs, scorer = [], [], [], None
-    for i in range(cfg.posterior.members):
-        seed = member_seed(cfg, i)
-        torch.manual_seed(seed)
-        scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
-        directory = cfg.out_dir / "members" / str(i)
-        ctx = LoopContext(seed=seed, hooks=make_hooks(cfg), log=log, label=f"{cfg.output.name} member {i}",
-                          on_checkpoint=lambda step, m, state, d=directory: state.save(d, nan_safe(m)))
-        metrics = train_member(scorer, data.train, data.validation, cfg.train, ctx)
-        states.append(scorer.adapter_state())
-        infos.append({"index": i, "seed": seed, "metrics": nan_safe(metrics)})
-        dirs.append(str(directory))
-    posterior = get_posterior_class(cfg.posterior.method).build(scorer, states, infos, data=data, config=cfg,
-                                                                member_dirs=dirs)
-    return save_posterior(posterior, cfg.out_dir / "posterior", model_config=cfg.model, adapter_config=cfg.adapter,
-                          training={"config": cfg.to_dict(), "in_process": True}, lineage=lineage)
 
 
 def finished_round(cfg: Config, lineage: dict[str, Any]) -> Path | None:
@@ -130,13 +104,11 @@ def finished_round(cfg: Config, lineage: dict[str, Any]) -> Path | None:
 
 
 def _train_round(cfg: Config, lineage: dict[str, Any], in_process: bool, log: Callable[[str], None]) -> Path:
-    from rayblora.pipeline import train
-
     done = finished_round(cfg, lineage)
     if done is not None:
         log(f"[rounds] {cfg.output.name}: reusing {done} (same config and parent)")
         return done
-    return Path(train_in_process(cfg, lineage, log) if in_process else train(cfg, log, lineage=lineage))
+    return Path(train(cfg, log, lineage=lineage, in_process=in_process))
 
 
 def run_retrain(cfg: Config, tasks: Sequence[str], in_process: bool = False,
@@ -257,8 +229,6 @@ def render_rounds_markdown(report: dict[str, Any]) -> str:
 def evaluate_rounds(cfg: Config, tasks: Sequence[str], paths: dict[str, list[Path]],
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate every chain's rounds; write report.json, report.md and rejection.png under output.dir."""
-    from rayblora.scoring import build_scorer
-
     data = {split_name(t): load_task_data(dataclasses.replace(cfg.data, task=t, shift_tasks=())) for t in tasks}
     first = next(iter(data.values()))
     scorer = build_scorer(cfg.model, cfg.adapter, first.spec, cfg.data.max_length)
@@ -276,9 +246,7 @@ def evaluate_rounds(cfg: Config, tasks: Sequence[str], paths: dict[str, list[Pat
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "report.json", report)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(render_rounds_markdown(report))
-    tmp.replace(out / "report.md")
+    write_text_atomic(out / "report.md", render_rounds_markdown(report))
     write_coverage_png(out / "rejection.png", last_results, report["tasks"][-1])
     return report
 

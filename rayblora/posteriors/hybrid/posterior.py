@@ -1,6 +1,6 @@
 """`hybrid_vi`: the Bayesian hybrid adapter (BH-PEFT, arXiv 2508.02711, sec. 3), a mean-field Gaussian
 posterior over LoRA + prefix + bottleneck adapter parameters trained by variational inference
-(:mod:`rayblora.hybrid.variational`).
+(:mod:`rayblora.posteriors.hybrid.variational`).
 
 Prediction draws S parameter vectors θ_s = μ + σ ⊙ ε_s per member (ε seeded by `hybrid.sample_seed`, so a
 batch's prediction is reproducible) and averages the S · K answer softmaxes (the Bayesian model average).
@@ -8,8 +8,9 @@ batch's prediction is reproducible) and averages the S · K answer softmaxes (th
 Artifact: `members/<k>/` hold the LoRA part of member k's posterior mean (PEFT-loadable); `hybrid.safetensors`
 holds per member k the flat tensors `k.mean` (μ), `k.rho` (ρ, σ = softplus(ρ)), `k.prior_mean` and
 `k.prior_precision` (the prior it was trained against) and, with `hybrid.round_precision: laplace`,
-`k.laplace_precision` (the next round's prior precision, :mod:`rayblora.hybrid.laplace_prior`); the manifest's
-family section names the tensors and the hybrid parts, so the prefix / bottleneck modules are rebuilt on load.
+`k.laplace_precision` (the next round's prior precision, :mod:`rayblora.posteriors.hybrid.laplace_prior`); the
+manifest's family section names the tensors and the hybrid parts, so the prefix / bottleneck modules are rebuilt on
+load.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from typing import Any, Sequence
 import torch
 
 from rayblora.config import AdapterConfig, HybridConfig
-from rayblora.hybrid.gaussian import DiagonalGaussian, softplus_std
-from rayblora.hybrid.laplace_prior import diagonal_ggn
-from rayblora.hybrid.modules import HybridModules, set_active
-from rayblora.hybrid.variational import HOOK_NAME, HYBRID_FILE, VariationalAdapter, VariationalTraining
+from rayblora.posteriors.hybrid.gaussian import DiagonalGaussian, softplus_std
+from rayblora.posteriors.hybrid.laplace_prior import diagonal_ggn
+from rayblora.posteriors.hybrid.modules import HybridModules, set_active
+from rayblora.posteriors.hybrid.variational import HOOK_NAME, HYBRID_FILE, VariationalAdapter, VariationalTraining
 from rayblora.model import set_lora_state
 from rayblora.posteriors.base import AdapterState, Posterior
-from rayblora.train.loop import read_hook_state
+from rayblora.train.checkpoint import read_hook_state
 
 PARTS = ("lora", "prefix_tokens", "prefix_init_std", "bottleneck_dim")
 """HybridConfig fields that fix the adapter's shape (stored in the manifest)."""
@@ -118,7 +119,7 @@ class HybridVIPosterior(Posterior):
 
     def fit_laplace_precision(self, train_split) -> None:
         """Each member's diagonal Laplace precision at its mean: its prior precision + the GGN diagonal of
-        `train_split` (:mod:`rayblora.hybrid.laplace_prior`), stored with the artifact for the next round."""
+        `train_split` (:mod:`rayblora.posteriors.hybrid.laplace_prior`), stored with the artifact for the next round."""
         def progress(done: int, total: int) -> None:
             if done % 64 == 0 or done == total:
                 print(f"[{self.method}] Laplace precision: {done}/{total} training prompts", flush=True)

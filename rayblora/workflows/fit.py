@@ -18,15 +18,20 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from rayblora.artifact import MANIFEST, load_posterior, read_manifest, save_posterior, sha256_file
-from rayblora.config import Config, ConfigError, config_from_dict, load_config
+from rayblora.artifact import load_posterior, save_derived
+from rayblora.config import Config, ConfigError, config_from_dict
 from rayblora.data.sources import load_task_data
-from rayblora.posteriors import get_posterior_class
-from rayblora.posteriors.kfac import LoraCurvature, find_lora_sites
-from rayblora.posteriors.laplace import LaplacePosterior, fit_curvature
+from rayblora.posteriors.laplace import fit_curvature
+from rayblora.posteriors.laplace.kfac import LoraCurvature, find_lora_sites
+from rayblora.registry import get_posterior_class
+from rayblora.workflows.runtime import ensure_ray
 
 LAPLACE_METHODS = ("laplace", "laplace_ensemble")
 
@@ -45,7 +50,6 @@ def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, meth
                 log: Callable[[str], None] = print) -> Path:
     """Fit `laplace` / `laplace_ensemble` on the members of the artifact `artifact_dir`; write it to `out_dir`."""
     parent = load_posterior(artifact_dir)
-    manifest = read_manifest(artifact_dir)
     cls = get_posterior_class(laplace_method(cfg, len(parent.members), method))
     data = load_task_data(cfg.data)
     if tuple(data.spec.choices) != tuple(parent.scorer.spec.choices):
@@ -66,15 +70,7 @@ def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, meth
     meta["seconds"] = round(time.time() - t0, 2)
     log(f"[fit] {cls.method} on {len(members)} member(s), {meta['n_data']} examples, {meta['workers']} worker(s): "
         f"{meta['seconds']:.1f} s; prior precision {[f.prior.tolist() for f in post.fits]}")
-    return _save(post, manifest, artifact_dir, out_dir)
-
-
-def _save(post: LaplacePosterior, manifest: dict[str, Any], artifact_dir, out_dir) -> Path:
-    parent_cfg = config_from_dict({"model": manifest["base_model"]["config"], "adapter": manifest["adapter"]})
-    lineage = {"parent": str(Path(artifact_dir).resolve()), "parent_method": manifest["method"],
-               "parent_manifest_sha256": sha256_file(Path(artifact_dir) / MANIFEST)}
-    return save_posterior(post, out_dir, model_config=parent_cfg.model, adapter_config=parent_cfg.adapter,
-                          training=manifest.get("training", {}), lineage=lineage)
+    return save_derived(post, artifact_dir, out_dir)
 
 
 # --- the Ray Train path ----------------------------------------------------------------------------------------
@@ -84,9 +80,6 @@ def _curvature_file(member: int) -> str:
 
 def laplace_fit_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker`: this worker's shard of the curvature pass, summed over all workers."""
-    import ray.train
-    import torch.distributed as dist
-
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,11 +108,6 @@ def laplace_fit_loop(config: dict[str, Any]) -> None:
 def distributed_curvatures(artifact_dir, cfg: Config, scorer, members: list[int],
                            log: Callable[[str], None] = print) -> dict[int, LoraCurvature]:
     """Run the curvature pass as one Ray Train run of `laplace.fit_workers` workers; the summed curvatures."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from rayblora.coordinator import ensure_ray
-
     ensure_ray(cfg.cluster)
     storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
     trainer = TorchTrainer(
@@ -142,23 +130,3 @@ def distributed_curvatures(artifact_dir, cfg: Config, scorer, members: list[int]
             curv.load_state_tensors(load_file(str(Path(d) / _curvature_file(i))))
             out[i] = curv
     return out
-
-
-# --- command line ---------------------------------------------------------------------------------------------
-def _cmd_fit(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or str(cfg.out_dir / "posterior-laplace")
-    print(fit_laplace(args.posterior, cfg, out, method=args.method or None))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Add `rayblora fit --posterior DIR --config CFG [--method M] [--out DIR] [overrides]`."""
-    p = subparsers.add_parser("fit", help="fit a Laplace-LoRA posterior onto a trained artifact (new artifact)")
-    p.add_argument("--config", default=None, help="YAML config (see jobs/configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. laplace.fit_workers=2")
-    p.add_argument("--posterior", required=True, help="parent artifact directory (ensemble or map)")
-    p.add_argument("--method", default="", choices=["", *LAPLACE_METHODS],
-                   help="laplace | laplace_ensemble (default: posterior.method if Laplace, else by member count)")
-    p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-laplace)")
-    p.set_defaults(func=_cmd_fit)

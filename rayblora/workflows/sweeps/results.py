@@ -1,6 +1,6 @@
-"""Bookkeeping shared by the Ray Tune sweeps (:mod:`rayblora.tune`): what a sweep returns, its CSV + markdown
-tables (atomic writes), Tune's per-trial states, and resumable experiments (`Tuner.restore` of the experiment in
-`<out>/tune/<name>` when `<out>/sweep.json` says it is the same sweep). Ray is imported inside the functions.
+"""Bookkeeping shared by the Ray Tune sweeps (:mod:`rayblora.workflows.sweeps`): what a sweep returns, its CSV +
+markdown tables (atomic writes), Tune's per-trial states, and resumable experiments (`Tuner.restore` of the
+experiment in `<out>/tune/<name>` when `<out>/sweep.json` says it is the same sweep).
 """
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from rayblora.artifact import write_json_atomic
+from ray import tune
+from ray.tune import ExperimentAnalysis
+
 from rayblora.config import ConfigError
+from rayblora.manifest import write_json_atomic, write_text_atomic
 
 SWEEP_JSON = "sweep.json"
 
@@ -34,12 +35,6 @@ class SweepOutcome:
     best: dict[str, Any]
     chosen: Path
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _cell(value: Any) -> str:
@@ -71,8 +66,6 @@ class SweepInterrupted(RuntimeError):
 
 def trial_states(experiment_dir: Path) -> dict[str, tuple[str, str]]:
     """Trial directory name -> (trial id, Tune status: TERMINATED, ERROR, PENDING, RUNNING or PAUSED)."""
-    from ray.tune import ExperimentAnalysis
-
     return {Path(t.path).name: (t.trial_id, t.status) for t in ExperimentAnalysis(str(experiment_dir)).trials}
 
 
@@ -90,8 +83,6 @@ def open_tuner(out: Path, experiment: str, identity: dict[str, Any], trainable, 
 
     `identity` (config, space, scheduler, ...) is kept in `<out>/sweep.json`; another sweep in the same `out`
     is refused rather than silently continued."""
-    from ray import tune
-
     identity = json.loads(json.dumps(identity))
     exp_dir, marker = out / "tune" / experiment, out / SWEEP_JSON
     if tune.Tuner.can_restore(exp_dir):
@@ -109,7 +100,5 @@ def open_tuner(out: Path, experiment: str, identity: dict[str, Any], trainable, 
 def tune_run_config(out: Path, experiment: str):
     """Tune's RunConfig of a sweep: the experiment under `<out>/tune/`, no trial retries (a member's retries
     are its Train run's)."""
-    from ray import tune
-
     return tune.RunConfig(name=experiment, storage_path=str(out / "tune"),
                           failure_config=tune.FailureConfig(max_failures=0), verbose=1)

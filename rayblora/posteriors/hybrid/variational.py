@@ -8,8 +8,8 @@ ELBO per example with one reparameterised draw per step (Blundell et al. 2015, "
 
 over the C-way answer softmax f (Laplace-LoRA's scoring, arXiv 2308.13111, sec. 4), N the training-set size.
 The prior p is N(0, prior_std² I) in the first round and the previous round's posterior afterwards
-(:mod:`rayblora.hybrid.gaussian`). A draw is evaluated with `torch.func.functional_call`, which substitutes the
-drawn tensors for the model's own for one forward, so gradients reach μ and ρ.
+(:mod:`rayblora.posteriors.hybrid.gaussian`). A draw is evaluated with `torch.func.functional_call`, which
+substitutes the drawn tensors for the model's own for one forward, so gradients reach μ and ρ.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from safetensors.torch import load_file
+
 from rayblora.config import AdapterConfig, Config, ConfigError, HybridConfig
-from rayblora.hybrid.gaussian import DiagonalGaussian, inverse_softplus, softplus_std
-from rayblora.hybrid.modules import HybridModules, active, set_active
+from rayblora.manifest import ArtifactError, read_manifest, verify_files
+from rayblora.posteriors.hybrid.gaussian import DiagonalGaussian, inverse_softplus, softplus_std
+from rayblora.posteriors.hybrid.modules import HybridModules, active, set_active
 
 HOOK_NAME = "hybrid_vi"
 HYBRID_FILE = "hybrid.safetensors"
@@ -122,13 +125,9 @@ def prior_from_artifact(path: str, round_precision: str = "variational"
     """(tensor names, σ_t (P,), N(μ_t, Λ_t⁻¹)) of member 0 of a hybrid_vi artifact, its checksums verified.
 
     μ_t and σ_t initialise the next round's posterior; N(μ_t, (hybrid.prior_scale · Λ_t)⁻¹) is its prior
-    (:mod:`rayblora.hybrid.gaussian`), with Λ_t = 1 / σ_t² (`variational`) or the artifact's diagonal Laplace
-    precision (`laplace`, :mod:`rayblora.hybrid.laplace_prior`).
+    (:mod:`rayblora.posteriors.hybrid.gaussian`), with Λ_t = 1 / σ_t² (`variational`) or the artifact's diagonal Laplace
+    precision (`laplace`, :mod:`rayblora.posteriors.hybrid.laplace_prior`).
     """
-    from safetensors.torch import load_file
-
-    from rayblora.artifact import ArtifactError, read_manifest, verify_files
-
     root = Path(path)
     try:
         manifest = read_manifest(root)

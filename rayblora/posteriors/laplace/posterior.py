@@ -2,8 +2,8 @@
 
 `laplace` puts a Gaussian N(θ*, (curvature + δ I)⁻¹) on the LoRA parameters of the MAP adapter (member 0);
 `laplace_ensemble` is a mixture of Laplaces, one per ensemble member, whose predictive averages the members'
-GLM predictives (probabilities, DESIGN rule 6). Curvature: :mod:`rayblora.posteriors.kfac`; predictive and
-evidence: :mod:`rayblora.posteriors.glm`.
+GLM predictives (probabilities: docs/ARCHITECTURE.md, "aggregation"). Curvature:
+:mod:`rayblora.posteriors.laplace.kfac`; predictive and evidence: :mod:`rayblora.posteriors.laplace.glm`.
 
 Predictive (`laplace.link`):
 * probit: `probs` is the probit approximation of each member's GLM predictive, averaged over members;
@@ -30,11 +30,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from rayblora import predictive
-from rayblora.config import Config, LaplaceConfig
+from rayblora.config import Config, LaplaceConfig, config_from_dict
+from rayblora.data.batches import eval_batches
 from rayblora.model import set_lora_state
-from rayblora.posteriors import glm
 from rayblora.posteriors.base import Posterior
-from rayblora.posteriors.kfac import BlockEigen, LoraCurvature, block_modules, find_lora_sites, state_key
+import rayblora.posteriors.laplace.glm as glm
+from rayblora.posteriors.laplace.kfac import BlockEigen, LoraCurvature, block_modules, find_lora_sites, state_key
 from rayblora.predictive import Predictive
 
 LAPLACE_FILE = "laplace.safetensors"
@@ -103,8 +104,6 @@ def grads_only_for(model: torch.nn.Module, modules: dict[str, torch.nn.Linear]) 
 
 def fit_batches(dataset, scorer, batch_size: int, limit: int) -> Iterator[dict[str, torch.Tensor]]:
     """The curvature's batches of a split, in order (the first `limit`, 0 = all)."""
-    from rayblora.data.batches import eval_batches
-
     for i, batch in enumerate(eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length)):
         if limit and i >= limit:
             return
@@ -212,8 +211,6 @@ class LaplacePosterior(Posterior):
 
     @classmethod
     def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "LaplacePosterior":
-        from rayblora.config import config_from_dict
-
         settings = config_from_dict({"laplace": extra["settings"]}).laplace
         blocks, stored = extra["blocks"], tensors[LAPLACE_FILE]
         fits = []
@@ -253,8 +250,6 @@ class LaplacePosterior(Posterior):
     def select_prior_by_val_nll(self, dataset, batch_size: int, grid: Sequence[float] = PRIOR_GRID) -> None:
         """Set each fitted member's scalar δ to the grid value with the lowest validation NLL of its probit GLM
         predictive (one forward and C backward passes per validation batch; the grid reuses them)."""
-        from rayblora.data.batches import eval_batches
-
         batches = list(eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length))
         labels = torch.cat([b["labels"] for b in batches])
         for index, fit in enumerate(self.fits):

@@ -1,0 +1,17 @@
+"""Frozen, validated run configuration (foundations layer, docs/ARCHITECTURE.md): dataclass sections loaded from
+YAML with dotted overrides. Every name users import lives here; the sections are defined in
+:mod:`~rayblora.config.sections` (what a member trains) and :mod:`~rayblora.config.deploy` (where it runs and
+is served), the loading in :mod:`~rayblora.config.loader`.
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["train.steps=5", "posterior.members=2"])
+"""
+
+from rayblora.config.deploy import ClusterConfig, OutputConfig, ServeConfig
+from rayblora.config.loader import Config, apply_overrides, config_from_dict, dump_config, load_config
+from rayblora.config.sections import (ROUND_PRECISIONS, AdapterConfig, DataConfig, HybridConfig, LaplaceConfig,
+                                      ModelConfig, PosteriorConfig, SwagConfig, TrainConfig)
+from rayblora.config.validation import ConfigError
+
+__all__ = ["AdapterConfig", "ClusterConfig", "Config", "ConfigError", "DataConfig", "HybridConfig", "LaplaceConfig",
+           "ModelConfig", "OutputConfig", "PosteriorConfig", "ROUND_PRECISIONS", "ServeConfig", "SwagConfig",
+           "TrainConfig", "apply_overrides", "config_from_dict", "dump_config", "load_config"]

@@ -1,0 +1,160 @@
+"""Training one member from a run config, and the one in-process member runner (no Ray).
+
+:func:`train_one_member` is the only place a member is built and trained from a Config: its seed, data, base
+model + adapter, the family's training hooks and the pure-torch loop (:mod:`rayblora.train.loop`). The Ray Train
+worker (:func:`rayblora.workflows.coordinator.member_train_loop`) and :func:`train_members_in_process` (rounds
+with `--in-process`, benchmarks, tests) both call it, so a member trained either way is the same member.
+
+Finished members are kept under `<output.dir>/members/<i>/` (the final checkpoint + `member.json` with the
+config digest), so a resubmitted job reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from rayblora.config import Config
+from rayblora.data.sources import TaskData, load_task_data
+from rayblora.manifest import replace_dir
+from rayblora.posteriors import Posterior
+from rayblora.registry import get_posterior_class
+from rayblora.scoring import AnswerScorer, build_scorer
+from rayblora.train.checkpoint import ADAPTER, read_step_state
+from rayblora.train.loop import LoopContext, StepHook, TrainerState, nan_safe, train_member
+
+MEMBER_JSON = "member.json"
+Checkpoint = Callable[[int, dict[str, float], TrainerState], None]
+
+
+def member_seed(cfg: Config, member: int) -> int:
+    """Seed of member `member` (LoRA init and data order)."""
+    return cfg.train.seed + 1000 * member
+
+
+def make_hooks(cfg: Config, family: type[Posterior] | None = None) -> list[StepHook]:
+    """Per-step hooks the posterior family needs during training (e.g. SWAG moment collection)."""
+    return list((family or get_posterior_class(cfg.posterior.method)).training_hooks(cfg))
+
+
+@dataclass
+class TrainedMember:
+    """A member trained in this process: its scorer (holding the trained adapter), seed, final metrics, the
+    step hooks it ran (which carry what they collected) and the metrics of every step."""
+
+    scorer: AnswerScorer
+    seed: int
+    metrics: dict[str, float]
+    hooks: list[StepHook]
+    history: list[dict[str, float]]
+
+
+def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
+                     family: type[Posterior] | None = None, log: Callable[[str], None] = print,
+                     label: str | None = None, on_checkpoint: Checkpoint | None = None,
+                     resume_dir: str | None = None, rank: int = 0, world_size: int = 1, device: str | None = None,
+                     extra_hooks: Sequence[StepHook] = (), scorer: AnswerScorer | None = None) -> TrainedMember:
+    """Train member `member` of `cfg` with the pure-torch loop in this process and return it.
+
+    `rank` / `world_size` place it in a data-parallel group (Ray Train workers); `device` overrides
+    `model.device` (the GPU Ray Train assigned); `extra_hooks` run after the family's (tests' probes, timers);
+    `scorer` trains that scorer's fresh adapter in place instead of building one with the member's seed
+    (benchmarks that time the loop apart from the model load).
+    """
+    seed = member_seed(cfg, member)
+    torch.manual_seed(seed)
+    data = data or load_task_data(cfg.data)
+    if scorer is None:
+        model_cfg = dataclasses.replace(cfg.model, device=device) if device else cfg.model
+        scorer = build_scorer(model_cfg, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
+    hooks = make_hooks(cfg, family) + list(extra_hooks)
+    on_gpu = next(scorer.model.parameters()).device.type == "cuda"
+    ctx = LoopContext(seed=seed, rank=rank, world_size=world_size, hooks=hooks, on_checkpoint=on_checkpoint,
+                      log=log, label=label or f"{cfg.output.name} member {member}", resume_dir=resume_dir,
+                      use_gpu=on_gpu)
+    metrics = train_member(scorer, data.train, data.validation, cfg.train, ctx)
+    return TrainedMember(scorer, seed, metrics, hooks, ctx.history)
+
+
+@dataclass
+class MemberResult:
+    """A finished member: its adapter tensors, seed, final metrics and the directory of its last checkpoint."""
+
+    index: int
+    seed: int
+    adapter: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    checkpoint_dir: str
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "seed": self.seed, "metrics": self.metrics}
+
+
+def config_digest(cfg: Config) -> str:
+    """Digest of what determines a member's training (model, adapter, data, train, the family's sections)."""
+    d = cfg.to_dict()
+    keep = {k: d[k] for k in ("model", "adapter", "data", "train")}
+    keep["posterior_method"] = d["posterior"]["method"]
+    for section in get_posterior_class(cfg.posterior.method).training_sections:
+        keep[section] = d[section]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def member_dir(cfg: Config, i: int) -> Path:
+    """`<output.dir>/members/<i>`: where member `i`'s final checkpoint is kept."""
+    return cfg.out_dir.resolve() / "members" / str(i)
+
+
+def load_finished(cfg: Config, i: int) -> MemberResult | None:
+    """A member finished by an earlier submission of the same config, if any."""
+    d = member_dir(cfg, i)
+    try:
+        meta = json.loads((d / MEMBER_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("config_digest") != config_digest(cfg):
+        return None
+    return MemberResult(i, meta["seed"], load_file(str(d / ADAPTER)), meta["metrics"], str(d))
+
+
+def keep_finished(cfg: Config, i: int, checkpoint_dir: str | Path) -> MemberResult:
+    """Copy a member's final checkpoint to `<out>/members/<i>/` (atomically) and load it."""
+    final = member_dir(cfg, i)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{i}.tmp-{uuid.uuid4().hex}")
+    shutil.copytree(checkpoint_dir, tmp)
+    meta = {"seed": member_seed(cfg, i), "metrics": read_step_state(tmp)["metrics"],
+            "config_digest": config_digest(cfg)}
+    (tmp / MEMBER_JSON).write_text(json.dumps(meta))
+    replace_dir(tmp, final)
+    return MemberResult(i, meta["seed"], load_file(str(final / ADAPTER)), meta["metrics"], str(final))
+
+
+def train_members_in_process(cfg: Config, log: Callable[[str], None] = print, data: TaskData | None = None,
+                             ) -> tuple[AnswerScorer, list[MemberResult]]:
+    """Train the `posterior.members` members of `cfg` one after another in this process (no Ray).
+
+    Each member's final checkpoint is kept under `<output.dir>/members/<i>/` as a Ray Train run keeps it.
+    Returns the last member's scorer (to build the posterior on) and the finished members in index order."""
+    data = data or load_task_data(cfg.data)
+    family = get_posterior_class(cfg.posterior.method)
+    results, scorer = [], None
+    for i in range(cfg.posterior.members):
+        with tempfile.TemporaryDirectory(prefix="rayblora-member-") as tmp:
+            def keep_last(step: int, metrics: dict[str, float], state: TrainerState) -> None:
+                if step == cfg.train.steps:
+                    state.save(tmp, nan_safe(metrics))
+
+            scorer = train_one_member(cfg, i, data=data, family=family, log=log, on_checkpoint=keep_last).scorer
+            results.append(keep_finished(cfg, i, tmp))
+    return scorer, results

@@ -1,0 +1,71 @@
+"""Training a posterior end to end (the steps behind `rayblora train` / `demo` and `jobs/train_ensemble.py`):
+check the task and model on the driver, train the members (Ray Train runs, or in this process), build the
+family, write the artifact, and optionally evaluate it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rayblora.artifact import save_posterior
+from rayblora.config import Config
+from rayblora.data.sources import TaskData, load_task_data
+from rayblora.registry import get_posterior_class
+from rayblora.report import render_markdown
+from rayblora.scoring import AnswerScorer, build_scorer
+from rayblora.workflows.coordinator import run_members
+from rayblora.workflows.evaluate import evaluate
+from rayblora.workflows.members import MemberResult, make_hooks, train_members_in_process
+
+
+def write_posterior(cfg: Config, scorer: AnswerScorer, members: Sequence[MemberResult], data: TaskData,
+                    training: dict[str, Any], lineage: dict[str, Any] | None = None) -> Path:
+    """Build the configured family from finished members (their checkpoints where the family needs them) and
+    write it as the artifact `<output.dir>/posterior`."""
+    family = get_posterior_class(cfg.posterior.method)
+    checkpoints = {"member_dirs": [m.checkpoint_dir for m in members]} if family.needs_checkpoints else {}
+    posterior = family.build(scorer, [m.adapter for m in members], [m.info() for m in members],
+                             data=data, config=cfg, **checkpoints)
+    return save_posterior(posterior, cfg.out_dir / "posterior", model_config=cfg.model,
+                          adapter_config=cfg.adapter, training=training, lineage=lineage)
+
+
+def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any] | None = None,
+          lineage: dict[str, Any] | None = None, in_process: bool = False) -> Path:
+    """Train the configured posterior's members and write the artifact `<output.dir>/posterior`.
+
+    The data, base model, adapter targets, answer tokens and the family's training hooks are checked on the
+    driver first, so a bad config or file fails before any cluster work. Members are Ray Train runs, or, with
+    `in_process`, trained one after another in this process (no Ray). If members fail for good, the posterior
+    is built from the survivors when `posterior.min_members` allows it (the manifest's `training` says which),
+    else `TrainingError` is raised and no artifact is written. `extra` goes to every member's
+    train_loop_config (tests: `rayblora.train.faults`). `lineage` goes into the manifest (e.g. the parent
+    artifact of a dynamic fine-tuning round, :mod:`rayblora.workflows.rounds`).
+    """
+    t0 = time.time()
+    data = load_task_data(cfg.data)
+    log(f"[train] task {cfg.data.task}: {len(data.train)} train / {len(data.validation)} val / "
+        f"{len(data.test)} test; shifts {list(data.shifts)}; answers {list(data.spec.choices)}")
+    make_hooks(cfg)  # the family's training hooks validate their config here, before any cluster work
+    if in_process:
+        scorer, members = train_members_in_process(cfg, log, data)
+        record: dict[str, Any] = {"in_process": True}
+    else:
+        scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length)  # fails before Ray work
+        outcome = run_members(cfg, log, extra)
+        members, record = outcome.members, outcome.summary()
+    training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record}
+    path = write_posterior(cfg, scorer, members, data, training, lineage)
+    log(f"[train] wrote {cfg.posterior.method} posterior with {len(members)} member(s) to {path} "
+        f"({time.time() - t0:.0f} s)")
+    return path
+
+
+def train_and_evaluate(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Train, then evaluate every `posterior.eval_methods` row; prints the markdown table."""
+    path = train(cfg, log)
+    report = evaluate(path, cfg, log=log)
+    log(render_markdown(report))
+    log(f"[report] {cfg.out_dir}/report.json, report.md, reliability.png, coverage.png")
+    return report
