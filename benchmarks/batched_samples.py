@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from rayblora import assets
-from rayblora.manifest import write_json_atomic
+from record import BenchmarkRecord
 from rayblora.config import AdapterConfig, DataConfig, ModelConfig
 from rayblora.data.batches import eval_batches
 from rayblora.data.sources import load_task_data
@@ -167,12 +166,6 @@ def _run_child(mode: str, model_folder: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8)
@@ -191,15 +184,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args, args.model_folder or assets.SMOLLM2)))
         return
-    load_start = os.getloadavg()
+    record = BenchmarkRecord(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = _random_weight_folder(Path(tmp)) if args.random_weights else ""
         check, times = _run_child("check", folder), _run_child("time", folder)
         sequential = {**times["sequential"], **_run_child("sequential", folder)}
         batched = {**times["batched"], **_run_child("batched", folder)}
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(args.device), "device": args.device,
-              "torch_threads": torch.get_num_threads(), "load_average_1m": [load_start[0], os.getloadavg()[0]],
-              "model": assets.SMOLLM2 + (" (random weights)" if args.random_weights else ""),
+    figures = {"device": args.device, "torch_threads": torch.get_num_threads(),
+               "model": assets.SMOLLM2 + (" (random weights)" if args.random_weights else ""),
               "samples": args.samples, "batch_size": args.batch_size, "timed_batches": args.batches,
               "adapter_layers": args.layers or "all", "check": check, "sequential": sequential,
               "sequential_shared_trunk": times["sequential_shared_trunk"], "batched": batched,
@@ -207,7 +199,7 @@ def main() -> None:
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     suffix += f"_layers{args.layers.replace(',', '-')}" if args.layers else ""
     out = Path(args.out or f"benchmarks/results/batched_samples{suffix}.json")
-    write_json_atomic(out, result, allow_nan=True)
+    result = record.write(out, figures)
     print(json.dumps(result, indent=2))
     print(f"| {result['date']} | {result['machine']} | S={args.samples}, B={args.batch_size} | "
           f"{sequential['seconds'] / args.batches:.2f} | {batched['seconds'] / args.batches:.2f} | "

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rayblora.manifest import write_json_atomic
+from record import BenchmarkRecord
 
 RUNS = {
     "ddp": ["train.strategy=ddp"],
@@ -176,8 +176,7 @@ def environment(args) -> dict:
         except md.PackageNotFoundError:
             versions[name] = None
     gpu = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else None
-    return {"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "cuda": torch.version.cuda, "versions": versions,
-            "world_size": 1}
+    return {"gpu": gpu, "cuda": torch.version.cuda, "versions": versions, "world_size": 1}
 
 
 def run_child(args, run: str, batch_size: int, model: str, scratch: Path) -> dict:
@@ -209,6 +208,7 @@ def markdown_rows(results: list[dict]) -> list[str]:
 
 def run_all(args) -> None:
     """Prepare the model once, then every (batch size, run) in its own subprocess; write JSON and markdown."""
+    record = BenchmarkRecord(args.device)
     with tempfile.TemporaryDirectory(prefix="rayblora-dsbench-") as scratch:
         model, weights = args.model, "trained (as loaded)"
         if args.random_init_from:
@@ -216,8 +216,7 @@ def run_all(args) -> None:
             weights = f"random init from {Path(args.random_init_from).name}/config.json"
         results = [run_child(args, run, b, model, Path(scratch))
                    for b in args.batch_sizes for run in args.runs]
-    payload = {**environment(args), "weights": weights, "command": " ".join(sys.argv), "results": results}
-    write_json_atomic(Path(args.out), payload, allow_nan=True)
+    payload = record.write(args.out, {**environment(args), "weights": weights, "results": results})
     print(json.dumps({k: v for k, v in payload.items() if k != "results"}, indent=2))
     print("\n".join(markdown_rows(results)))
 
@@ -245,7 +244,7 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     if args.one:
-        write_json_atomic(Path(args.out), measure(args, args.one, args.batch_sizes[0]), allow_nan=True)
+        BenchmarkRecord(args.device).write(args.out, measure(args, args.one, args.batch_sizes[0]))
     else:
         run_all(args)
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-from rayblora.manifest import write_json_atomic
+from record import BenchmarkRecord
 from rayblora.config import load_config
 from rayblora.workflows.coordinator import RAY_ENV, train_members
 
@@ -44,6 +43,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/ensemble_scaling.json")
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides")
     args = parser.parse_args()
+    record = BenchmarkRecord()
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     import ray
@@ -56,11 +56,10 @@ def main() -> None:
         one = _timed_members(1, args.steps, Path(tmp), args.overrides)
         two = _timed_members(2, args.steps, Path(tmp), args.overrides)
     ray.shutdown()
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()} CPU",
-              "steps": args.steps, "ray_init_s": round(startup, 2), "one_member_s": round(one, 1),
+    figures = {"steps": args.steps, "ray_init_s": round(startup, 2), "one_member_s": round(one, 1),
               "two_members_s": round(two, 1), "ratio": round(two / one, 3), "target_ratio": 1.15}
     out = Path(args.out)
-    write_json_atomic(out, result, allow_nan=True)
+    result = record.write(out, figures)
     print(json.dumps(result, indent=2))
     print(f"| {result['date']} | {result['machine']} | {args.steps} | {startup:.1f} | {one:.1f} | {two:.1f} | "
           f"{two / one:.2f} |")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import BenchmarkRecord
 
 
 def _config(parent: Path, fit_batches: int, prior_method: str):
@@ -69,6 +70,7 @@ def main() -> None:
     from rayblora.workflows.fit import fit_laplace
     from rayblora.report import render_markdown, write_report
 
+    record = BenchmarkRecord()
     log = lambda m: print(m, flush=True)  # noqa: E731
     parent, out = Path(args.parent), Path(args.out)
     cfg = _config(parent, args.fit_batches, args.prior_method)
@@ -83,8 +85,8 @@ def main() -> None:
     meta = {"model": cfg.model.name, "task": cfg.data.task, "members": len(post.members),
             "fit_batches": args.fit_batches, "n_eval": args.n_eval, "prior_method": args.prior_method,
             "fit_seconds": round(fit_seconds, 1),
-            "prior_precision": [f.prior.tolist() for f in post.fits], "date": time.strftime("%Y-%m-%d"),
-            "eval_seconds": round(time.time() - t0 - fit_seconds, 1)}
+            "prior_precision": [f.prior.tolist() for f in post.fits],
+            "eval_seconds": round(time.time() - t0 - fit_seconds, 1), **record.meta()}
     report = write_report(out, results, split_name(cfg.data.task), meta)
     print(render_markdown(report))
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rayblora.manifest import write_json_atomic
+from record import BenchmarkRecord
 
 PARTS = ("train_epoch", "ours_kfac", "ours_kfac_low_rank", "laplace_torch_kfac", "reevaluate")
 
@@ -210,13 +209,11 @@ def main() -> None:
     if args.part:
         print(json.dumps(globals()[f"part_{args.part}"](args)))
         return
+    record = BenchmarkRecord()
     argv = [f"--n-train={args.n_train}", f"--n-val={args.n_val}", f"--batch={args.batch}",
             f"--layers={args.layers}", f"--threads={args.threads}"]
     results = {name: _run_part(name, argv) for name in PARTS}
-    results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()}",
-                       "load_average": os.getloadavg(), "args": vars(args)}
-    out = Path(args.out)
-    write_json_atomic(out, results, allow_nan=True)
+    results = record.write(Path(args.out), {**results, "args": vars(args)})
     print(json.dumps(results, indent=2))
     print(_rows(results))
 

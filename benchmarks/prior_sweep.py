@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-from rayblora.manifest import write_json_atomic
+from record import BenchmarkRecord
 
 VALUES, LOW, HIGH = 32, 1e-4, 1e4
 
@@ -157,6 +156,7 @@ def main() -> None:
     parser.add_argument("--lt-values", type=int, default=VALUES, help="laplace-torch grid values to time (<= 32)")
     parser.add_argument("--out", default="benchmarks/results/prior_sweep.json")
     args = parser.parse_args()
+    record = BenchmarkRecord()
     for key, value in (("HF_HUB_OFFLINE", "1"), ("RAY_USAGE_STATS_ENABLED", "0"),
                        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
@@ -169,10 +169,7 @@ def main() -> None:
         results.update(_validation_passes(cfg, data, scorer, post))
         results.update(_our_sweep(cfg, post, Path(tmp)))
         results.update(_laplace_torch(cfg, data, scorer, min(args.lt_values, VALUES)))
-    results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()}",
-                       "torch": torch.__version__, "load_average": os.getloadavg(), "args": vars(args)}
-    out = Path(args.out)
-    write_json_atomic(out, results, allow_nan=True)
+    results = record.write(Path(args.out), {**results, "args": vars(args)})
     print(json.dumps(results, indent=2))
     print(_rows(results))
 

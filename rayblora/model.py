@@ -9,10 +9,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import string
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rayblora import assets
 from rayblora.config import AdapterConfig, ModelConfig
@@ -31,9 +35,6 @@ def tiny_tokenizer():
     Words keep their leading space in their first token (" positive" -> "Ġp", ...), so answer choices that
     start with different letters have distinct first tokens, as with a real LLM tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<|endoftext|>": 0}
     for ch in alphabet:
@@ -49,8 +50,6 @@ def tiny_tokenizer():
 
 
 def _tiny_model(cfg: ModelConfig, vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden,
                          intermediate_size=cfg.tiny_hidden * 2, num_hidden_layers=cfg.tiny_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -61,9 +60,6 @@ def _tiny_model(cfg: ModelConfig, vocab_size: int):
 
 
 def _model_path(name: str) -> str:
-    from pathlib import Path
-
-
     if name == assets.SMOLLM2:
         path = assets.model_dir(name)
         if not (path / "config.json").is_file():
@@ -89,8 +85,6 @@ def load_base_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
 
     No hub access.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if cfg.name == TINY:
         tokenizer = tiny_tokenizer()
         model = _tiny_model(cfg, len(tokenizer))
@@ -130,8 +124,6 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def lora_config(cfg: AdapterConfig):
     """The PEFT LoraConfig for an adapter config."""
-    from peft import LoraConfig
-
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=list(cfg.target_modules), bias="none",
                       layers_to_transform=list(cfg.layers) or None, task_type="CAUSAL_LM")
@@ -139,8 +131,6 @@ def lora_config(cfg: AdapterConfig):
 
 def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
     """Wrap `model` (modified in place) with a fresh LoRA adapter whose init is seeded by `seed`."""
-    from peft import get_peft_model
-
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
@@ -166,15 +156,11 @@ def answer_token_ids(tokenizer, choices: Sequence[str]) -> list[int]:
 
 def lora_state(peft_model) -> dict[str, torch.Tensor]:
     """The adapter's tensors in PEFT's saved-file naming (detached CPU copies)."""
-    from peft import get_peft_model_state_dict
-
     return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def set_lora_state(peft_model, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors (PEFT saved-file naming) into the active adapter; every key must match."""
-    from peft import set_peft_model_state_dict
-
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

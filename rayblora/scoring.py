@@ -10,13 +10,14 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rayblora.batched import batched_logits, lora_dropout_active
 from rayblora.config import AdapterConfig, ModelConfig
 from rayblora.data.batches import encode
 from rayblora.data.formats import TaskSpec
-from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
-                            lora_state, set_lora_state)
+from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters, lora_state,
+                            set_lora_state)
 from rayblora.trunk import above_trunk, first_adapted_layer, trunk_hidden
 
 
@@ -26,7 +27,6 @@ def attention_kernels(device: torch.device):
     mod 128 on Hopper GPUs (pytorch/pytorch#196678, torch 2.11 to 2.13); elsewhere torch's own choice."""
     if device.type != "cuda":
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 

@@ -6,16 +6,20 @@ All sources are read through `datasets` (Arrow). A split is a `datasets.Dataset`
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
+from datasets.table import InMemoryTable
 
 from rayblora import assets
 from rayblora.config import DataConfig
-from rayblora.data.formats import (DataError, TaskSpec, classification_spec, multiple_choice_spec,
-                                   rows_to_examples)
+from rayblora.data.formats import DataError, TaskSpec, classification_spec, multiple_choice_spec, rows_to_examples
 
 BUILTIN_TASKS = ("movie", "tweets", "amazon", "nyt")
 USER_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -42,8 +46,6 @@ def split_name(task: str) -> str:
 
 
 def _read_user_rows(path: Path) -> list[dict[str, Any]]:
-    import datasets
-
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
@@ -65,9 +67,6 @@ def _read_user_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _builtin_rows(task: str) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-
     path = assets.vader_path(task)
     if not path.is_file():
         raise assets.AssetError(f"built-in task {task!r} needs {path}; run `make setup` "
@@ -106,12 +105,6 @@ def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> Task
 def _to_dataset(examples: list[dict[str, Any]]):
     """Arrow-backed split. The fingerprint is computed here from the rows, which spares `datasets` its dill
     hashing of the whole table (slow, and noisy in Ray workers)."""
-    import hashlib
-    import json
-
-    import datasets
-    from datasets.table import InMemoryTable
-
     digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:32]
     return datasets.Dataset(InMemoryTable.from_pylist(examples), fingerprint=digest)
 

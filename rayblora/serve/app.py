@@ -12,7 +12,6 @@ slow to import and the CLI builds every verb's parser).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -72,7 +71,7 @@ def build_app(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathL
 
     `loader(path, scorer=None) -> Posterior` defaults to the verified :func:`rayblora.artifact.load_posterior`.
     """
-    from rayblora.serve.deployment import PosteriorServer, deployment_options  # deferred: imports Ray Serve (s)
+    from rayblora.serve.deployment import PosteriorServer, deployment_options  # deferred: imports Ray Serve
 
     paths = check_posteriors(posteriors)
     return PosteriorServer.options(**deployment_options(serve_config)).bind(
@@ -113,7 +112,7 @@ def start_server(serve_config: ServeConfig, posteriors: Mapping[str, str | os.Pa
                  name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Deploy on the connected Ray (starting Serve's HTTP proxy on `serve.host:serve.port` if Serve is not
     running yet); returns the application's base URL once it is healthy."""
-    from ray import serve
+    from ray import serve  # deferred: Ray Serve takes seconds to import; only a deployment needs it
 
     app = build_app(serve_config, posteriors, loader)
     serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
@@ -131,7 +130,7 @@ def serve_until_stopped(serve_config: ServeConfig, posteriors: Mapping[str, str 
 
 def _wait_for_interrupt() -> None:
     """Block until Ctrl-C or SIGTERM, then shut Serve down."""
-    from ray import serve
+    from ray import serve  # deferred, as in start_server
 
     def stop(*_):
         raise KeyboardInterrupt

@@ -13,6 +13,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from ray import serve
 
 from rayblora.config import ServeConfig
@@ -37,8 +38,6 @@ class PosteriorServer:
     """
 
     def __init__(self, posteriors: dict[str, str], config: ServeConfig, loader: Loader, auth_token: str = ""):
-        import torch
-
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config

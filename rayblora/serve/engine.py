@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from tokenizers import Tokenizer
 
-from rayblora.manifest import MANIFEST, read_manifest
 from rayblora.data.formats import TaskSpec, format_classification, format_multiple_choice
+from rayblora.manifest import MANIFEST, read_manifest
 from rayblora.predictive import Predictive
 
 Loader = Callable[..., Any]
@@ -75,8 +76,6 @@ def _token_counter(tokenizer):
     """A private copy of a fast tokenizer's backend without truncation or padding, for counting tokens
     outside the thread that runs forward passes (a shared Rust tokenizer must not be reconfigured
     concurrently)."""
-    from tokenizers import Tokenizer
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError(f"serving needs a fast tokenizer, got {type(tokenizer).__name__}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from rayblora.config import TrainConfig
 
@@ -43,7 +44,7 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
 
 def _skip_shm_build() -> None:
     """DeepSpeed compiles a shared-memory comm op on first import on CPU (~40 s); gloo does not need it."""
-    import deepspeed.comm.torch  # noqa: F401  (`import ... as` would bind the `torch` attribute of the package)
+    import deepspeed.comm.torch  # noqa: F401  deferred: only strategy=deepspeed members import DeepSpeed
 
     module = sys.modules["deepspeed.comm.torch"]
     if hasattr(module, "build_shm_op"):
@@ -52,8 +53,6 @@ def _skip_shm_build() -> None:
 
 def ensure_process_group(use_gpu: bool) -> None:
     """Join the torch.distributed group Ray Train set up, or start a 1-process group (tests, CLI runs)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     if "MASTER_PORT" not in os.environ:
@@ -70,7 +69,7 @@ class DeepSpeedStepper:
 
     def __init__(self, scorer, optimizer, scheduler, cfg: TrainConfig, use_gpu: bool):
         _skip_shm_build()
-        import deepspeed
+        import deepspeed  # deferred: seconds to import, and only strategy=deepspeed members need it
 
         ensure_process_group(use_gpu)
         params = [p for _, p in scorer.lora_parameters()]
@@ -101,7 +100,7 @@ class DeepSpeedStepper:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """LoRA tensors gathered from their ZeRO-3 partitions (a collective: every rank must call it)."""
-        import deepspeed
+        import deepspeed  # deferred, as in __init__ (already loaded here)
 
         with deepspeed.zero.GatheredParameters(self.params, enabled=self.engine.zero_optimization_stage() == 3):
             return self.scorer.adapter_state()

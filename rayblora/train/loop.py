@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -79,8 +80,6 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
 
 def allreduce_mean_grads(params: Sequence[torch.nn.Parameter]) -> None:
     """Average LoRA gradients over the torch.distributed group (a no-op when not distributed)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])

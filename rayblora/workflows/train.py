@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 from rayblora.artifact import save_posterior
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, load_task_data
+from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.report import render_markdown
 from rayblora.scoring import AnswerScorer, build_scorer
@@ -20,10 +21,11 @@ from rayblora.workflows.members import MemberResult, make_hooks, train_members_i
 
 
 def write_posterior(cfg: Config, scorer: AnswerScorer, members: Sequence[MemberResult], data: TaskData,
-                    training: dict[str, Any], lineage: dict[str, Any] | None = None) -> Path:
+                    training: dict[str, Any], lineage: dict[str, Any] | None = None,
+                    family: type[Posterior] | None = None) -> Path:
     """Build the configured family from finished members (their checkpoints where the family needs them) and
     write it as the artifact `<output.dir>/posterior`."""
-    family = get_posterior_class(cfg.posterior.method)
+    family = family or get_posterior_class(cfg.posterior.method)
     checkpoints = {"member_dirs": [m.checkpoint_dir for m in members]} if family.needs_checkpoints else {}
     posterior = family.build(scorer, [m.adapter for m in members], [m.info() for m in members],
                              data=data, config=cfg, **checkpoints)
@@ -47,7 +49,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
     data = load_task_data(cfg.data)
     log(f"[train] task {cfg.data.task}: {len(data.train)} train / {len(data.validation)} val / "
         f"{len(data.test)} test; shifts {list(data.shifts)}; answers {list(data.spec.choices)}")
-    make_hooks(cfg)  # the family's training hooks validate their config here, before any cluster work
+    family = get_posterior_class(cfg.posterior.method)
+    make_hooks(cfg, family)  # the family's training hooks validate their config here, before any cluster work
     if in_process:
         scorer, members = train_members_in_process(cfg, log, data)
         record: dict[str, Any] = {"in_process": True}
@@ -56,7 +59,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
         outcome = run_members(cfg, log, extra)
         members, record = outcome.members, outcome.summary()
     training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record}
-    path = write_posterior(cfg, scorer, members, data, training, lineage)
+    path = write_posterior(cfg, scorer, members, data, training, lineage, family)
     log(f"[train] wrote {cfg.posterior.method} posterior with {len(members)} member(s) to {path} "
         f"({time.time() - t0:.0f} s)")
     return path
