@@ -72,3 +72,32 @@ def test_the_once_broken_import_works_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", "import rayblora.posteriors.hybrid.laplace_prior"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_config_validates_method_names_without_importing_a_family_or_torch():
+    script = ("import sys\nfrom rayblora.config import ConfigError, load_config\n"
+              "load_config(None, ['posterior.method=multiswag', 'posterior.eval_methods=[map,laplace]'])\n"
+              "try:\n    load_config(None, ['posterior.method=nope'])\nexcept ConfigError as exc:\n    print(exc)\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'transformers')\n"
+              "             or m.startswith('rayblora.posteriors')))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    error, loaded = result.stdout.strip().splitlines()
+    assert "posterior.method" in error and "multiswag" in error and "'nope'" in error
+    assert loaded == "[]"
+
+
+def test_every_registered_family_resolves_to_its_class():
+    from rayblora.posteriors import Posterior
+    from rayblora.registry import BUILTIN, available_methods, get_posterior_class
+
+    assert set(BUILTIN) <= set(available_methods())
+    for name in BUILTIN:
+        cls = get_posterior_class(name)
+        assert issubclass(cls, Posterior) and cls.method == name
+    try:
+        get_posterior_class("nope")
+    except KeyError as exc:
+        assert "known methods" in str(exc) and "ensemble" in str(exc)
+    else:
+        raise AssertionError("an unknown method resolved")
