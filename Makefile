@@ -7,6 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
+export RAY_DASHBOARD_STARTUP_TIMEOUT_S ?= 600
 
 .PHONY: setup install assets demo test test-fast bench clean
 

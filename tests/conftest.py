@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "600")  # Ray's 60 s is too short on a loaded machine
 
 POSITIVE = ["good", "great", "lovely", "fine", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]

@@ -13,8 +13,10 @@ import ray
 from rayblora.config import ClusterConfig
 
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-"""Environment defaults for every rayblora Ray process (unset keys only)."""
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
+"""Environment defaults for every rayblora Ray process (unset keys only). The dashboard (which the State API and
+Ray Train's placement-group cleaner need) gets 10 minutes to come up instead of Ray's 60 s: on a loaded
+machine it has taken longer, and `ray.init` then failed."""
 
 
 def ensure_ray(cluster: ClusterConfig) -> None:
