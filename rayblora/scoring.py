@@ -19,6 +19,7 @@ from rayblora.data.formats import TaskSpec
 from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters, lora_state,
                             set_lora_state)
 from rayblora.trunk import above_trunk, first_adapted_layer, trunk_hidden
+from rayblora.trunk_cache import TrunkCache
 
 
 def attention_kernels(device: torch.device):
@@ -59,6 +60,18 @@ class AnswerScorer:
         self.max_batch_rows = 256 if self.device.type == "cuda" else 64
         """Cap on the rows (samples × batch) of one batched multi-state forward: activation memory on a GPU;
         on a CPU, rows beyond ~64 no longer raise throughput and spill out of cache."""
+        self.trunk_cache: TrunkCache | None = None
+        """Set by :meth:`use_trunk_cache`: the frozen layers' output per prompt (:mod:`rayblora.trunk_cache`)."""
+
+    def use_trunk_cache(self, cache: TrunkCache | None) -> None:
+        """Read the frozen trunk's hidden states from `cache` from now on (None: compute them every time); every
+        forward without an explicit trunk (training, Laplace passes, validation) then starts at L₀ too."""
+        if cache is not None and (cache.fingerprint != self.fingerprint
+                                  or cache.start != first_adapted_layer(self.model)):
+            raise ValueError(f"trunk cache {cache.identity} does not belong to this base model and adapter "
+                             f"(fingerprint {self.fingerprint[:12]}…, first adapted layer "
+                             f"{first_adapted_layer(self.model)})")
+        self.trunk_cache = cache
 
     @property
     def num_choices(self) -> int:
@@ -93,6 +106,8 @@ class AnswerScorer:
         batch = self.to_device(batch)
         inputs = {"input_ids": batch["input_ids"]}
         window = nullcontext()
+        if trunk is None and self.trunk_cache is not None:
+            trunk = self.shared_trunk(batch)
         if trunk is not None:
             start, hidden = trunk
             inputs, window = {"inputs_embeds": hidden.to(self.device)}, above_trunk(self.model, start)
@@ -106,15 +121,21 @@ class AnswerScorer:
     def shared_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor] | None:
         """(L₀, hidden states (B, T, H) entering L₀) when the adapter leaves layers 0..L₀−1 frozen, else None.
 
-        Computed once per batch, it lets every adapter state of a posterior skip those layers.
+        Computed once per batch, it lets every adapter state of a posterior skip those layers; with a
+        :attr:`trunk_cache` of this L₀, once per prompt (cached rows are read, the others computed and kept).
         """
         start = first_adapted_layer(self.model)
         if start == 0:
             return None
         batch = self.to_device(batch)
-        with attention_kernels(self.device):
-            hidden = trunk_hidden(self.model, batch, position_ids(batch["attention_mask"]), start)
-        return start, hidden
+
+        def compute(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+            with attention_kernels(self.device):
+                return trunk_hidden(self.model, rows, position_ids(rows["attention_mask"]), start)
+
+        if self.trunk_cache is not None and self.trunk_cache.start == start:
+            return start, self.trunk_cache.hidden(batch, compute).to(self.device)
+        return start, compute(batch)
 
     @torch.no_grad()
     def logits_for_states(self, batch: dict[str, torch.Tensor], states: Sequence[dict[str, torch.Tensor]],

@@ -83,3 +83,20 @@ def above_trunk(peft_model: nn.Module, start: int) -> Iterator[None]:
     """Within the block, a forward given `inputs_embeds` = trunk hidden states runs layers start..N−1 only."""
     with layer_window(decoder_stack(peft_model), start, None):
         yield
+
+
+def trunk_dropout(peft_model: nn.Module, start: int) -> float:
+    """The largest dropout probability active below layer `start` (embeddings, layers 0..start−1, attention
+    dropout of the config); > 0 means the trunk's output is random in training mode and cannot be cached."""
+    inner = decoder_stack(peft_model)
+    if inner is None:
+        return 0.0
+    modules = [inner.embed_tokens, *list(inner.layers)[:start]]
+    rates = [m.p for block in modules for m in block.modules() if isinstance(m, nn.Dropout)]
+    config = getattr(getattr(peft_model, "config", None), "attention_dropout", 0.0) or 0.0
+    return max([float(config), *rates])
+
+
+def trunk_dtype(peft_model: nn.Module) -> torch.dtype:
+    """The dtype the frozen trunk computes in (its embedding weights')."""
+    return decoder_stack(peft_model).embed_tokens.weight.dtype

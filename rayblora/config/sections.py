@@ -127,6 +127,11 @@ class TrainConfig:
     """DeepSpeed: keep the optimizer state in CPU memory (ZeRO stage >= 1)."""
     offload_params: bool = False
     """DeepSpeed: keep parameters in CPU memory (ZeRO stage 3)."""
+    trunk_cache: bool = True
+    """Compute the frozen layers below the first adapted one once per prompt and reuse them in every epoch,
+    member, evaluation method and Laplace pass (:mod:`rayblora.trunk_cache`); applies only where it is exact:
+    LoRA on the top layers (`adapter.layers`), no dropout in the frozen layers, `ddp` strategy, no hybrid
+    training objective. The file lives under `<output.dir>/trunk_cache/` (shared storage on a multi-node run)."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")

@@ -54,3 +54,14 @@ def train_batch(dataset, tokenizer, batch_size: int, max_length: int, seed: int,
     """The `batch_number`-th training batch (see :func:`train_batch_indices`)."""
     idx = train_batch_indices(len(dataset), batch_size, seed, batch_number)
     return make_batch(tokenizer, dataset[idx.tolist()] if len(idx) else dataset[:0], max_length)
+
+
+def length_sorted_batches(dataset, tokenizer, batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches over a split with its prompts ordered by token length, so each batch pads little (for passes
+    whose order does not matter, e.g. filling a cache); `labels` / `num_choices` as in :func:`make_batch`."""
+    tokenizer.truncation_side = "left"
+    lengths = [len(ids) for ids in tokenizer(list(dataset["prompt"]), truncation=True, max_length=max_length,
+                                              add_special_tokens=False)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield make_batch(tokenizer, dataset[order[start:start + batch_size].tolist()], max_length)

@@ -10,6 +10,7 @@ left off. Finished members are kept under `<output.dir>/members/<i>/`, so a resu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -88,9 +89,10 @@ def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | No
 
     `callbacks` are Ray Train run callbacks (e.g. the Tune sweep's relay of reported metrics to its trial)."""
     storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
+    absolute = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(cfg.out_dir.resolve())))
     return TorchTrainer(
-        member_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "member": i, **(extra or {})},
+        member_train_loop,  # output.dir made absolute: workers find the run's trunk cache whatever their cwd
+        train_loop_config={"config": absolute.to_dict(), "member": i, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers_per_member, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(name=f"{cfg.output.name}-member{i}-{run_tag}", storage_path=storage,

@@ -18,6 +18,7 @@ from rayblora.config import Config
 from rayblora.data.sources import TaskData, load_task_data, split_name
 from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
+from rayblora.workflows.members import trunk_cache_for
 
 MEMBER_VIEWS = ("map", "ensemble")
 
@@ -48,6 +49,7 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     data = data or load_task_data(cfg.data)
     splits = data.eval_splits(split_name(cfg.data.task))
     full = load_posterior(artifact)
+    full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
     others = [m for m in methods if m not in MEMBER_VIEWS]
@@ -68,6 +70,8 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
         for m, post in built.items():
             pred = post.predict_dataset(ds, batch_size, _progress(log, f"{m} on {name}"))
             results[m][name] = _split_result(pred, labels)
+    if full.scorer.trunk_cache is not None:
+        log(f"[evaluate] {full.scorer.trunk_cache.summary()}")
     return results
 
 

@@ -25,13 +25,16 @@ import torch
 from safetensors.torch import load_file
 
 from rayblora.config import Config
+from rayblora.data.batches import length_sorted_batches
 from rayblora.data.sources import TaskData, load_task_data
 from rayblora.manifest import replace_dir
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer, build_scorer
 from rayblora.train.checkpoint import ADAPTER, read_step_state
-from rayblora.train.loop import LoopContext, StepHook, TrainerState, nan_safe, train_member
+from rayblora.train.loop import LoopContext, StepHook, TrainerState, nan_safe, train_member, training_objective
+from rayblora.trunk import first_adapted_layer, trunk_dropout, trunk_dtype
+from rayblora.trunk_cache import TrunkCache
 
 MEMBER_JSON = "member.json"
 Checkpoint = Callable[[int, dict[str, float], TrainerState], None]
@@ -47,29 +50,72 @@ def make_hooks(cfg: Config, family: type[Posterior] | None = None) -> list[StepH
     return list((family or get_posterior_class(cfg.posterior.method)).training_hooks(cfg))
 
 
+def trunk_cache_for(cfg: Config, scorer: AnswerScorer, log: Callable[[str], None] = print,
+                    hooks: Sequence[StepHook] = ()) -> TrunkCache | None:
+    """The trunk cache of `cfg`'s run for `scorer` (its file under `<output.dir>/trunk_cache/` read if valid), or
+    None where it is off (`train.trunk_cache`), has nothing to share (an adapter on layer 0) or would not be
+    exact: dropout in the frozen layers, a DeepSpeed member, a training objective of the hooks (hybrid_vi)."""
+    start = first_adapted_layer(scorer.model)
+    if not cfg.train.trunk_cache or start == 0:
+        return None
+    why = ("train.strategy=deepspeed" if cfg.train.strategy == "deepspeed" else
+           "dropout in the frozen layers" if trunk_dropout(scorer.model, start) > 0 else
+           "the family trains its own objective" if training_objective(hooks) is not None else "")
+    if why:
+        log(f"[trunk cache] off: {why}")
+        return None
+    cache = TrunkCache(scorer.fingerprint, start, trunk_dtype(scorer.model), cfg.out_dir.resolve() / "trunk_cache",
+                       log)
+    cache.load()
+    return cache
+
+
+def prepare_trunk_cache(cfg: Config, scorer: AnswerScorer, data: TaskData,
+                        log: Callable[[str], None] = print) -> TrunkCache | None:
+    """Fill the run's trunk cache for the training and validation splits (length-sorted batches) and write it,
+    so that every member's workers read the frozen layers' output instead of computing it (None where off)."""
+    cache = trunk_cache_for(cfg, scorer, log, make_hooks(cfg))
+    if cache is None:
+        return None
+    before = len(cache.entries)
+    scorer.use_trunk_cache(cache)
+    for split in (data.train, data.validation):
+        for batch in length_sorted_batches(split, scorer.tokenizer, cfg.train.batch_size, scorer.max_length):
+            scorer.shared_trunk(batch)
+    scorer.use_trunk_cache(None)
+    if len(cache.entries) > before:
+        cache.save()
+    log(f"[train] {cache.summary()}")
+    return cache
+
+
 @dataclass
 class TrainedMember:
     """A member trained in this process: its scorer (holding the trained adapter), seed, final metrics, the
-    step hooks it ran (which carry what they collected) and the metrics of every step."""
+    step hooks it ran (which carry what they collected), the metrics of every step and the trunk cache it read
+    (None when off)."""
 
     scorer: AnswerScorer
     seed: int
     metrics: dict[str, float]
     hooks: list[StepHook]
     history: list[dict[str, float]]
+    trunk_cache: TrunkCache | None = None
 
 
 def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
                      family: type[Posterior] | None = None, log: Callable[[str], None] = print,
                      label: str | None = None, on_checkpoint: Checkpoint | None = None,
                      resume_dir: str | None = None, rank: int = 0, world_size: int = 1, device: str | None = None,
-                     extra_hooks: Sequence[StepHook] = (), scorer: AnswerScorer | None = None) -> TrainedMember:
+                     extra_hooks: Sequence[StepHook] = (), scorer: AnswerScorer | None = None,
+                     trunk_cache: TrunkCache | None = None) -> TrainedMember:
     """Train member `member` of `cfg` with the pure-torch loop in this process and return it.
 
     `rank` / `world_size` place it in a data-parallel group (Ray Train workers); `device` overrides
     `model.device` (the GPU Ray Train assigned); `extra_hooks` run after the family's (tests' probes, timers);
     `scorer` trains that scorer's fresh adapter in place instead of building one with the member's seed
-    (benchmarks that time the loop apart from the model load).
+    (benchmarks that time the loop apart from the model load); `trunk_cache` is a cache to share with other
+    members of this process (default: :func:`trunk_cache_for` the run).
     """
     seed = member_seed(cfg, member)
     torch.manual_seed(seed)
@@ -78,12 +124,15 @@ def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
         model_cfg = dataclasses.replace(cfg.model, device=device) if device else cfg.model
         scorer = build_scorer(model_cfg, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
     hooks = make_hooks(cfg, family) + list(extra_hooks)
+    scorer.use_trunk_cache(trunk_cache if trunk_cache is not None else trunk_cache_for(cfg, scorer, log, hooks))
     on_gpu = next(scorer.model.parameters()).device.type == "cuda"
     ctx = LoopContext(seed=seed, rank=rank, world_size=world_size, hooks=hooks, on_checkpoint=on_checkpoint,
                       log=log, label=label or f"{cfg.output.name} member {member}", resume_dir=resume_dir,
                       use_gpu=on_gpu)
     metrics = train_member(scorer, data.train, data.validation, cfg.train, ctx)
-    return TrainedMember(scorer, seed, metrics, hooks, ctx.history)
+    if scorer.trunk_cache is not None:
+        log(f"[{ctx.label}] {scorer.trunk_cache.summary()}")
+    return TrainedMember(scorer, seed, metrics, hooks, ctx.history, scorer.trunk_cache)
 
 
 @dataclass
@@ -148,13 +197,17 @@ def train_members_in_process(cfg: Config, log: Callable[[str], None] = print, da
     Returns the last member's scorer (to build the posterior on) and the finished members in index order."""
     data = data or load_task_data(cfg.data)
     family = get_posterior_class(cfg.posterior.method)
-    results, scorer = [], None
+    results, scorer, cache = [], None, None
     for i in range(cfg.posterior.members):
         with tempfile.TemporaryDirectory(prefix="rayblora-member-") as tmp:
             def keep_last(step: int, metrics: dict[str, float], state: TrainerState) -> None:
                 if step == cfg.train.steps:
                     state.save(tmp, nan_safe(metrics))
 
-            scorer = train_one_member(cfg, i, data=data, family=family, log=log, on_checkpoint=keep_last).scorer
+            trained = train_one_member(cfg, i, data=data, family=family, log=log, on_checkpoint=keep_last,
+                                       trunk_cache=cache)
+            scorer, cache = trained.scorer, trained.trunk_cache  # later members read what member 0 computed
             results.append(keep_finished(cfg, i, tmp))
+    if cache is not None:
+        cache.save()  # evaluation's Laplace and temperature passes read the training / validation prompts
     return scorer, results

@@ -17,7 +17,7 @@ from rayblora.report import render_markdown
 from rayblora.scoring import AnswerScorer, build_scorer
 from rayblora.workflows.coordinator import run_members
 from rayblora.workflows.evaluate import evaluate
-from rayblora.workflows.members import MemberResult, make_hooks, train_members_in_process
+from rayblora.workflows.members import MemberResult, make_hooks, prepare_trunk_cache, train_members_in_process
 
 
 def write_posterior(cfg: Config, scorer: AnswerScorer, members: Sequence[MemberResult], data: TaskData,
@@ -56,6 +56,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
         record: dict[str, Any] = {"in_process": True}
     else:
         scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length)  # fails before Ray work
+        prepare_trunk_cache(cfg, scorer, data, log)  # the members' workers read the frozen layers' output
         outcome = run_members(cfg, log, extra)
         members, record = outcome.members, outcome.summary()
     training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record}
