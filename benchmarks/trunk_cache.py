@@ -100,7 +100,8 @@ def cached_step_flops(cfg, steps: int = 30) -> tuple[float, float]:
     adapted layers' parameters (forward 2, input gradients 2; the frozen weights get no weight gradient)."""
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0),
+                              posterior=dataclasses.replace(cfg.posterior, method="ensemble"))
     clock = StepClock()
     trained = train_one_member(cfg, 0, log=lambda _m: None, extra_hooks=[clock])
     seconds = statistics.median(b - a for a, b in zip(clock.times[5:], clock.times[6:]))
@@ -112,7 +113,7 @@ def cached_step_flops(cfg, steps: int = 30) -> tuple[float, float]:
     return 4 * tokens * params / seconds, tokens
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=20)
@@ -121,34 +122,45 @@ def main() -> None:
     parser.add_argument("--shift-test", type=int, default=500, help="test prompts of each shift split")
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray")
     parser.add_argument("--out", default="benchmarks/results/trunk_cache.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     record = BenchmarkRecord()
     quiet = lambda _m: None  # noqa: E731
+    figures: dict = {"args": vars(args)}
+
+    def note(**values) -> dict:  # every phase's figures are written as soon as they exist
+        figures.update(values)
+        return record.write(args.out, {**figures, "meta": record.meta()})
+
     with tempfile.TemporaryDirectory(prefix="rayblora-trunk-bench-") as tmp:
         runs = {name: _config(args, Path(tmp) / name, name == "cached") for name in ("cached", "uncached")}
         ensure_ray(runs["cached"].cluster)
-        train_s = {name: _timed(lambda c=cfg: train(c, log=quiet)) for name, cfg in runs.items()}
-        eval_s = {name: _timed(lambda c=cfg, a=train_s[name][1]: evaluate_methods(
-            a, c, METHODS, data=_eval_data(c, args.shift_test), log=quiet))[0] for name, cfg in runs.items()}
-        achieved, tokens = cached_step_flops(runs["cached"])
+        train_s, artifacts, eval_s = {}, {}, {}
+        train_s["cached"], artifacts["cached"] = _timed(lambda: train(runs["cached"], log=quiet))
+        achieved, tokens = cached_step_flops(runs["cached"])  # reads the cached run's file: cached steps only
         peak = gemm_flops(int(tokens), 576, 1536)
         cache_mib = sum(p.stat().st_size for p in (Path(tmp) / "cached" / "trunk_cache").glob("*.safetensors"))
-    figures = {"p9_ratio": round(train_s["cached"][0] / train_s["uncached"][0], 3),
-               "p10_ratio": round(eval_s["cached"] / eval_s["uncached"], 3),
-               "p8_fraction": round(achieved / peak, 3),
-               "seed_minutes": round((train_s["cached"][0] + eval_s["cached"]) / 60, 2),
-               "train_s": {k: round(v[0], 1) for k, v in train_s.items()}, "eval_s": {k: round(v, 1) for k, v in
-                                                                                    eval_s.items()},
-               "adapted_flops": achieved, "gemm_flops": peak, "cache_file_mib": round(cache_mib / 2**20, 1),
-               "args": vars(args)}
-    result = record.write(args.out, {**figures, "meta": record.meta()})
+        note(p8_fraction=round(achieved / peak, 3), adapted_flops=achieved, gemm_flops=peak,
+             tokens_per_step=tokens, cache_file_mib=round(cache_mib / 2**20, 1))
+        train_s["uncached"], artifacts["uncached"] = _timed(lambda: train(runs["uncached"], log=quiet))
+        note(p9_ratio=round(train_s["cached"] / train_s["uncached"], 3),
+             train_s={k: round(v, 1) for k, v in train_s.items()})
+        for name, cfg in runs.items():
+            eval_s[name] = _timed(lambda c=cfg, a=artifacts[name]: evaluate_methods(
+                a, c, METHODS, data=_eval_data(c, args.shift_test), log=quiet))[0]
+    result = note(p10_ratio=round(eval_s["cached"] / eval_s["uncached"], 3),
+                  eval_s={k: round(v, 1) for k, v in eval_s.items()},
+                  seed_minutes=round((train_s["cached"] + eval_s["cached"]) / 60, 2))
     print(json.dumps(result, indent=2))
     print(f"| {result['date']} | K={args.members} × {args.epochs} epochs × {args.prompts} | "
-          f"{figures['train_s']['cached']} / {figures['train_s']['uncached']} s = {figures['p9_ratio']} | "
-          f"{figures['eval_s']['cached']} / {figures['eval_s']['uncached']} s = {figures['p10_ratio']} | "
-          f"{figures['p8_fraction']} | {figures['seed_minutes']} min | load {result['load_average_1m']} |")
+          f"{result['train_s']['cached']} / {result['train_s']['uncached']} s = {result['p9_ratio']} | "
+          f"{result['eval_s']['cached']} / {result['eval_s']['uncached']} s = {result['p10_ratio']} | "
+          f"{result['p8_fraction']} | {result['seed_minutes']} min | load {result['load_average_1m']} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from rayblora.data.sources import load_task_data
 from rayblora.posteriors.laplace import fit_curvature
 from rayblora.posteriors.laplace.kfac import LoraCurvature, find_lora_sites
 from rayblora.registry import get_posterior_class
+from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
 
 LAPLACE_METHODS = ("laplace", "laplace_ensemble")
@@ -50,6 +51,7 @@ def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, meth
                 log: Callable[[str], None] = print) -> Path:
     """Fit `laplace` / `laplace_ensemble` on the members of the artifact `artifact_dir`; write it to `out_dir`."""
     parent = load_posterior(artifact_dir)
+    parent.scorer.use_trunk_cache(trunk_cache_for(cfg, parent.scorer, log))
     cls = get_posterior_class(laplace_method(cfg, len(parent.members), method))
     data = load_task_data(cfg.data)
     if tuple(data.spec.choices) != tuple(parent.scorer.spec.choices):
@@ -86,6 +88,7 @@ def laplace_fit_loop(config: dict[str, Any]) -> None:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     posterior = load_posterior(config["artifact"])
+    posterior.scorer.use_trunk_cache(trunk_cache_for(cfg, posterior.scorer))
     data = load_task_data(cfg.data)
     summed = {}
     for i in config["members"]:

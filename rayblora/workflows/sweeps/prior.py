@@ -25,6 +25,7 @@ from rayblora.config import Config, ConfigError
 from rayblora.data.sources import load_task_data
 from rayblora.posteriors.laplace import LaplacePosterior
 from rayblora.posteriors.laplace.prior_cache import PriorCache
+from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
                                                tune_run_config, write_table)
@@ -53,6 +54,7 @@ def prior_trial(config: dict[str, Any], arrays: dict[str, Any], meta: dict[str, 
 def _laplace_parent(artifact: str | os.PathLike, cfg: Config):
     """The Laplace posterior of `artifact`, its manifest and the config's validation split (checked to match)."""
     post = load_posterior(artifact)
+    post.scorer.use_trunk_cache(trunk_cache_for(cfg, post.scorer))
     if not isinstance(post, LaplacePosterior):
         raise ConfigError(f"--posterior {artifact}: a {post.method!r} artifact has no Laplace curvature; fit one "
                           f"first (rayblora fit --posterior {artifact} --config ...)")
