@@ -116,11 +116,6 @@ class TrunkCache:
             out[row, mask.shape[1] - entry.shape[0]:] = entry
         return out
 
-    def fill(self, batches, compute: TrunkFn) -> None:
-        """Compute the entries of every batch of an iterable (e.g. a split's length-sorted batches)."""
-        for batch in batches:
-            self.hidden(batch, compute)
-
     # --- the file -------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Write every entry to :attr:`path` (atomically, with its sha256 in the JSON sidecar); None if memory-only
