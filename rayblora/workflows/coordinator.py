@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,14 @@ def _resume_dir() -> str | None:
     return resume_dir
 
 
+def _worker_log(message: str) -> None:
+    """One line per event from a Ray Train worker: Ray Train's print patch tees `print` to the worker's
+    redirected stdout and also logs it, so the driver showed every progress line twice; the process's own stdout
+    is forwarded once."""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
+
+
 def member_train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of one member run (called by Ray Train on every worker).
 
@@ -75,9 +84,9 @@ def member_train_loop(config: dict[str, Any]) -> None:
     resume_dir = _resume_dir()
     device = str(ray.train.torch.get_device()) if cfg.cluster.use_gpu else None  # the GPU Ray Train assigned
     try:
-        train_one_member(cfg, member, label=f"member {member} rank {rank}", on_checkpoint=on_checkpoint,
-                         resume_dir=resume_dir, rank=rank, world_size=world, device=device,
-                         extra_hooks=test_hooks)
+        train_one_member(cfg, member, log=_worker_log, label=f"member {member} rank {rank}",
+                         on_checkpoint=on_checkpoint, resume_dir=resume_dir, rank=rank, world_size=world,
+                         device=device, extra_hooks=test_hooks)
     finally:
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
