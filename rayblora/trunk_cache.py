@@ -62,6 +62,8 @@ class TrunkCache:
         self.directory = Path(directory) if directory else None
         self.entries: dict[bytes, torch.Tensor] = {}
         self.hits = self.misses = 0
+        self._on_disk = 0
+        """Entries the file at :attr:`path` holds (read or written by this object): save() skips an unchanged cache."""
 
     # --- identity and size --------------------------------------------------------------------------------
     @property
@@ -119,8 +121,8 @@ class TrunkCache:
     # --- the file -------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Write every entry to :attr:`path` (atomically, with its sha256 in the JSON sidecar); None if memory-only
-        or empty."""
-        if self.path is None or not self.entries:
+        or if the file already holds every entry."""
+        if self.path is None or len(self.entries) == self._on_disk:
             return None
         keys = list(self.entries)
         lengths = torch.tensor([self.entries[k].shape[0] for k in keys], dtype=torch.int64)
@@ -131,6 +133,7 @@ class TrunkCache:
         write_atomic(self.path, lambda tmp: save_file(tensors, tmp, metadata=metadata), mode=0o644)
         sidecar = {**self.identity, "entries": len(keys), "sha256": sha256_file(self.path)}
         write_text_atomic(self._sidecar, json.dumps(sidecar, indent=2))
+        self._on_disk = len(keys)
         self.log(f"[trunk cache] wrote {len(keys)} prompts ({self.path.stat().st_size / 2**20:.1f} MiB) to "
                  f"{self.path}")
         return self.path
@@ -146,7 +149,8 @@ class TrunkCache:
             return False
         try:
             sidecar = json.loads(self._sidecar.read_text())
-            if sidecar.get("sha256") != sha256_file(path) or {k: sidecar.get(k) for k in self.identity} != self.identity:
+            identity = {k: sidecar.get(k) for k in self.identity}
+            if sidecar.get("sha256") != sha256_file(path) or identity != self.identity:
                 raise ValueError("checksum or identity mismatch")
             tensors = load_file(str(path))
             hidden, offsets, keys = tensors["hidden"], tensors["offsets"].tolist(), tensors["keys"]
@@ -155,5 +159,6 @@ class TrunkCache:
             return False
         for row in range(keys.shape[0]):
             self.entries[bytes(keys[row].tolist())] = hidden[offsets[row]:offsets[row + 1]].to(self.dtype)
+        self._on_disk = len(self.entries)
         self.log(f"[trunk cache] read {keys.shape[0]} prompts from {path}")
         return True

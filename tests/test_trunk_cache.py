@@ -41,9 +41,10 @@ def test_a_member_trains_the_same_with_and_without_the_cache(sentiment_files, tm
     quiet = {"data": data, "log": lambda _m: None}
     cached = train_one_member(cfg, 0, **quiet)
     plain = train_one_member(_without_cache(cfg), 0, **quiet)
-    assert plain.trunk_cache is None and cached.trunk_cache is not None
+    cache = cached.scorer.trunk_cache
+    assert plain.scorer.trunk_cache is None and cache is not None
     unique = len(set(data.train["prompt"])) + len(set(data.validation["prompt"]))
-    assert cached.trunk_cache.hits > 40 * 16 - unique and cached.trunk_cache.misses == len(cached.trunk_cache.entries)
+    assert cache.hits > 40 * 16 - unique and cache.misses == len(cache.entries)
     losses = torch.tensor([[a["train_loss"], b["train_loss"]] for a, b in zip(cached.history, plain.history)])
     assert len(losses) == 40 and torch.allclose(losses[:, 0], losses[:, 1], atol=1e-5, rtol=0)
     cached_logits = _logits(cached.scorer, data.test)
@@ -70,13 +71,13 @@ def test_every_family_predicts_the_same_with_and_without_the_cache(sentiment_fil
 
 def test_hybrid_training_and_deepspeed_members_run_without_the_cache(sentiment_files, tmp_path, tiny_data):
     cfg = _config(sentiment_files, tmp_path / "run", **{"posterior.method": "hybrid_vi", "train.steps": "2"})
-    assert train_one_member(cfg, 0, data=tiny_data, log=lambda _m: None).trunk_cache is None
+    assert train_one_member(cfg, 0, data=tiny_data, log=lambda _m: None).scorer.trunk_cache is None
     messages = []
     ds = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, strategy="deepspeed"))
     scorer = train_one_member(_without_cache(cfg), 0, data=tiny_data, log=lambda _m: None).scorer
     assert trunk_cache_for(ds, scorer, messages.append) is None and "deepspeed" in messages[-1]
     all_layers = _config(sentiment_files, tmp_path / "all", **{"adapter.layers": "[]", "train.steps": "2"})
-    assert train_one_member(all_layers, 0, data=tiny_data, log=lambda _m: None).trunk_cache is None
+    assert train_one_member(all_layers, 0, data=tiny_data, log=lambda _m: None).scorer.trunk_cache is None
 
 
 @pytest.fixture
@@ -133,6 +134,7 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt(scorer_and_batch, tmp_path
     path = cache.save()
     fresh = TrunkCache(scorer.fingerprint, 2, torch.float32, tmp_path, messages.append)
     assert fresh.load() and torch.equal(fresh.hidden(batch, compute), expected) and fresh.misses == 0
+    assert fresh.save() is None  # nothing new: the file is not written again
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     damaged = TrunkCache(scorer.fingerprint, 2, torch.float32, tmp_path, messages.append)

@@ -77,14 +77,12 @@ def prepare_trunk_cache(cfg: Config, scorer: AnswerScorer, data: TaskData,
     cache = trunk_cache_for(cfg, scorer, log, make_hooks(cfg))
     if cache is None:
         return None
-    before = len(cache.entries)
     scorer.use_trunk_cache(cache)
     for split in (data.train, data.validation):
         for batch in length_sorted_batches(split, scorer.tokenizer, cfg.train.batch_size, scorer.max_length):
             scorer.shared_trunk(batch)
     scorer.use_trunk_cache(None)
-    if len(cache.entries) > before:
-        cache.save()
+    cache.save()
     log(f"[train] {cache.summary()}")
     return cache
 
@@ -92,15 +90,14 @@ def prepare_trunk_cache(cfg: Config, scorer: AnswerScorer, data: TaskData,
 @dataclass
 class TrainedMember:
     """A member trained in this process: its scorer (holding the trained adapter), seed, final metrics, the
-    step hooks it ran (which carry what they collected), the metrics of every step and the trunk cache it read
-    (None when off)."""
+    step hooks it ran (which carry what they collected) and the metrics of every step; the trunk cache it read is
+    `scorer.trunk_cache` (None when off)."""
 
     scorer: AnswerScorer
     seed: int
     metrics: dict[str, float]
     hooks: list[StepHook]
     history: list[dict[str, float]]
-    trunk_cache: TrunkCache | None = None
 
 
 def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
@@ -132,7 +129,7 @@ def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
     metrics = train_member(scorer, data.train, data.validation, cfg.train, ctx)
     if scorer.trunk_cache is not None:
         log(f"[{ctx.label}] {scorer.trunk_cache.summary()}")
-    return TrainedMember(scorer, seed, metrics, hooks, ctx.history, scorer.trunk_cache)
+    return TrainedMember(scorer, seed, metrics, hooks, ctx.history)
 
 
 @dataclass
@@ -206,8 +203,9 @@ def train_members_in_process(cfg: Config, log: Callable[[str], None] = print, da
 
             trained = train_one_member(cfg, i, data=data, family=family, log=log, on_checkpoint=keep_last,
                                        trunk_cache=cache)
-            scorer, cache = trained.scorer, trained.trunk_cache  # later members read what member 0 computed
+            scorer = trained.scorer
+            cache = scorer.trunk_cache  # later members read what member 0 computed
             results.append(keep_finished(cfg, i, tmp))
     if cache is not None:
-        cache.save()  # evaluation's Laplace and temperature passes read the training / validation prompts
+        cache.save()  # evaluation's Laplace and temperature passes read the training / validation prompts (if new)
     return scorer, results
