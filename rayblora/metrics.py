@@ -207,6 +207,32 @@ def ece(probs, labels, n_bins: int = 15) -> float:
     return float(np.sum(counts[mask] * gaps) / counts.sum())
 
 
+def ece_equal_mass(probs, labels, n_bins: int = 15) -> float:
+    """ECE over `n_bins` bins of (nearly) equal count, sorted by confidence (less biased at small N than
+    equal-width bins; Nixon et al. 2019, "adaptive calibration error"): sum_b (n_b / N) |acc_b - conf_b|."""
+    p, y = _check_inputs(probs, labels)
+    n_bins = _check_n_bins(n_bins)
+    conf = p.max(axis=1)
+    order = np.argsort(conf, kind="stable")
+    correct = (p.argmax(axis=1) == y).astype(float)[order]
+    gaps = [abs(correct[b].mean() - conf[order][b].mean()) * b.size
+            for b in np.array_split(np.arange(conf.size), min(n_bins, conf.size)) if b.size]
+    return float(np.sum(gaps) / conf.size)
+
+
+def rejection_error_reduction(probs, labels, uncertainty, fraction: float = 0.1) -> float:
+    """Relative error reduction (err_all - err_kept) / err_all when the `fraction` most uncertain examples are
+    rejected (stable sort; NaN when there is no error to reduce)."""
+    p, y, u = _check_inputs(probs, labels, uncertainty)
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    errors = (p.argmax(axis=1) != y).astype(float)
+    keep = _certain_first(u)[:max(1, math.ceil((1.0 - fraction) * errors.size - 1e-9))]
+    if errors.mean() == 0:
+        return float("nan")
+    return float((errors.mean() - errors[keep].mean()) / errors.mean())
+
+
 def brier(probs, labels) -> float:
     """Mean over examples of sum_c (p_c - onehot_c)^2; ``probs`` (N, C)."""
     p, y = _check_inputs(probs, labels)
@@ -282,7 +308,8 @@ def ood_auroc(uncertainty_in, uncertainty_out) -> float:
 def classification_metrics(probs, labels, uncertainty, n_bins: int = 15) -> dict:
     """All scalar metrics for one split, as plain python floats.
 
-    Keys: accuracy, nll, ece, brier, auroc (error AUROC), aurc, acc_at_90.
+    Keys: accuracy, nll, ece, ece_em (equal-mass ECE), brier, auroc (error AUROC), aurc, acc_at_90,
+    reject10 (relative error reduction when the 10 % most uncertain are rejected).
     """
     p, y, u = _check_inputs(probs, labels, uncertainty)
     errors = p.argmax(axis=1) != y
@@ -290,8 +317,10 @@ def classification_metrics(probs, labels, uncertainty, n_bins: int = 15) -> dict
         "accuracy": accuracy(p, y),
         "nll": nll(p, y),
         "ece": ece(p, y, n_bins),
+        "ece_em": ece_equal_mass(p, y, n_bins),
         "brier": brier(p, y),
         "auroc": error_auroc(u, errors),
         "aurc": aurc(u, errors),
         "acc_at_90": accuracy_at_coverage(p, y, u, 0.9),
+        "reject10": rejection_error_reduction(p, y, u, 0.1),
     }

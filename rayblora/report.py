@@ -3,11 +3,13 @@
 Input is ``results[method][split] -> SplitResult``. The report dict has the
 exact layout::
 
-    {"methods": {METHOD: {SPLIT: {accuracy, nll, ece, brier, auroc, aurc, acc_at_90}}},
+    {"methods": {METHOD: {SPLIT: {accuracy, nll, ece, ece_em, brier, auroc, aurc, acc_at_90, reject10,
+                                  [sd: {...}, members: K]  (a row of members predicting alone: map)
+                                  [member_disagreement]}}},   (an ensemble row)
      "ood":     {METHOD: {SHIFT_SPLIT: {"auroc_entropy", "auroc_mi"}}},
      "meta":    meta}
 
-Per-split uncertainty metrics (auroc, aurc, acc_at_90) use total predictive
+Per-split uncertainty metrics (auroc, aurc, acc_at_90, reject10) use total predictive
 entropy. OOD AUROCs treat the shifted split as the positive class.
 Plots are drawn with matplotlib's Agg canvas (no pyplot global state).
 """
@@ -37,10 +39,12 @@ METRIC_COLUMNS = (
     ("accuracy", "ACC"),
     ("nll", "NLL"),
     ("ece", "ECE"),
+    ("ece_em", "ECE-EM"),
     ("brier", "Brier"),
     ("auroc", "AUROC"),
     ("aurc", "AURC"),
     ("acc_at_90", "ACC@90"),
+    ("reject10", "Rej10"),
 )
 
 
@@ -52,12 +56,18 @@ class SplitResult:
     labels: (N,) integer class labels.
     entropy: (N,) total predictive entropy.
     mutual_information: (N,) epistemic part (mutual information).
+    member_probs: (K, N, C) or None. Given for a row that stands for K members each predicting alone (`map`):
+        its metrics are the mean over the members, with their standard deviation under "sd" (the plots draw
+        `probs`, member 0).
+    extra: further scalar metrics of the row (e.g. the ensemble's member disagreement).
     """
 
     probs: np.ndarray
     labels: np.ndarray
     entropy: np.ndarray
     mutual_information: np.ndarray
+    member_probs: np.ndarray | None = None
+    extra: dict | None = None
 
     def __post_init__(self) -> None:
         """Coerce fields to numpy arrays and check that their lengths agree."""
@@ -72,6 +82,11 @@ class SplitResult:
             shape = getattr(self, name).shape
             if shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {shape}")
+        if self.member_probs is not None:
+            self.member_probs = np.asarray(self.member_probs)
+            if self.member_probs.ndim != 3 or self.member_probs.shape[1:] != self.probs.shape:
+                raise ValueError(f"member_probs must be (K, {n}, {self.probs.shape[1]}), got "
+                                 f"{self.member_probs.shape}")
 
 
 # --------------------------------------------------------------------------- #
@@ -91,6 +106,22 @@ def _check_results(results, in_domain: str) -> None:
                 raise ValueError(f"results[{method!r}][{split!r}] is not a SplitResult")
 
 
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    return -(probs * np.log(np.clip(probs, 1e-30, None))).sum(-1)
+
+
+def split_metrics(result: SplitResult, n_bins: int = 15) -> dict:
+    """Metrics of one row on one split; for a member row (`member_probs`), the mean over members and "sd"."""
+    if result.member_probs is None:
+        out = classification_metrics(result.probs, result.labels, result.entropy, n_bins=n_bins)
+    else:
+        each = [classification_metrics(p, result.labels, _entropy(p), n_bins=n_bins) for p in result.member_probs]
+        out = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
+        out["sd"] = {k: float(np.std([m[k] for m in each], ddof=1)) if len(each) > 1 else 0.0 for k in each[0]}
+        out["members"] = len(each)
+    return {**out, **(result.extra or {})}
+
+
 def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15) -> dict:
     """Compute per-split metrics and in-domain-vs-shift OOD AUROCs.
 
@@ -100,10 +131,7 @@ def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15) ->
     _check_results(results, in_domain)
     methods, ood = {}, {}
     for method, splits in results.items():
-        methods[method] = {
-            split: classification_metrics(r.probs, r.labels, r.entropy, n_bins=n_bins)
-            for split, r in splits.items()
-        }
+        methods[method] = {split: split_metrics(r, n_bins) for split, r in splits.items()}
         ref = splits[in_domain]
         ood[method] = {
             split: {
@@ -119,11 +147,13 @@ def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15) ->
 # --------------------------------------------------------------------------- #
 # markdown
 # --------------------------------------------------------------------------- #
-def _fmt(value) -> str:
-    """4-decimal number, or ``n/a`` for None / NaN."""
+def _fmt(value, sd=None) -> str:
+    """4-decimal number (± sd when given), or ``n/a`` for None / NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{float(value):.4f}"
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return f"{float(value):.4f}"
+    return f"{float(value):.4f} ± {float(sd):.4f}"
 
 
 def _cell(text) -> str:
@@ -144,11 +174,12 @@ def render_markdown(report: dict) -> str:
     for key, value in report.get("meta", {}).items():
         lines.append(f"- **{_cell(key)}**: {_cell(value)}")
     lines += ["", "## Classification, calibration and selective prediction", ""]
-    lines.append("Uncertainty for AUROC / AURC / ACC@90 is total predictive entropy.")
+    lines.append("Uncertainty for AUROC / AURC / ACC@90 / Rej10 is total predictive entropy; a row of K "
+                 "members each predicting alone (map) shows their mean ± sd.")
     lines.append("")
     header = ["Method", "Split"] + [label for _, label in METRIC_COLUMNS]
     rows = [
-        [_cell(method), _cell(split)] + [_fmt(m.get(key)) for key, _ in METRIC_COLUMNS]
+        [_cell(method), _cell(split)] + [_fmt(m.get(key), m.get("sd", {}).get(key)) for key, _ in METRIC_COLUMNS]
         for method, splits in report["methods"].items()
         for split, m in splits.items()
     ]

@@ -188,7 +188,7 @@ def test_classification_metrics_keys_and_values():
     labels = rng.integers(0, 4, size=50)
     u = -np.sum(probs * np.log(probs), axis=1)
     out = M.classification_metrics(probs, labels, u, n_bins=10)
-    assert list(out) == ["accuracy", "nll", "ece", "brier", "auroc", "aurc", "acc_at_90"]
+    assert list(out) == ["accuracy", "nll", "ece", "ece_em", "brier", "auroc", "aurc", "acc_at_90", "reject10"]
     assert all(type(v) is float for v in out.values())
     errors = probs.argmax(1) != labels
     assert out["accuracy"] == M.accuracy(probs, labels)
@@ -262,3 +262,24 @@ def test_parameter_validation():
     for cov in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="coverage"):
             M.accuracy_at_coverage(GOOD_P, GOOD_Y, GOOD_U, coverage=cov)
+
+
+def test_equal_mass_ece_by_hand():
+    """Two bins of two: confidences (0.6, 0.7 | 0.8, 0.9), correct (1, 0 | 1, 1):
+    (2/4)|0.5 - 0.65| + (2/4)|1 - 0.85| = 0.15."""
+    probs = np.array([[0.6, 0.4], [0.3, 0.7], [0.8, 0.2], [0.1, 0.9]])
+    labels = np.array([0, 0, 0, 1])
+    assert M.ece_equal_mass(probs, labels, n_bins=2) == pytest.approx(0.15)
+
+
+def test_rejection_error_reduction_by_hand():
+    """Ten examples, two errors; the most uncertain one is an error: rejecting 10 % halves the error rate
+    among the kept nine (2/10 -> 1/9): (0.2 - 1/9) / 0.2."""
+    probs = np.tile([[0.9, 0.1]], (10, 1))
+    labels = np.array([0] * 8 + [1, 1])
+    u = np.arange(10.0)
+    u[8] = -1.0  # one error is the most certain, the other (index 9) the most uncertain
+    assert M.rejection_error_reduction(probs, labels, u, 0.1) == pytest.approx((0.2 - 1 / 9) / 0.2)
+    assert np.isnan(M.rejection_error_reduction(probs, np.zeros(10, int), u, 0.1))
+    with pytest.raises(ValueError, match="fraction"):
+        M.rejection_error_reduction(probs, labels, u, 1.0)

@@ -11,7 +11,7 @@ from rayblora.report import SplitResult, build_report, render_markdown, write_re
 
 METHODS = ["map", "laplace_lora"]
 SPLITS = ["obqa", "arc_e", "arc_c"]
-METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc", "aurc", "acc_at_90"}
+METRIC_KEYS = {"accuracy", "nll", "ece", "ece_em", "brier", "auroc", "aurc", "acc_at_90", "reject10"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -88,7 +88,7 @@ def test_render_markdown_contains_everything(tmp_path, results):
     metric_rows = [ln for ln in md.splitlines() if ln.startswith("| map |")
                    or ln.startswith("| laplace_lora |")]
     assert len(metric_rows) == 6 + 4  # 2x3 metric rows, 2x2 OOD rows
-    assert all(ln.count("|") == 10 for ln in metric_rows[:6])
+    assert all(ln.count("|") == 12 for ln in metric_rows[:6])
 
 
 def test_nan_written_as_null(tmp_path):
@@ -110,3 +110,21 @@ def test_build_report_validation(results):
         build_report({}, "obqa", META)
     with pytest.raises(ValueError, match="mutual_information"):
         SplitResult(np.eye(2), np.array([0, 1]), np.zeros(2), np.zeros(3))
+
+
+def test_member_row_reports_mean_and_sd_over_members(tmp_path):
+    """A `map` row of K = 3 members: each metric is the mean of the members' own metrics, with their sd."""
+    rng = np.random.default_rng(0)
+    members = rng.dirichlet([1.0, 1.0], size=(3, 40))
+    labels = rng.integers(0, 2, 40)
+    ent = -(members[0] * np.log(members[0])).sum(-1)
+    row = SplitResult(members[0], labels, ent, np.zeros(40), member_probs=members)
+    report = write_report(tmp_path, {"map": {"id": row}}, "id", {})
+    each = [classification_metrics(p, labels, -(p * np.log(p)).sum(-1)) for p in members]
+    got = report["methods"]["map"]["id"]
+    assert got["nll"] == pytest.approx(np.mean([m["nll"] for m in each]))
+    assert got["sd"]["ece"] == pytest.approx(np.std([m["ece"] for m in each], ddof=1))
+    assert got["members"] == 3
+    assert f"{got['accuracy']:.4f} ± {got['sd']['accuracy']:.4f}" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="member_probs"):
+        SplitResult(members[0], labels, ent, np.zeros(40), member_probs=members[:, :10])

@@ -158,7 +158,7 @@ class PosteriorConfig:
     min_members: int = 0
     """Build the posterior from the survivors if at least this many members finish (0 = all must)."""
     eval_methods: tuple[str, ...] = ("map", "ensemble")
-    """Rows of the evaluation report; "map" is member 0 alone."""
+    """Rows of the evaluation report; "map" is every member evaluated alone (mean ± sd over members)."""
 
     def __post_init__(self) -> None:
         known = available_methods()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,17 @@ USER_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 @dataclass
 class TaskData:
-    """The splits of one run: train / validation / test of the task, plus the test split of each shift task."""
+    """The splits of one run: train / validation / test of the task, plus the test split of each shift task.
+
+    `ids` names the rows of each split ("train", "validation", "test", and each shift split's name) as
+    "<task>:<row index in its source>", so a split can be checked against the one an artifact was trained on."""
 
     spec: TaskSpec
     train: Any
     validation: Any
     test: Any
     shifts: dict[str, Any]
+    ids: dict[str, list[str]] = field(default_factory=dict)
 
     def eval_splits(self, in_domain_name: str) -> dict[str, Any]:
         """Evaluation splits by name: the in-domain test split first, then the shifts."""
@@ -109,8 +113,12 @@ def _to_dataset(examples: list[dict[str, Any]]):
     return datasets.Dataset(InMemoryTable.from_pylist(examples), fingerprint=digest)
 
 
-def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str) -> list[np.ndarray]:
-    """Disjoint index sets of the given sizes (0 in the last = all the rest) from one seeded permutation."""
+def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str,
+                   limits: tuple[int | None, ...] = ()) -> list[np.ndarray]:
+    """Disjoint index sets of the given sizes (0 in the last = all the rest) from one seeded permutation.
+
+    `limits[i]` keeps only the first limits[i] of block i's permutation order: the same rows as a block of that
+    size, while every later block stays where `sizes` puts it (fewer test rows without moving training rows)."""
     order = np.random.default_rng(seed).permutation(n)
     out, start = [], 0
     for i, size in enumerate(sizes):
@@ -118,37 +126,51 @@ def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str) -> li
         if stop <= start:
             raise DataError(f"{source}: {n} rows are too few for splits of sizes {sizes}; "
                             "an empty split would result (lower data.*_size)")
-        out.append(np.sort(order[start:stop]))
+        limit = limits[i] if i < len(limits) else None
+        out.append(np.sort(order[start:stop if limit is None else min(stop, start + limit)]))
         start = stop
     return out
 
 
 def _task_splits(task: str, cfg: DataConfig, sizes: tuple[int, ...], spec: TaskSpec | None = None,
-                 field: str = "data.task", role: str = "") -> tuple[TaskSpec, list[list[dict[str, Any]]]]:
-    """(spec, one example list per size in `sizes`) of one task, from the seeded split of its rows.
+                 field_name: str = "data.task", role: str = "", limits: tuple[int | None, ...] = (),
+                 ) -> tuple[TaskSpec, list[list[dict[str, Any]]], list[list[str]]]:
+    """(spec, one example list per size in `sizes`, their row ids) of one task, from the seeded split of its rows.
 
     The first splits of a permutation do not depend on the later sizes, so a shift task's (test_size,) split is
     the test split it has as the run's task. With `spec` given, the task must answer with the same choices."""
     rows = read_rows(task)
     own = infer_spec(rows, cfg, task)
     if spec is not None and own.choices != spec.choices:
-        raise DataError(f"{field}: {task!r} answers {list(own.choices)} but the task answers "
+        raise DataError(f"{field_name}: {task!r} answers {list(own.choices)} but the task answers "
                         f"{list(spec.choices)}; a {role} must share the labels")
     spec = spec or own
     examples = rows_to_examples(rows, spec, task)
-    return spec, [[examples[i] for i in idx] for idx in _split_indices(len(examples), sizes, cfg.seed, task)]
+    blocks = _split_indices(len(examples), sizes, cfg.seed, task, limits)
+    name = split_name(task)
+    return spec, [[examples[i] for i in idx] for idx in blocks], [[f"{name}:{i}" for i in idx] for idx in blocks]
 
 
-def load_task_data(cfg: DataConfig) -> TaskData:
+def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:
     """Load, validate, format and split the task and its shift tasks; pool the training and validation
-    splits of `cfg.joint_tasks` with the task's (each task split exactly as when it is the run's task)."""
-    sizes = (cfg.test_size, cfg.val_size, cfg.train_size)
-    spec, (test, val, train) = _task_splits(cfg.task, cfg, sizes)
+    splits of `cfg.joint_tasks` with the task's (each task split exactly as when it is the run's task).
+
+    `test_limit` keeps the first `test_limit` rows of each test split's permutation block (a subset of the
+    `cfg.test_size` rows; the training and validation rows do not move)."""
+    if test_limit is not None and not 0 < test_limit <= cfg.test_size:
+        raise DataError(f"test_limit must be in [1, data.test_size={cfg.test_size}], got {test_limit}")
+    sizes, limits = (cfg.test_size, cfg.val_size, cfg.train_size), (test_limit,)
+    spec, (test, val, train), (test_ids, val_ids, train_ids) = _task_splits(cfg.task, cfg, sizes, limits=limits)
     for task in cfg.joint_tasks:
-        _, (_, joint_val, joint_train) = _task_splits(task, cfg, sizes, spec, "data.joint_tasks", "joint task")
+        _, (_, joint_val, joint_train), (_, j_val_ids, j_train_ids) = _task_splits(
+            task, cfg, sizes, spec, "data.joint_tasks", "joint task")
         val, train = val + joint_val, train + joint_train
+        val_ids, train_ids = val_ids + j_val_ids, train_ids + j_train_ids
+    ids = {"train": train_ids, "validation": val_ids, "test": test_ids}
     shifts = {}
     for task in cfg.shift_tasks:
-        _, (shift_test,) = _task_splits(task, cfg, (cfg.test_size,), spec, "data.shift_tasks", "shift task")
+        _, (shift_test,), (shift_ids,) = _task_splits(task, cfg, (cfg.test_size,), spec, "data.shift_tasks",
+                                                      "shift task", limits)
         shifts[split_name(task)] = _to_dataset(shift_test)
-    return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts)
+        ids[split_name(task)] = shift_ids
+    return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts, ids)

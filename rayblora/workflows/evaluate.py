@@ -1,7 +1,8 @@
 """Evaluate posterior families on the in-domain test split and the shift splits, and write the report.
 
 Member views (`map`, `ensemble`) of one artifact share a single pass per member: the per-member
-probabilities are computed once per split and sliced, instead of re-running member 0 for `map`.
+probabilities are computed once per split. The `map` row is every member evaluated alone, reported as the mean
+± sd over members (not member 0's luck of the draw).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 from rayblora import predictive
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.config import Config
-from rayblora.data.sources import TaskData, load_task_data, split_name
+from rayblora.data.sources import TaskData, split_name
+from rayblora.data.trained_splits import load_trained_data
 from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
 from rayblora.workflows.members import trunk_cache_for
@@ -23,9 +25,30 @@ from rayblora.workflows.members import trunk_cache_for
 MEMBER_VIEWS = ("map", "ensemble")
 
 
-def _split_result(pred: predictive.Predictive, labels) -> SplitResult:
+def _split_result(pred: predictive.Predictive, labels, **fields) -> SplitResult:
     return SplitResult(pred.probs.numpy(), np.asarray(labels), pred.entropy.numpy(),
-                       pred.mutual_information.numpy())
+                       pred.mutual_information.numpy(), **fields)
+
+
+def member_disagreement(sample_probs) -> float:
+    """Mean over member pairs of the fraction of inputs on which their argmax differs; sample_probs (K, N, C)."""
+    labels = sample_probs.argmax(-1)
+    k = labels.shape[0]
+    pairs = [(labels[i] != labels[j]).float().mean() for i in range(k) for j in range(i + 1, k)]
+    return float(sum(pairs) / len(pairs)) if pairs else 0.0
+
+
+def member_view_results(pred: predictive.Predictive, labels, views) -> dict[str, SplitResult]:
+    """The member views of one pass over the members: `map` = each member alone (reported as mean ± sd over
+    members, plotted as member 0), `ensemble` = their average (with the members' pairwise disagreement)."""
+    out = {}
+    if "map" in views:
+        alone = predictive.from_sample_probs(pred.sample_probs[:1])
+        out["map"] = _split_result(alone, labels, member_probs=pred.sample_probs.numpy())
+    if "ensemble" in views:
+        out["ensemble"] = _split_result(pred, labels,
+                                        extra={"member_disagreement": member_disagreement(pred.sample_probs)})
+    return out
 
 
 def _progress(log: Callable[[str], None], what: str) -> Callable[[int, int], None]:
@@ -46,7 +69,7 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     methods = list(methods or cfg.posterior.eval_methods)
     for m in methods:
         get_posterior_class(m)  # unknown names fail before any model work
-    data = data or load_task_data(cfg.data)
+    data = data or load_trained_data(read_manifest(artifact).get("training", {}), cfg.data, log)
     splits = data.eval_splits(split_name(cfg.data.task))
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
@@ -64,9 +87,8 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
         labels = ds["label"]
         if member_views:
             pred = ensemble.predict_dataset(ds, batch_size, _progress(log, f"members on {name}"))
-            for m in member_views:
-                subset = pred.sample_probs[:1] if m == "map" else pred.sample_probs
-                results[m][name] = _split_result(predictive.from_sample_probs(subset), labels)
+            for m, result in member_view_results(pred, labels, member_views).items():
+                results[m][name] = result
         for m, post in built.items():
             pred = post.predict_dataset(ds, batch_size, _progress(log, f"{m} on {name}"))
             results[m][name] = _split_result(pred, labels)

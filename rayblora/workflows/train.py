@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 from rayblora.artifact import save_posterior
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, load_task_data
+from rayblora.data.trained_splits import split_record
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.report import render_markdown
@@ -59,7 +60,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
         prepare_trunk_cache(cfg, scorer, data, log)  # the members' workers read the frozen layers' output
         outcome = run_members(cfg, log, extra)
         members, record = outcome.members, outcome.summary()
-    training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record}
+    training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record,
+                "splits": split_record(data)}
     path = write_posterior(cfg, scorer, members, data, training, lineage, family)
     log(f"[train] wrote {cfg.posterior.method} posterior with {len(members)} member(s) to {path} "
         f"({time.time() - t0:.0f} s)")

@@ -8,7 +8,7 @@ with eigenvalues Λ_b + δ_b, and δ_b on the complement where a low-rank factor
   rotated per-example Jacobian, (J Σ Jᵀ)_cd = Σ_b Σ_kl Ĵ_bc,kl Ĵ_bd,kl / (Λ_b,kl + δ_b) + R_b,cd / δ_b, where
   R_b = ⟨J_c, J_d⟩ − ⟨Ĵ_c, Ĵ_d⟩ is the part outside the kept eigenspace. Σ is never formed, and Ĵ and R do not
   depend on δ, so a new δ needs no new forward or backward pass.
-* Links: probit κ_c = (1 + π/8 Var f_c)^(-1/2), p = softmax(κ ⊙ f) (MacKay 1992); Monte Carlo over f samples.
+* Links: a shift-invariant probit (:func:`probit_probs`: MacKay 1992 on logit contrasts); Monte Carlo over f.
 * Evidence (sec. 3.1): log p(D) ≈ log p(D | θ*) − ½ Σ_b [Σ_kl log(1 + Λ_b,kl / δ_b) + δ_b ‖θ*_b‖²].
 """
 
@@ -94,9 +94,25 @@ def functional_covariance(batch: GLMBatch, eigens: dict[str, BlockEigen], prior:
 
 
 def probit_probs(f_mu: torch.Tensor, f_var: torch.Tensor) -> torch.Tensor:
-    """Probit approximation of E softmax(f), f ~ N(f_mu, f_var): softmax(f_mu / sqrt(1 + π/8 diag f_var))."""
-    kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(f_var, dim1=-2, dim2=-1))
-    return torch.softmax(kappa * f_mu, -1)
+    """Shift-invariant probit approximation of E softmax(f), f ~ N(f_mu (B, C), f_var (B, C, C)).
+
+    softmax depends only on differences of logits, and LLM answer logits carry a large common offset, so the
+    approximation is built on them: with d_c = f_c − mean_{c'≠c} f_c', κ_c = (1 + π/8 Var d_c)^(-1/2) and
+    p = softmax(κ ⊙ (f_mu − mean f_mu)). For C = 2 this is MacKay's (1992) probit of the logit difference
+    σ(μ_d / sqrt(1 + π/8 Var d)), which never changes the argmax; adding any random offset common to every
+    class (a shared direction of f_var) changes nothing. (Scaling raw logits, κ_c from Var f_c, is neither.)
+    −inf logits (invalid choices) keep probability 0 and are left out of the means."""
+    valid = torch.isfinite(f_mu)
+    n_valid = valid.sum(-1, keepdim=True).clamp_min(1)
+    mu = torch.where(valid, f_mu, torch.zeros_like(f_mu))
+    # contrast rows w_c = e_c − (1 − e_c) ⊙ valid / (n_valid − 1): d_c = w_c · f
+    others = valid.float() / (n_valid - 1).clamp_min(1)
+    eye = torch.eye(f_mu.shape[-1], dtype=f_var.dtype, device=f_var.device)
+    contrast = eye - (1 - eye) * others[..., None, :].to(f_var.dtype)
+    var_d = torch.einsum("bcd,bde,bce->bc", contrast, f_var, contrast).clamp_min(0)
+    kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * var_d)
+    centred = mu - (mu * valid).sum(-1, keepdim=True) / n_valid
+    return torch.softmax(torch.where(valid, kappa * centred, f_mu), -1)
 
 
 def sample_logits(f_mu: torch.Tensor, f_var: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

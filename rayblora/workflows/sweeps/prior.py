@@ -22,7 +22,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from rayblora.artifact import load_posterior, read_manifest, save_derived
 from rayblora.config import Config, ConfigError
-from rayblora.data.sources import load_task_data
+from rayblora.data.trained_splits import load_trained_data
 from rayblora.posteriors.laplace import LaplacePosterior
 from rayblora.posteriors.laplace.prior_cache import PriorCache
 from rayblora.workflows.members import trunk_cache_for
@@ -58,11 +58,12 @@ def _laplace_parent(artifact: str | os.PathLike, cfg: Config):
     if not isinstance(post, LaplacePosterior):
         raise ConfigError(f"--posterior {artifact}: a {post.method!r} artifact has no Laplace curvature; fit one "
                           f"first (rayblora fit --posterior {artifact} --config ...)")
-    data = load_task_data(cfg.data)
+    manifest = read_manifest(artifact)
+    data = load_trained_data(manifest.get("training", {}), cfg.data)
     if tuple(data.spec.choices) != tuple(post.scorer.spec.choices):
         raise ConfigError(f"data: the task's answers {list(data.spec.choices)} differ from the artifact's "
                           f"{list(post.scorer.spec.choices)}; pass the config the posterior was fitted with")
-    return post, read_manifest(artifact), data.validation
+    return post, manifest, data.validation
 
 
 def _prior_tuner(arrays, meta, identity: dict[str, Any], out: Path, search: str, max_concurrent: int,
