@@ -130,13 +130,19 @@ def lora_config(cfg: AdapterConfig):
 
 
 def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
-    """Wrap `model` (modified in place) with a fresh LoRA adapter whose init is seeded by `seed`."""
+    """Wrap `model` (modified in place) with a fresh LoRA adapter whose init is seeded by `seed` (B ~ N(0,
+    `adapter.init_b_std`²) instead of 0 when that is > 0)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
             peft_model = get_peft_model(model, lora_config(cfg))
         except ValueError as exc:
             raise ModelError(f"adapter.target_modules {list(cfg.target_modules)}: {exc}") from None
+        if cfg.init_b_std > 0:
+            with torch.no_grad():
+                for name, param in peft_model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0.0, cfg.init_b_std)
     return peft_model
 
 

@@ -316,3 +316,23 @@ def test_binary_laplace_keeps_the_map_argmax_and_infinite_prior_precision_is_map
     tight = post.with_prior_precision(1e12).predict_batch(batch)
     assert torch.allclose(tight.probs, map_probs, atol=1e-5)
     assert float(tight.mutual_information.max()) < 1e-4
+
+
+def test_b_only_laplace_leaves_a_at_the_map_and_round_trips(trained_members, tiny_data, tiny_session_config,
+                                                            tmp_path):
+    """laplace.factors=b: the curvature blocks are the lora_B weights only (weight-space draws perturb exactly
+    those), and the artifact records and restores the setting."""
+    scorer, states, infos = trained_members
+    cfg = fast(tiny_session_config, factors="b", link="nn", link_samples=3, prior_precision=0.1)
+    post = build("laplace", trained_members, tiny_data, cfg)
+    assert post.modules and all(k.endswith("lora_B") for k in post.modules)
+    full = build("laplace", trained_members, tiny_data, fast(tiny_session_config))
+    assert len(full.modules) == 2 * len(post.modules)
+    path = save_posterior(post, tmp_path / "b", model_config=tiny_session_config.model,
+                          adapter_config=tiny_session_config.adapter)
+    loaded = load_posterior(path)
+    assert loaded.settings.factors == "b" and list(loaded.modules) == list(post.modules)
+    batch = first_batch(scorer, tiny_data.test, 8)
+    assert torch.allclose(loaded.predict_batch(batch).probs, post.predict_batch(batch).probs, atol=1e-6)
+    with pytest.raises(ConfigError, match="laplace.factors"):
+        load_config(None, ["laplace.factors=a"])

@@ -84,3 +84,70 @@ def test_model_device_is_validated_and_placed(tiny_session_config):
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="model.device"):
             load_base_model(replace(tiny_session_config.model, device="cuda"))
+
+
+def test_random_b_init_is_seeded_and_zero_by_default(tiny_session_config):
+    """adapter.init_b_std > 0 draws B from the member's seed (members start as different functions); 0 keeps
+    PEFT's B = 0."""
+    import dataclasses
+
+    from rayblora.config import ConfigError, load_config
+    from rayblora.data.formats import classification_spec
+    from rayblora.scoring import build_scorer
+
+    spec = classification_spec(("negative", "positive"), "{text}\nSentiment:")
+
+    def b_weights(std, seed):
+        adapter = dataclasses.replace(tiny_session_config.adapter, init_b_std=std)
+        state = build_scorer(tiny_session_config.model, adapter, spec, 32, seed=seed).adapter_state()
+        return torch.cat([v.reshape(-1) for k, v in sorted(state.items()) if "lora_B" in k])
+
+    assert b_weights(0.0, 1).abs().max() == 0
+    drawn = b_weights(0.05, 1)
+    assert 0.03 < float(drawn.std()) < 0.07
+    assert torch.equal(drawn, b_weights(0.05, 1)) and not torch.equal(drawn, b_weights(0.05, 2))
+    with pytest.raises(ConfigError, match="adapter.init_b_std"):
+        load_config(None, ["adapter.init_b_std=-1"])
+
+
+def test_bootstrap_rows_resample_the_split_with_replacement(tiny_data):
+    from rayblora.config import ConfigError, load_config
+    from rayblora.data.sources import bootstrap_rows
+
+    rows = bootstrap_rows(tiny_data.train, 7)
+    assert len(rows) == len(tiny_data.train)
+    assert set(rows["prompt"]) <= set(tiny_data.train["prompt"])
+    assert len(set(rows["prompt"])) < len(rows)  # a resample of n from n repeats rows
+    assert rows["prompt"] == bootstrap_rows(tiny_data.train, 7)["prompt"]
+    assert rows["prompt"] != bootstrap_rows(tiny_data.train, 8)["prompt"]
+    with pytest.raises(ConfigError, match="train.member_data"):
+        load_config(None, ["train.member_data=subsample"])
+
+
+def test_keep_best_keeps_the_lowest_validation_nll_adapter(tiny_session_config, tiny_data, tmp_path):
+    """train.keep_best with eval_every = 4: the checkpoint holds the adapter of the validation pass with the
+    lowest val_nll (its step and value in state.json), and validating that adapter gives that value."""
+    import json
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from rayblora.config import ConfigError, load_config
+    from rayblora.model import set_lora_state
+    from rayblora.scoring import build_scorer
+    from rayblora.train.loop import validate
+
+    cfg = replace(tiny_session_config.train, steps=16, eval_every=4, keep_best=True, lr=3e-2)
+    scorer = build_scorer(tiny_session_config.model, tiny_session_config.adapter, tiny_data.spec,
+                          tiny_session_config.data.max_length, seed=3)
+    ctx = LoopContext(seed=3, log=lambda _m: None,
+                      on_checkpoint=lambda step, m, state: state.save(tmp_path / "ckpt", m))
+    train_member(scorer, tiny_data.train, tiny_data.validation, cfg, ctx)
+    passes = {h["step"]: h["val_nll"] for h in ctx.history if "val_nll" in h}
+    assert sorted(passes) == [4, 8, 12, 16]
+    best = json.loads((tmp_path / "ckpt" / "state.json").read_text())["best"]
+    assert best["step"] == min(passes, key=passes.get) and best["val_nll"] == min(passes.values())
+    set_lora_state(scorer.model, load_file(str(tmp_path / "ckpt" / "best_adapter.safetensors")))
+    assert validate(scorer, tiny_data.validation, 16)["val_nll"] == pytest.approx(best["val_nll"], rel=1e-4)
+    with pytest.raises(ConfigError, match="train.keep_best"):
+        load_config(None, ["train.keep_best=true"])

@@ -49,6 +49,9 @@ class AdapterConfig:
     """Names of the linear modules that receive LoRA adapters."""
     layers: tuple[int, ...] = ()
     """Restrict adapters to these decoder layer indices (empty = all layers)."""
+    init_b_std: float = 0.0
+    """Standard deviation of a random initial B (0 = PEFT's B = 0, so every member starts as the base model).
+    > 0 starts each member, seeded by its seed, as a different function."""
 
     def __post_init__(self) -> None:
         check(self.rank >= 1, "adapter.rank", f"must be >= 1, got {self.rank}")
@@ -56,6 +59,7 @@ class AdapterConfig:
         check(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
         check(len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
         check(all(i >= 0 for i in self.layers), "adapter.layers", "indices must be >= 0")
+        check(self.init_b_std >= 0, "adapter.init_b_std", f"must be >= 0, got {self.init_b_std}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,13 @@ class TrainConfig:
     """DeepSpeed: keep the optimizer state in CPU memory (ZeRO stage >= 1)."""
     offload_params: bool = False
     """DeepSpeed: keep parameters in CPU memory (ZeRO stage 3)."""
+    keep_best: bool = False
+    """Also keep the adapter of the validation pass (every `eval_every` steps) with the lowest validation NLL,
+    as `best_adapter.safetensors` in the member's checkpoint: the early-stopped baseline."""
+    member_data: str = "all"
+    """Training rows of each member: all (every member sees the training split, in its own order) | bootstrap
+    (member i trains on a resample with replacement of the split, seeded by its seed: members that start as
+    the same function, LoRA's B = 0, then differ by more than their data order and A's init)."""
     trunk_cache: bool = True
     """Compute the frozen layers below the first adapted one once per prompt and reuse them in every epoch,
     member, evaluation method and Laplace pass (:mod:`rayblora.trunk_cache`); applies only where it is exact:
@@ -145,6 +156,8 @@ class TrainConfig:
                "must be >= 0")
         check(self.torch_threads >= 0, "train.torch_threads", "must be >= 0")
         one_of(self.strategy, ("ddp", "deepspeed"), "train.strategy")
+        one_of(self.member_data, ("all", "bootstrap"), "train.member_data")
+        check(not self.keep_best or self.eval_every > 0, "train.keep_best", "needs train.eval_every > 0")
         one_of(self.zero_stage, (0, 1, 2, 3), "train.zero_stage")
         check(not self.offload_params or self.zero_stage == 3, "train.offload_params", "needs train.zero_stage 3")
 
@@ -204,6 +217,10 @@ class LaplaceConfig:
     """Curvature structure over the LoRA parameters: kfac | diag."""
     subset: str = "all"
     """Which LoRA parameters: all | last_layer (the adapter of the last adapted module only)."""
+    factors: str = "ab"
+    """Which LoRA factors of those modules: ab (A and B) | b (B only; A stays at its trained value). B starts at
+    zero, so the zero-mean prior fits it, while A starts random and its ‖A‖² dominates a zero-mean prior's
+    evidence (Laplace-LoRA, arXiv 2308.13111, sec. 3 fits both)."""
     hessian: str = "ggn"
     """Curvature: ggn (Fisher under the model's own answer distribution, exact over C) | ef (empirical)."""
     prior_precision: float = 1.0
@@ -230,6 +247,7 @@ class LaplaceConfig:
     def __post_init__(self) -> None:
         one_of(self.structure, ("kfac", "diag"), "laplace.structure")
         one_of(self.subset, ("all", "last_layer"), "laplace.subset")
+        one_of(self.factors, ("ab", "b"), "laplace.factors")
         one_of(self.hessian, ("ggn", "ef"), "laplace.hessian")
         check(self.prior_precision > 0, "laplace.prior_precision", "must be > 0")
         one_of(self.prior_method, ("marglik", "val_nll", "fixed"), "laplace.prior_method")

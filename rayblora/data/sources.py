@@ -44,6 +44,12 @@ class TaskData:
         return {in_domain_name: self.test, **self.shifts}
 
 
+def bootstrap_rows(dataset, seed: int):
+    """A resample with replacement of `dataset`, of the same size, seeded by `seed` (rows in drawn order)."""
+    n = len(dataset)
+    return dataset.select(np.random.default_rng(seed).integers(0, n, n).tolist())
+
+
 def split_name(task: str) -> str:
     """Short name of a task for reports: the built-in name or the file stem."""
     return task if task in BUILTIN_TASKS else Path(task).stem

@@ -3,7 +3,8 @@
     adapter.safetensors   the adapter (LoRA) tensors at the checkpoint's step
     trainer_state.pt      optimizer / scheduler / stepper state, the state dict of every step hook, CPU RNG
                           (tensors and plain containers only: read with ``weights_only=True``)
-    state.json            {"step": ..., "metrics": {...}}
+    state.json            {"step": ..., "metrics": {...}[, "best": {"step": ..., "val_nll": ...}]}
+    best_adapter.safetensors   with `train.keep_best`: the adapter of the lowest validation NLL so far
 
 The loop (:mod:`rayblora.train.loop`) writes and restores whole checkpoints; families whose training hooks
 collect statistics (SWAG moments, the hybrid adapter's variational state) read their hook's part through
@@ -21,6 +22,7 @@ import torch
 ADAPTER = "adapter.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 STATE_JSON = "state.json"
+BEST_ADAPTER = "best_adapter.safetensors"
 
 
 def read_trainer_state(directory: str | Path) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from rayblora.config import TrainConfig
 from rayblora.data.batches import eval_batches, train_batch
 from rayblora.model import set_lora_state
-from rayblora.train.checkpoint import ADAPTER, STATE_JSON, TRAINER_STATE, read_step_state, read_trainer_state
+from rayblora.train.checkpoint import (ADAPTER, BEST_ADAPTER, STATE_JSON, TRAINER_STATE, read_step_state,
+                                       read_trainer_state)
 from rayblora.train.deepspeed import DeepSpeedStepper
 
 
@@ -163,6 +164,25 @@ class TorchStepper:
 
 
 @dataclass
+class BestAdapter:
+    """The adapter of the validation pass with the lowest validation NLL so far (`train.keep_best`): the
+    early-stopped baseline, kept beside the final adapter."""
+
+    step: int = 0
+    val_nll: float = math.inf
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, step: int, metrics: dict[str, float], stepper) -> None:
+        nll = metrics.get("val_nll")
+        if nll is not None and nll < self.val_nll:
+            self.step, self.val_nll = step, float(nll)
+            self.state = {k: v.detach().cpu().clone() for k, v in stepper.adapter_state().items()}
+
+    def record(self) -> dict[str, float]:
+        return {"step": self.step, "val_nll": self.val_nll}
+
+
+@dataclass
 class TrainerState:
     """Everything a resumed loop needs besides the frozen base."""
 
@@ -172,6 +192,7 @@ class TrainerState:
     scorer: Any
     hooks: Sequence[StepHook]
     stepper: Any = None
+    best: BestAdapter | None = None
 
     def save(self, directory: str | Path, metrics: dict[str, float], primary: bool = True) -> None:
         """Write adapter (safetensors), optimizer / scheduler / hook state and step into `directory`.
@@ -189,7 +210,11 @@ class TrainerState:
         torch.save({"stepper": self.stepper.state_dict(),
                     "hooks": [h.state_dict() for h in self.hooks], "cpu_rng": torch.get_rng_state()},
                    d / TRAINER_STATE)
-        (d / STATE_JSON).write_text(json.dumps({"step": self.step, "metrics": metrics}))
+        step_state: dict[str, Any] = {"step": self.step, "metrics": metrics}
+        if self.best is not None and self.best.state is not None:
+            save_file({k: v.contiguous() for k, v in self.best.state.items()}, str(d / BEST_ADAPTER))
+            step_state["best"] = self.best.record()
+        (d / STATE_JSON).write_text(json.dumps(step_state))
 
     def restore(self, directory: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` (tensors only: `weights_only=True`)."""
@@ -202,7 +227,11 @@ class TrainerState:
             torch.set_rng_state(blob["cpu_rng"])
         for hook, state in zip(self.hooks, blob["hooks"]):
             hook.load_state_dict(state)
-        self.step = read_step_state(d)["step"]
+        step_state = read_step_state(d)
+        self.step = step_state["step"]
+        if self.best is not None and "best" in step_state:
+            self.best = BestAdapter(step_state["best"]["step"], step_state["best"]["val_nll"],
+                                    load_file(str(d / BEST_ADAPTER)))
 
 
 def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContext) -> float:
@@ -234,7 +263,7 @@ def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
         stepper = DeepSpeedStepper(scorer, optimizer, scheduler, cfg, use_gpu)
     else:
         stepper = TorchStepper(scorer, optimizer, scheduler, cfg)
-    state = TrainerState(0, optimizer, scheduler, scorer, hooks, stepper)
+    state = TrainerState(0, optimizer, scheduler, scorer, hooks, stepper, BestAdapter() if cfg.keep_best else None)
     for hook in hooks:  # e.g. SWAG: sets the SWA lr on the optimizer, reads the (gathered) adapter via the stepper
         if hasattr(hook, "bind"):
             hook.bind(state)
@@ -267,6 +296,8 @@ def train_member(scorer, train_ds, val_ds, cfg: TrainConfig, ctx: LoopContext) -
         metrics = {"step": state.step, "train_loss": loss, "lr": state.stepper.lr()}
         if _due(state.step, cfg.eval_every, cfg.steps):
             metrics.update(validate(scorer, val_ds, cfg.batch_size))
+            if state.best is not None:
+                state.best.offer(state.step, metrics, state.stepper)
         ctx.history.append(metrics)
         if state.step % log_every == 0 or state.step == cfg.steps:
             rate = (time.time() - t0) / max(1, len(ctx.history))

@@ -29,8 +29,8 @@ from rayblora.artifact import load_posterior, save_derived
 from rayblora.config import Config, ConfigError, config_from_dict
 from rayblora.data.trained_splits import load_trained_data
 from rayblora.manifest import read_manifest
-from rayblora.posteriors.laplace import fit_curvature
-from rayblora.posteriors.laplace.kfac import LoraCurvature, find_lora_sites
+from rayblora.posteriors.laplace import fit_curvature, laplace_sites
+from rayblora.posteriors.laplace.kfac import LoraCurvature
 from rayblora.registry import get_posterior_class
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
@@ -129,7 +129,7 @@ def distributed_curvatures(artifact_dir, cfg: Config, scorer, members: list[int]
     out = {}
     with result.checkpoint.as_directory() as d:
         for i in members:
-            curv = LoraCurvature(find_lora_sites(scorer.model, cfg.laplace.subset), cfg.laplace.structure,
+            curv = LoraCurvature(laplace_sites(scorer.model, cfg.laplace), cfg.laplace.structure,
                                  cfg.laplace.hessian, cfg.laplace.low_rank_threshold, cfg.laplace.low_rank)
             curv.load_state_tensors(load_file(str(Path(d) / _curvature_file(i))))
             out[i] = curv

@@ -26,12 +26,12 @@ from safetensors.torch import load_file
 
 from rayblora.config import Config
 from rayblora.data.batches import length_sorted_batches
-from rayblora.data.sources import TaskData, load_task_data
+from rayblora.data.sources import TaskData, bootstrap_rows, load_task_data
 from rayblora.manifest import replace_dir
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer, build_scorer
-from rayblora.train.checkpoint import ADAPTER, read_step_state
+from rayblora.train.checkpoint import ADAPTER, BEST_ADAPTER, read_step_state
 from rayblora.train.loop import LoopContext, StepHook, TrainerState, nan_safe, train_member, training_objective
 from rayblora.trunk import first_adapted_layer, trunk_dropout, trunk_dtype
 from rayblora.trunk_cache import TrunkCache
@@ -126,7 +126,8 @@ def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
     ctx = LoopContext(seed=seed, rank=rank, world_size=world_size, hooks=hooks, on_checkpoint=on_checkpoint,
                       log=log, label=label or f"{cfg.output.name} member {member}", resume_dir=resume_dir,
                       use_gpu=on_gpu)
-    metrics = train_member(scorer, data.train, data.validation, cfg.train, ctx)
+    rows = bootstrap_rows(data.train, seed) if cfg.train.member_data == "bootstrap" else data.train
+    metrics = train_member(scorer, rows, data.validation, cfg.train, ctx)
     if scorer.trunk_cache is not None:
         log(f"[{ctx.label}] {scorer.trunk_cache.summary()}")
     return TrainedMember(scorer, seed, metrics, hooks, ctx.history)
@@ -171,6 +172,18 @@ def load_finished(cfg: Config, i: int) -> MemberResult | None:
     if meta.get("config_digest") != config_digest(cfg):
         return None
     return MemberResult(i, meta["seed"], load_file(str(d / ADAPTER)), meta["metrics"], str(d))
+
+
+def early_stopped_adapters(cfg: Config) -> list[dict[str, torch.Tensor]]:
+    """Each kept member's lowest-validation-NLL adapter (`train.keep_best`), in member order."""
+    out = []
+    for i in range(cfg.posterior.members):
+        path = member_dir(cfg, i) / BEST_ADAPTER
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no early-stopped adapter; train with train.keep_best=true "
+                                    "and train.eval_every > 0")
+        out.append(load_file(str(path)))
+    return out
 
 
 def keep_finished(cfg: Config, i: int, checkpoint_dir: str | Path) -> MemberResult:

@@ -6,7 +6,8 @@ marginal likelihood or validation NLL), :mod:`.prior_cache` the validation cache
 """
 
 from rayblora.posteriors.laplace.posterior import (LAPLACE_FILE, PRIOR_GRID, LaplaceEnsemblePosterior,
-                                                   LaplacePosterior, MemberLaplace, fit_curvature)
+                                                   LaplacePosterior, MemberLaplace, fit_curvature,
+                                                   laplace_sites)
 
 __all__ = ["LAPLACE_FILE", "PRIOR_GRID", "LaplaceEnsemblePosterior", "LaplacePosterior", "MemberLaplace",
-           "fit_curvature"]
+           "fit_curvature", "laplace_sites"]

@@ -39,26 +39,32 @@ AllReduceFn = Callable[[torch.Tensor], None]
 # --- where the LoRA parameters are ---------------------------------------------------------------------------
 @dataclass
 class LoraSite:
-    """One adapted module: its name in the model and its `lora_A` / `lora_B` Linear submodules."""
+    """One adapted module: its name in the model, its `lora_A` / `lora_B` Linear submodules, and which of the
+    two factors carry the Laplace approximation (`factors`: "ab" both, "b" B only; the other stays at θ*)."""
 
     name: str
     lora_A: nn.Linear
     lora_B: nn.Linear
+    factors: str = "ab"
 
     def blocks(self) -> dict[str, nn.Linear]:
         """Block name (`<module>.lora_A`, `<module>.lora_B`, as in PEFT's saved keys) -> Linear."""
-        return {f"{self.name}.lora_A": self.lora_A, f"{self.name}.lora_B": self.lora_B}
+        out = {f"{self.name}.lora_A": self.lora_A} if "a" in self.factors else {}
+        return {**out, f"{self.name}.lora_B": self.lora_B}
 
 
-def find_lora_sites(model: nn.Module, subset: str = "all") -> list[LoraSite]:
-    """The adapted modules of a PEFT model in module order; `subset="last_layer"` keeps only the last one."""
+def find_lora_sites(model: nn.Module, subset: str = "all", factors: str = "ab") -> list[LoraSite]:
+    """The adapted modules of a PEFT model in module order; `subset="last_layer"` keeps only the last one;
+    `factors="b"` puts the approximation on the B factors only (see :class:`LoraSite`)."""
+    if factors not in ("ab", "b"):
+        raise ValueError(f"laplace.factors must be 'ab' or 'b', got {factors!r}")
     sites = []
     for name, module in model.named_modules():
         lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
         if not isinstance(lora_A, nn.ModuleDict) or not lora_A:
             continue
         adapter = _active_adapter(module, lora_A)
-        sites.append(LoraSite(name, lora_A[adapter], lora_B[adapter]))
+        sites.append(LoraSite(name, lora_A[adapter], lora_B[adapter], factors))
     if not sites:
         raise ValueError("the model has no LoRA-adapted modules (no `lora_A` submodules found)")
     if subset == "last_layer":

@@ -110,12 +110,17 @@ def fit_batches(dataset, scorer, batch_size: int, limit: int) -> Iterator[dict[s
         yield batch
 
 
+def laplace_sites(model: torch.nn.Module, lcfg: LaplaceConfig):
+    """The LoRA sites the `laplace` section puts the approximation on (`subset`, `factors`)."""
+    return find_lora_sites(model, lcfg.subset, lcfg.factors)
+
+
 def fit_curvature(scorer, state: dict[str, torch.Tensor], dataset, lcfg: LaplaceConfig, batch_size: int,
                   rank: int = 0, world: int = 1) -> LoraCurvature:
     """Accumulate the curvature of one adapter over this worker's shard (batches i with i % world == rank)."""
     with scorer.restoring_adapter():
         set_lora_state(scorer.model, state)
-        sites = find_lora_sites(scorer.model, lcfg.subset)
+        sites = laplace_sites(scorer.model, lcfg)
         curv = LoraCurvature(sites, lcfg.structure, lcfg.hessian, lcfg.low_rank_threshold, lcfg.low_rank)
         with grads_only_for(scorer.model, curv.modules), torch.enable_grad():
             for i, batch in enumerate(fit_batches(dataset, scorer, batch_size, lcfg.fit_batches)):
@@ -173,11 +178,12 @@ class LaplacePosterior(Posterior):
             raise ValueError(f"{self.method}: no fitted member Laplace approximations")
         self.fits, self.settings = list(fits), settings
         self.fit_meta = dict(fit_meta or {})
-        self.modules = block_modules(find_lora_sites(scorer.model, settings.subset))
+        self.modules = block_modules(laplace_sites(scorer.model, settings))
         for fit in self.fits:
             if list(fit.eigens) != list(self.modules):
                 raise ValueError(f"{self.method}: the curvature blocks of member {fit.member} do not match the "
-                                 f"model's LoRA modules (laplace.subset={settings.subset!r})")
+                                 f"model's LoRA modules (laplace.subset={settings.subset!r}, "
+                                 f"laplace.factors={settings.factors!r})")
         self._cache: dict[tuple[int, str], glm.GLMBatch] | None = None
 
     # --- construction -------------------------------------------------------------------------------
