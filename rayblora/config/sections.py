@@ -69,6 +69,10 @@ class DataConfig:
     (.jsonl, .csv, .parquet) or a `datasets.save_to_disk` folder."""
     shift_tasks: tuple[str, ...] = ("tweets", "amazon", "nyt")
     """Evaluation-only tasks with the same labels (distribution shift); built-in names or paths."""
+    far_ood_tasks: tuple[str, ...] = ()
+    """Unlabelled far-OOD text for OOD detection: built-in newsgroups | reuters (`rayblora assets fetch`) or a file
+    with a `text` column, `test_size` rows of each, fed through `prompt_template`; only their uncertainty is
+    reported (OOD AUROC against the in-domain test split), never an accuracy. Classification tasks only."""
     joint_tasks: tuple[str, ...] = ()
     """Further tasks whose training and validation splits are pooled with the task's (joint training, e.g. the
     retrain-on-all-data baseline of dynamic fine-tuning); each is split exactly as when it is the run's task."""

@@ -22,6 +22,7 @@ from rayblora.config import DataConfig
 from rayblora.data.formats import DataError, TaskSpec, classification_spec, multiple_choice_spec, rows_to_examples
 
 BUILTIN_TASKS = ("movie", "tweets", "amazon", "nyt")
+FAR_OOD_TASKS = ("newsgroups", "reuters")
 USER_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -30,7 +31,8 @@ class TaskData:
     """The splits of one run: train / validation / test of the task, plus the test split of each shift task.
 
     `ids` names the rows of each split ("train", "validation", "test", and each shift split's name) as
-    "<task>:<row index in its source>", so a split can be checked against the one an artifact was trained on."""
+    "<task>:<row index in its source>", so a split can be checked against the one an artifact was trained on.
+    `far_ood` holds the unlabelled far-OOD splits (their `label` column is a placeholder 0)."""
 
     spec: TaskSpec
     train: Any
@@ -38,10 +40,11 @@ class TaskData:
     test: Any
     shifts: dict[str, Any]
     ids: dict[str, list[str]] = field(default_factory=dict)
+    far_ood: dict[str, Any] = field(default_factory=dict)
 
     def eval_splits(self, in_domain_name: str) -> dict[str, Any]:
-        """Evaluation splits by name: the in-domain test split first, then the shifts."""
-        return {in_domain_name: self.test, **self.shifts}
+        """Evaluation splits by name: the in-domain test split first, then the shifts, then the far-OOD sets."""
+        return {in_domain_name: self.test, **self.shifts, **self.far_ood}
 
 
 def bootstrap_rows(dataset, seed: int):
@@ -52,7 +55,31 @@ def bootstrap_rows(dataset, seed: int):
 
 def split_name(task: str) -> str:
     """Short name of a task for reports: the built-in name or the file stem."""
-    return task if task in BUILTIN_TASKS else Path(task).stem
+    return task if task in BUILTIN_TASKS + FAR_OOD_TASKS else Path(task).stem
+
+
+def _far_ood_rows(task: str) -> list[dict[str, Any]]:
+    """Rows {"text", "label": 0} of a far-OOD set: a built-in one or a user file with a `text` column."""
+    if task in FAR_OOD_TASKS:
+        path = assets.far_ood_path(task)
+        if not path.is_file():
+            raise assets.AssetError(f"far-OOD set {task!r} needs {path}; run `rayblora assets fetch` first")
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    else:
+        rows = read_rows(task)
+        if "text" not in rows[0]:
+            raise DataError(f"data.far_ood_tasks: {task} needs a 'text' column (found {sorted(rows[0])})")
+        texts = [r["text"] for r in rows]
+    return [{"text": t, "label": 0} for t in texts]
+
+
+def _far_ood_split(task: str, cfg: DataConfig, spec: TaskSpec, limit: int | None):
+    if spec.kind != "classification":
+        raise DataError("data.far_ood_tasks: far-OOD text is fed through the classification prompt; the task "
+                        "is multiple choice")
+    examples = rows_to_examples(_far_ood_rows(task), spec, task)
+    (idx,) = _split_indices(len(examples), (cfg.test_size,), cfg.seed, task, (limit,))
+    return _to_dataset([examples[i] for i in idx]), [f"{split_name(task)}:{i}" for i in idx]
 
 
 def _read_user_rows(path: Path) -> list[dict[str, Any]]:
@@ -179,4 +206,7 @@ def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:
                                                       "shift task", limits)
         shifts[split_name(task)] = _to_dataset(shift_test)
         ids[split_name(task)] = shift_ids
-    return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts, ids)
+    far_ood = {}
+    for task in cfg.far_ood_tasks:
+        far_ood[split_name(task)], ids[split_name(task)] = _far_ood_split(task, cfg, spec, test_limit)
+    return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts, ids, far_ood)

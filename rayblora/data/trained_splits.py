@@ -21,8 +21,8 @@ from rayblora.config import ConfigError, DataConfig
 from rayblora.data.formats import DataError
 from rayblora.data.sources import TaskData, load_task_data
 
-FREE_FIELDS = ("shift_tasks", "test_size")
-"""Data fields an evaluation may change: other shift tasks, and fewer test rows."""
+FREE_FIELDS = ("shift_tasks", "far_ood_tasks", "test_size")
+"""Data fields an evaluation may change: other shift or far-OOD tasks, and fewer test rows."""
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -45,7 +45,8 @@ def _data_config(values: dict[str, Any]) -> DataConfig:
 def trained_data_config(training: dict[str, Any], given: DataConfig) -> tuple[DataConfig, int | None]:
     """(the trained data section with the given shift tasks, test-row limit or None) for evaluating an artifact
     whose manifest `training` record is `training`; raises ConfigError where `given` would move its rows."""
-    trained = _data_config(training["config"]["data"])
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    trained = _data_config({k: v for k, v in training["config"]["data"].items() if k in known})
     moved = [f.name for f in dataclasses.fields(DataConfig)
              if f.name not in FREE_FIELDS and getattr(given, f.name) != getattr(trained, f.name)]
     if moved:
@@ -58,7 +59,7 @@ def trained_data_config(training: dict[str, Any], given: DataConfig) -> tuple[Da
         raise ConfigError(f"data.test_size: {given.test_size} test rows asked, the artifact was trained with "
                           f"{trained.test_size}; more would take rows of its validation or training split")
     limit = given.test_size if given.test_size < trained.test_size else None
-    return dataclasses.replace(trained, shift_tasks=given.shift_tasks), limit
+    return dataclasses.replace(trained, shift_tasks=given.shift_tasks, far_ood_tasks=given.far_ood_tasks), limit
 
 
 def load_trained_data(training: dict[str, Any], given: DataConfig,

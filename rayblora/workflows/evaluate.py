@@ -108,4 +108,5 @@ def evaluate(artifact: str | Path, cfg: Config, out_dir: str | Path | None = Non
             "artifact": str(artifact), "eval_seconds": round(time.time() - t0, 1)}
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return write_report(out, results, split_name(cfg.data.task), meta)
+    return write_report(out, results, split_name(cfg.data.task), meta,
+                        far_ood=[split_name(t) for t in cfg.data.far_ood_tasks])
