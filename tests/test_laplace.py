@@ -336,3 +336,14 @@ def test_b_only_laplace_leaves_a_at_the_map_and_round_trips(trained_members, tin
     assert torch.allclose(loaded.predict_batch(batch).probs, post.predict_batch(batch).probs, atol=1e-6)
     with pytest.raises(ConfigError, match="laplace.factors"):
         load_config(None, ["laplace.factors=a"])
+
+
+def test_laplace_ensemble_provides_the_laplace_row_of_the_same_fit(trained_members, tiny_data,
+                                                                   tiny_session_config):
+    cfg = fast(tiny_session_config)
+    batch = first_batch(trained_members[0], tiny_data.test)
+    views = build("laplace_ensemble", trained_members, tiny_data, cfg).predict_views(batch)
+    single = build("laplace", trained_members, tiny_data, cfg).predict_batch(batch)
+    assert set(views) == {"laplace", "laplace_ensemble"}
+    assert torch.allclose(views["laplace"].probs, single.probs, atol=1e-6)
+    assert torch.allclose(views["laplace"].mutual_information, single.mutual_information, atol=1e-6)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,6 +236,9 @@ def test_evaluate_methods_runs_every_new_row(swag_artifact, swag_run, tiny_data)
         for split in results[method].values():
             assert split.probs.shape[1] == 2 and torch.isfinite(torch.as_tensor(split.probs)).all()
     assert (results["multiswag"]["train"].mutual_information > 0).mean() > 0.9
+    alone = evaluate_methods(swag_artifact, cfg, ["swag"], data=tiny_data, log=lambda _m: None)
+    for split, result in alone["swag"].items():  # with multiswag, swag came out of multiswag's pass
+        assert np.allclose(result.probs, results["swag"][split].probs, atol=1e-6)
 
 
 def test_swag_without_moments_fails_clearly(trained_members, tiny_data, tmp_path):

@@ -43,6 +43,9 @@ class Posterior(ABC):
     training_sections: ClassVar[tuple[str, ...]] = ()
     """Config sections besides model/adapter/data/train that change what the family's training produces
     (part of the digest under which finished members are reused)."""
+    provides: ClassVar[tuple[str, ...]] = ()
+    """Other registered families whose predictive is part of this one's, built from the same config (e.g.
+    `swag` is trajectory 0 of `multiswag`): :meth:`predict_views` returns them from the same pass."""
 
     def __init__(self, scorer: AnswerScorer, members: Sequence[AdapterState],
                  member_info: Sequence[dict[str, Any]] | None = None):
@@ -108,13 +111,28 @@ class Posterior(ABC):
                  for i in range(0, len(prompts), batch_size)]
         return predictive.concat(parts)
 
+    def predict_views(self, batch: dict[str, torch.Tensor]) -> dict[str, Predictive]:
+        """This family's predictive and those of :attr:`provides` on one batch, from one pass."""
+        return {self.method: self.predict_batch(batch)}
+
     def predict_dataset(self, dataset, batch_size: int = 16,
                         progress: Callable[[int, int], None] | None = None) -> Predictive:
         """Predictive over a split (a `datasets.Dataset` with prompt / label / num_choices)."""
-        parts, done = [], 0
+        return self._over_dataset(dataset, batch_size, progress, lambda b: {self.method: self.predict_batch(b)})[
+            self.method]
+
+    def predict_dataset_views(self, dataset, batch_size: int = 16,
+                              progress: Callable[[int, int], None] | None = None) -> dict[str, Predictive]:
+        """:meth:`predict_views` over a split: view name -> Predictive."""
+        return self._over_dataset(dataset, batch_size, progress, self.predict_views)
+
+    def _over_dataset(self, dataset, batch_size, progress, predict) -> dict[str, Predictive]:
+        parts: dict[str, list[Predictive]] = {}
+        done = 0
         for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
-            parts.append(self.predict_batch(batch))
+            for name, pred in predict(batch).items():
+                parts.setdefault(name, []).append(pred)
             done += len(batch["labels"])
             if progress is not None:
                 progress(done, len(dataset))
-        return predictive.concat(parts)
+        return {name: predictive.concat(p) for name, p in parts.items()}

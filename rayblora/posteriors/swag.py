@@ -35,8 +35,10 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from rayblora import predictive
 from rayblora.config import ConfigError, SwagConfig, TrainConfig
 from rayblora.posteriors.base import AdapterState, Posterior
+from rayblora.predictive import Predictive
 from rayblora.registry import get_posterior_class
 from rayblora.train.checkpoint import read_hook_state
 
@@ -358,3 +360,10 @@ class MultiSwagPosterior(SwagFamily):
 
     method = "multiswag"
     all_trajectories = True
+    provides = ("swag",)
+
+    def predict_views(self, batch: dict[str, torch.Tensor]) -> dict[str, Predictive]:
+        """multiswag and `swag` (trajectory 0's S draws: the same seed, so the same states) from one pass."""
+        logits = self.sample_logits(batch)
+        return {self.method: predictive.from_logits(logits),
+                "swag": predictive.from_logits(logits[:self.sampling.samples])}

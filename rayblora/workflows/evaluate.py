@@ -76,8 +76,9 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
     others = [m for m in methods if m not in MEMBER_VIEWS]
+    provided = {v for m in others for v in get_posterior_class(m).provides if v != m}
     built = {}
-    for m in others:  # Laplace views fit their curvature here: one pass over the training split per member
+    for m in (m for m in others if m not in provided):  # Laplace views fit their curvature here
         t0 = time.time()
         log(f"[evaluate] preparing {m} from {artifact}")
         built[m] = full.view(m, data=data, config=cfg)
@@ -90,8 +91,10 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
             for m, result in member_view_results(pred, labels, member_views).items():
                 results[m][name] = result
         for m, post in built.items():
-            pred = post.predict_dataset(ds, batch_size, _progress(log, f"{m} on {name}"))
-            results[m][name] = _split_result(pred, labels)
+            views = post.predict_dataset_views(ds, batch_size, _progress(log, f"{m} on {name}"))
+            for view, pred in views.items():
+                if view in results:
+                    results[view][name] = _split_result(pred, labels)
     if full.scorer.trunk_cache is not None:
         log(f"[evaluate] {full.scorer.trunk_cache.summary()}")
     return results

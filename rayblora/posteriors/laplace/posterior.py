@@ -351,6 +351,16 @@ class LaplaceEnsemblePosterior(LaplacePosterior):
 
     method = "laplace_ensemble"
     fits_every_member = True
+    provides = ("laplace",)
+
+    def predict_views(self, batch: dict[str, torch.Tensor]) -> dict[str, Predictive]:
+        """laplace_ensemble and `laplace` (fitted member 0 alone: the same fit) from one set of GLM moments."""
+        if self.settings.link != "probit":
+            logits = self.sample_logits(batch)
+            return {self.method: predictive.from_logits(logits),
+                    "laplace": predictive.from_logits(logits[:self.settings.link_samples])}
+        moments = self.glm_moments(batch)
+        return {self.method: self.probit_predictive(moments), "laplace": self.probit_predictive(moments[:1])}
 
 
 def _prior_tensor(prior, groups: int) -> torch.Tensor:
