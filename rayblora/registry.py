@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "multiswag": "rayblora.posteriors.swag:MultiSwagPosterior",
     "mc_dropout": "rayblora.posteriors.baselines:McDropoutPosterior",
     "temperature": "rayblora.posteriors.baselines:TemperaturePosterior",
+    "temperature_ensemble": "rayblora.posteriors.baselines:TemperatureEnsemblePosterior",
     "hybrid_vi": "rayblora.posteriors.hybrid.posterior:HybridVIPosterior",
 }
 """The families shipped with rayblora."""

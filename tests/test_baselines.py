@@ -74,3 +74,24 @@ def test_mc_dropout_gives_nonzero_mutual_information(tiny_session_config, tiny_d
     assert torch.equal(pred.probs, again.probs)
     deterministic = get_posterior_class("map").build(scorer, [state], [{}]).predict_batch(batch)
     assert torch.all(deterministic.mutual_information == 0)
+
+
+def test_temperature_ensemble_scales_every_member_and_rescales_a_member_pass(trained_members, tiny_data):
+    """One T for all members, fitted on the validation NLL of their average; `rescale` of the members' plain
+    probabilities equals the scaled posterior's own prediction (what evaluate uses), for both temperature rows."""
+    scorer, states, infos = trained_members
+    batch = next(eval_batches(tiny_data.test, scorer.tokenizer, 16, scorer.max_length))
+    members = get_posterior_class("ensemble").build(scorer, states, infos).predict_batch(batch).sample_probs
+    for method, n in (("temperature", 1), ("temperature_ensemble", len(states))):
+        post = get_posterior_class(method).build(scorer, states, infos, data=tiny_data)
+        own = post.predict_batch(batch)
+        assert own.sample_probs.shape[0] == n and post.temperature > 0
+        assert torch.allclose(post.rescale(members).probs, own.probs, atol=1e-5)
+    val = next(eval_batches(tiny_data.validation, scorer.tokenizer, 64, scorer.max_length))
+    logits = scorer.logits_for_states(val, states)
+    ens_t = fit_temperature(logits, val["labels"])
+
+    def nll(t):
+        return float(-torch.log(torch.softmax(logits / t, -1).mean(0).gather(1, val["labels"][:, None])).mean())
+
+    assert nll(ens_t) <= min(nll(ens_t * 0.9), nll(ens_t * 1.1)) + 1e-6

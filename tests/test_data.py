@@ -152,3 +152,15 @@ def test_far_ood_text_is_fed_through_the_task_prompt(tmp_path):
     with pytest.raises(DataError, match="multiple choice"):
         load_task_data(load_config(None, [f"data.task={mc}", "data.shift_tasks=[]", "data.val_size=4",
                                           "data.test_size=4", f"data.far_ood_tasks=[{far}]"]).data)
+
+
+def test_shift_test_size_sizes_shift_and_far_ood_splits(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ROWS)
+    shift = _jsonl(tmp_path / "s.jsonl", ROWS)
+    far = _jsonl(tmp_path / "news.jsonl", [{"text": f"usenet post {i}"} for i in range(10)])
+    cfg = load_config(None, [f"data.task={path}", f"data.shift_tasks=[{shift}]", f"data.far_ood_tasks=[{far}]",
+                             "data.val_size=4", "data.test_size=4", "data.shift_test_size=7",
+                             "data.train_size=0"]).data
+    data = load_task_data(cfg)
+    assert len(data.test) == 4 and len(data.shifts["s"]) == 7 and len(data.far_ood["news"]) == 7
+    assert len(load_task_data(cfg, test_limit=2).shifts["s"]) == 7  # fewer test rows, same shift rows

@@ -86,6 +86,8 @@ class DataConfig:
     """Number of validation examples (used for temperature, prior precision, early checks)."""
     test_size: int = 500
     """Number of test examples of the task, and of each shift task."""
+    shift_test_size: int = 0
+    """Rows of each shift and far-OOD split (0 = test_size)."""
     max_length: int = 64
     """Maximum prompt length in tokens; longer prompts keep their last tokens (the question)."""
     seed: int = 0
@@ -95,7 +97,7 @@ class DataConfig:
         check(bool(self.task), "data.task", "must name a task or a file")
         check(len(self.label_names) >= 2, "data.label_names", "needs at least two labels")
         check("{text}" in self.prompt_template, "data.prompt_template", "must contain {text}")
-        for name in ("train_size", "val_size", "test_size"):
+        for name in ("train_size", "val_size", "test_size", "shift_test_size"):
             check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         check(self.val_size > 0 and self.test_size > 0, "data.val_size/test_size", "must be > 0")
         check(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")

@@ -73,12 +73,12 @@ def _far_ood_rows(task: str) -> list[dict[str, Any]]:
     return [{"text": t, "label": 0} for t in texts]
 
 
-def _far_ood_split(task: str, cfg: DataConfig, spec: TaskSpec, limit: int | None):
+def _far_ood_split(task: str, cfg: DataConfig, spec: TaskSpec, size: int, limit: int | None):
     if spec.kind != "classification":
         raise DataError("data.far_ood_tasks: far-OOD text is fed through the classification prompt; the task "
                         "is multiple choice")
     examples = rows_to_examples(_far_ood_rows(task), spec, task)
-    (idx,) = _split_indices(len(examples), (cfg.test_size,), cfg.seed, task, (limit,))
+    (idx,) = _split_indices(len(examples), (size,), cfg.seed, task, (limit,))
     return _to_dataset([examples[i] for i in idx]), [f"{split_name(task)}:{i}" for i in idx]
 
 
@@ -188,8 +188,9 @@ def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:
     """Load, validate, format and split the task and its shift tasks; pool the training and validation
     splits of `cfg.joint_tasks` with the task's (each task split exactly as when it is the run's task).
 
-    `test_limit` keeps the first `test_limit` rows of each test split's permutation block (a subset of the
-    `cfg.test_size` rows; the training and validation rows do not move)."""
+    `test_limit` keeps the first `test_limit` rows of the test split's permutation block (a subset of the
+    `cfg.test_size` rows; the training and validation rows do not move), and of each shift / far-OOD split unless
+    `cfg.shift_test_size` sets their size."""
     if test_limit is not None and not 0 < test_limit <= cfg.test_size:
         raise DataError(f"test_limit must be in [1, data.test_size={cfg.test_size}], got {test_limit}")
     sizes, limits = (cfg.test_size, cfg.val_size, cfg.train_size), (test_limit,)
@@ -200,13 +201,15 @@ def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:
         val, train = val + joint_val, train + joint_train
         val_ids, train_ids = val_ids + j_val_ids, train_ids + j_train_ids
     ids = {"train": train_ids, "validation": val_ids, "test": test_ids}
+    shift_size, limits = (cfg.shift_test_size, ()) if cfg.shift_test_size else (cfg.test_size, limits)
     shifts = {}
     for task in cfg.shift_tasks:
-        _, (shift_test,), (shift_ids,) = _task_splits(task, cfg, (cfg.test_size,), spec, "data.shift_tasks",
+        _, (shift_test,), (shift_ids,) = _task_splits(task, cfg, (shift_size,), spec, "data.shift_tasks",
                                                       "shift task", limits)
         shifts[split_name(task)] = _to_dataset(shift_test)
         ids[split_name(task)] = shift_ids
     far_ood = {}
     for task in cfg.far_ood_tasks:
-        far_ood[split_name(task)], ids[split_name(task)] = _far_ood_split(task, cfg, spec, test_limit)
+        far_ood[split_name(task)], ids[split_name(task)] = _far_ood_split(task, cfg, spec, shift_size,
+                                                                          limits[0] if limits else None)
     return TaskData(spec, _to_dataset(train), _to_dataset(val), _to_dataset(test), shifts, ids, far_ood)

@@ -21,7 +21,7 @@ from rayblora.config import ConfigError, DataConfig
 from rayblora.data.formats import DataError
 from rayblora.data.sources import TaskData, load_task_data
 
-FREE_FIELDS = ("shift_tasks", "far_ood_tasks", "test_size")
+FREE_FIELDS = ("shift_tasks", "far_ood_tasks", "shift_test_size", "test_size")
 """Data fields an evaluation may change: other shift or far-OOD tasks, and fewer test rows."""
 
 
@@ -59,7 +59,8 @@ def trained_data_config(training: dict[str, Any], given: DataConfig) -> tuple[Da
         raise ConfigError(f"data.test_size: {given.test_size} test rows asked, the artifact was trained with "
                           f"{trained.test_size}; more would take rows of its validation or training split")
     limit = given.test_size if given.test_size < trained.test_size else None
-    return dataclasses.replace(trained, shift_tasks=given.shift_tasks, far_ood_tasks=given.far_ood_tasks), limit
+    return dataclasses.replace(trained, shift_tasks=given.shift_tasks, far_ood_tasks=given.far_ood_tasks,
+                               shift_test_size=given.shift_test_size), limit
 
 
 def load_trained_data(training: dict[str, Any], given: DataConfig,

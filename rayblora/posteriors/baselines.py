@@ -5,6 +5,8 @@
   one batched forward (:mod:`rayblora.batched`): each row block draws its own dropout masks.
 * `temperature` (Guo et al., ICML 2017, sec. 4.2): the MAP's answer logits divided by one temperature T > 0
   fitted on the validation split by minimising the NLL (L-BFGS over log T, so T stays positive).
+* `temperature_ensemble`: every member's logits divided by one T, fitted on the validation NLL of their
+  average p = 1/K Σ_k softmax(f_k / T) (the members' disagreement, so the mutual information, survives).
 
 The number of MC-dropout passes S and their seed are `swag.samples` and `swag.sample_seed`, the sampling
 settings every sampling family shares.
@@ -17,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rayblora import predictive
 from rayblora.batched import lora_dropout_rate
 from rayblora.config import SwagConfig
 from rayblora.data.batches import eval_batches
 from rayblora.posteriors.base import Posterior
+from rayblora.predictive import Predictive
 
 FINITE_FLOOR = -1e4
 """Invalid choices (−inf logits) are floored here while fitting T, so their zero gradient stays finite."""
@@ -67,14 +71,18 @@ class McDropoutPosterior(Posterior):
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
-    """T > 0 minimising the NLL of softmax(logits / T) (logits (N, C), labels (N,)), by L-BFGS over log T."""
+    """T > 0 minimising the NLL of 1/K Σ_k softmax(logits_k / T) (logits (N, C), or (K, N, C) for K members;
+    labels (N,)), by L-BFGS over log T."""
     logits = logits.detach().float().clamp_min(FINITE_FLOOR)
+    logits = logits[None] if logits.dim() == 2 else logits
     log_t = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+    log_k = torch.log(torch.tensor(float(logits.shape[0])))
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        log_mean = torch.logsumexp(F.log_softmax(logits / log_t.exp(), -1), 0) - log_k  # (N, C)
+        loss = F.nll_loss(log_mean, labels)
         loss.backward()
         return loss
 
@@ -90,9 +98,12 @@ class TemperaturePosterior(Posterior):
 
     method = "temperature"
     needs_data = True
+    scaled_members: int | None = 1
+    """How many members are scaled (the first n; None = all)."""
 
     def __init__(self, scorer, members, member_info=None, temperature: float = 1.0):
-        super().__init__(scorer, list(members)[:1], list(member_info)[:1] if member_info else None)
+        n = self.scaled_members
+        super().__init__(scorer, list(members)[:n], list(member_info)[:n] if member_info else None)
         if not temperature > 0:
             raise ValueError(f"temperature: must be > 0, got {temperature}")
         self.temperature = float(temperature)
@@ -100,15 +111,15 @@ class TemperaturePosterior(Posterior):
     @classmethod
     def build(cls, scorer, members, member_info, data=None, config=None,
               batch_size: int = 16) -> "TemperaturePosterior":
-        """Fit T on `data.validation` with member 0's logits."""
+        """Fit T on `data.validation` with the scaled members' logits."""
         if data is None:
-            raise ValueError("temperature: needs data (its validation split) to fit the temperature")
+            raise ValueError(f"{cls.method}: needs data (its validation split) to fit the temperature")
         mapped = cls(scorer, members, member_info)
         logits, labels = [], []
         for batch in eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length):
-            logits.append(mapped.sample_logits(batch)[0])
+            logits.append(mapped.sample_logits(batch))
             labels.append(batch["labels"])
-        mapped.temperature = fit_temperature(torch.cat(logits), torch.cat(labels))
+        mapped.temperature = fit_temperature(torch.cat(logits, 1), torch.cat(labels))
         return mapped
 
     @classmethod
@@ -119,5 +130,19 @@ class TemperaturePosterior(Posterior):
         return {"temperature": self.temperature}
 
     def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer logits (1, B, C) of the MAP divided by T."""
+        """Answer logits (n, B, C) of the scaled members divided by T."""
         return self.scorer.logits_for_states(batch, self.members) / self.temperature
+
+    def rescale(self, member_probs: torch.Tensor) -> Predictive:
+        """This predictive from the unscaled members' probabilities (K, B, C), e.g. an ensemble's pass:
+        softmax(log p_k / T) = softmax(f_k / T), since log p_k and f_k differ by a per-row constant."""
+        probs = member_probs[:self.scaled_members]
+        logs = torch.where(probs > 0, probs.clamp_min(1e-30).log(), torch.full_like(probs, float("-inf")))
+        return predictive.from_logits(logs / self.temperature)
+
+
+class TemperatureEnsemblePosterior(TemperaturePosterior):
+    """Every member's logits divided by one temperature fitted on the validation NLL of their average."""
+
+    method = "temperature_ensemble"
+    scaled_members = None

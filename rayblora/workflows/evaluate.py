@@ -22,7 +22,8 @@ from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
 from rayblora.workflows.members import trunk_cache_for
 
-MEMBER_VIEWS = ("map", "ensemble")
+MEMBER_VIEWS = ("map", "ensemble", "temperature", "temperature_ensemble")
+"""Rows computed from one pass of the members over a split (the temperature rows rescale it)."""
 
 
 def _split_result(pred: predictive.Predictive, labels, **fields) -> SplitResult:
@@ -38,10 +39,11 @@ def member_disagreement(sample_probs) -> float:
     return float(sum(pairs) / len(pairs)) if pairs else 0.0
 
 
-def member_view_results(pred: predictive.Predictive, labels, views) -> dict[str, SplitResult]:
+def member_view_results(pred: predictive.Predictive, labels, views, scaled=None) -> dict[str, SplitResult]:
     """The member views of one pass over the members: `map` = each member alone (reported as mean ± sd over
-    members, plotted as member 0), `ensemble` = their average (with the members' pairwise disagreement)."""
-    out = {}
+    members, plotted as member 0), `ensemble` = their average (with the members' pairwise disagreement), and
+    the fitted temperature posteriors in `scaled` (name -> posterior) applied to the same probabilities."""
+    out = {name: _split_result(post.rescale(pred.sample_probs), labels) for name, post in (scaled or {}).items()}
     if "map" in views:
         alone = predictive.from_sample_probs(pred.sample_probs[:1])
         out["map"] = _split_result(alone, labels, member_probs=pred.sample_probs.numpy())
@@ -62,6 +64,19 @@ def _progress(log: Callable[[str], None], what: str) -> Callable[[int, int], Non
     return report
 
 
+def _build_views(full, methods: Sequence[str], data: TaskData, cfg: Config, log: Callable[[str], None]) -> dict:
+    """The posteriors to run for `methods` (not the member views): each method once, except those another
+    one provides from its own pass (:attr:`Posterior.provides`). Laplace views fit their curvature here."""
+    provided = {v for m in methods for v in get_posterior_class(m).provides if v != m}
+    built = {}
+    for m in (m for m in methods if m not in provided):
+        t0 = time.time()
+        log(f"[evaluate] preparing {m}")
+        built[m] = full.view(m, data=data, config=cfg)
+        log(f"[evaluate] {m} ready ({time.time() - t0:.0f} s)")
+    return built
+
+
 def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
                      data: TaskData | None = None, log: Callable[[str], None] = print,
                      batch_size: int = 16) -> dict[str, dict[str, SplitResult]]:
@@ -75,20 +90,14 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
-    others = [m for m in methods if m not in MEMBER_VIEWS]
-    provided = {v for m in others for v in get_posterior_class(m).provides if v != m}
-    built = {}
-    for m in (m for m in others if m not in provided):  # Laplace views fit their curvature here
-        t0 = time.time()
-        log(f"[evaluate] preparing {m} from {artifact}")
-        built[m] = full.view(m, data=data, config=cfg)
-        log(f"[evaluate] {m} ready ({time.time() - t0:.0f} s)")
+    built = _build_views(full, [m for m in methods if m not in MEMBER_VIEWS], data, cfg, log)
     ensemble = full.view("ensemble")
+    scaled = {m: full.view(m, data=data, config=cfg) for m in member_views if m.startswith("temperature")}
     for name, ds in splits.items():
         labels = ds["label"]
         if member_views:
             pred = ensemble.predict_dataset(ds, batch_size, _progress(log, f"members on {name}"))
-            for m, result in member_view_results(pred, labels, member_views).items():
+            for m, result in member_view_results(pred, labels, member_views, scaled).items():
                 results[m][name] = result
         for m, post in built.items():
             views = post.predict_dataset_views(ds, batch_size, _progress(log, f"{m} on {name}"))
