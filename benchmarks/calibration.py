@@ -1,0 +1,247 @@
+"""Calibration benchmark: every posterior family against the single adapter, over seeds, with intervals.
+
+    .venv/bin/python benchmarks/calibration.py --config jobs/configs/calibration.yaml --seeds 0,1,2 \
+        [--out runs/calibration-bench] [--n-boot 1000] [--json benchmarks/results/calibration.json] [overrides ...]
+
+Each seed s trains the config's members in this process (`data.seed = train.seed = s`: a new training subset,
+test split, LoRA init and data order), writes the artifact, and evaluates `posterior.eval_methods` plus
+`map_early` (each member's lowest-validation-NLL adapter, `train.keep_best`) on the in-domain test split, the
+shift splits and the far-OOD splits. A seed's predictions are kept in `<out>/seed<s>/predictions.npz`, so an
+interrupted benchmark resumes at the first unfinished seed.
+
+Reported per method and split: the seed mean of ACC, NLL, ECE (15 bins), equal-mass ECE, Brier, AURC and the
+error reduction when rejecting the 10 % most uncertain; Δ vs `map` (every member alone, averaged) with a 95 %
+paired-bootstrap interval (:mod:`rayblora.comparison`); OOD AUROC by mutual information against each far-OOD
+split. Writes `--json` (the schema below), a forest plot and reliability diagrams beside it, and prints the
+markdown tables for benchmarks/RESULTS.md.
+
+    {"meta": {...}, "tasks": {TASK: {"seeds": S, "n_test": {SPLIT: n}, "methods": {METHOD: {SPLIT: {"accuracy",
+     "nll", "ece", ..., "delta_vs_map": {"accuracy": [lo, hi], "nll": [lo, hi], "ece": [lo, hi]}}}},
+     "far_ood_auroc_mi": {METHOD: x}, "reject10_error_reduction": {METHOD: {SPLIT: x}}, "targets": {...}}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from record import BenchmarkRecord
+from rayblora.artifact import load_posterior
+from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
+from rayblora.config import Config, load_config
+from rayblora.data.sources import split_name
+from rayblora.data.trained_splits import load_trained_data
+from rayblora.manifest import read_manifest, write_json_atomic
+from rayblora.metrics import classification_metrics, ood_auroc
+from rayblora.posteriors import get_posterior_class
+from rayblora.report import SplitResult
+from rayblora.workflows.evaluate import evaluate_methods, member_view_results
+from rayblora.workflows.members import config_digest, early_stopped_adapters, trunk_cache_for
+from rayblora.workflows.train import train
+
+FIELDS = ("probs", "labels", "entropy", "mutual_information", "member_probs")
+TABLE = (("accuracy", "ACC"), ("nll", "NLL"), ("ece", "ECE"), ("ece_em", "ECE-EM"), ("brier", "Brier"),
+         ("aurc", "AURC"), ("reject10", "Rej10"))
+BAYESIAN = ("ensemble", "multiswag", "laplace")
+"""The families the in-domain targets are stated for."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- one seed ---------------------------------------------------------------------------------------------------
+def seed_config(args, seed: int) -> Config:
+    out = Path(args.out) / f"seed{seed}"
+    return load_config(args.config, [*args.overrides, f"data.seed={seed}", f"train.seed={seed}",
+                                      f"output.dir={out}", f"output.name=calibration-seed{seed}"])
+
+
+def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, SplitResult]:
+    """`map_early` on every evaluation split: each member's early-stopped adapter alone (a member row)."""
+    full = load_posterior(artifact)
+    full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
+    early = get_posterior_class("ensemble")(full.scorer, early_stopped_adapters(cfg))
+    data = load_trained_data(read_manifest(artifact)["training"], cfg.data, log)
+    out = {}
+    for name, ds in data.eval_splits(split_name(cfg.data.task)).items():
+        pred = early.predict_dataset(ds, 16)
+        out[name] = member_view_results(pred, ds["label"], ["map"])["map"]
+    return out
+
+
+def run_seed(cfg: Config) -> dict[str, dict[str, SplitResult]]:
+    t0 = time.time()
+    artifact = train(cfg, log, in_process=True)
+    train_s = time.time() - t0
+    results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, log=log)
+    results["map_early"] = early_stopped_rows(artifact, cfg)
+    log(f"seed done: training {train_s:.0f} s, evaluation {time.time() - t0 - train_s:.0f} s")
+    return results
+
+
+def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]], seconds: float) -> None:
+    arrays = {f"{m}/{s}/{f}": getattr(r, f) for m, splits in results.items() for s, r in splits.items()
+              for f in FIELDS if getattr(r, f) is not None}
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    write_json_atomic(path.with_suffix(".json"), {"config_digest": config_digest(cfg), "seconds": seconds,
+                                                  "config": cfg.to_dict()})
+
+
+def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | None:
+    """A finished seed's predictions, if they were made with this config."""
+    meta = path.with_suffix(".json")
+    if not (path.is_file() and meta.is_file()) or json.loads(meta.read_text())["config_digest"] != config_digest(cfg):
+        return None
+    with np.load(path) as blob:
+        keys = {tuple(k.split("/")) for k in blob.files}
+        out: dict[str, dict[str, SplitResult]] = {}
+        for m, s in sorted({(m, s) for m, s, _ in keys}):
+            fields = {f: blob[f"{m}/{s}/{f}"] for f in FIELDS if (m, s, f) in keys}
+            out.setdefault(m, {})[s] = SplitResult(**fields)
+    return out
+
+
+def seed_results(args, seed: int) -> dict[str, dict[str, SplitResult]]:
+    cfg = seed_config(args, seed)
+    path = Path(args.out) / f"seed{seed}" / "predictions.npz"
+    kept = load_seed(path, cfg)
+    if kept is not None:
+        log(f"seed {seed}: predictions kept from an earlier run ({path})")
+        return kept
+    t0 = time.time()
+    results = run_seed(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_seed(path, cfg, results, time.time() - t0)
+    return results
+
+
+# --- aggregation ------------------------------------------------------------------------------------------------
+def _metrics(result: SplitResult) -> dict[str, float]:
+    if result.member_probs is None:
+        return classification_metrics(result.probs, result.labels, result.entropy)
+    each = [classification_metrics(p, result.labels, -(p * np.log(np.clip(p, 1e-30, None))).sum(-1))
+            for p in result.member_probs]
+    return {k: float(np.mean([e[k] for e in each])) for k in each[0]}
+
+
+def split_table(per_seed: list[dict], split: str, methods: list[str], n_boot: int) -> dict[str, dict]:
+    rows = {m: [seed[m][split] for seed in per_seed] for m in methods}
+    deltas = paired_bootstrap(rows, "map", n_boot=n_boot)
+    out = {}
+    for m in methods:
+        seeds = [_metrics(r) for r in rows[m]]
+        means = {k: float(np.nanmean([s[k] for s in seeds])) for k in seeds[0]}
+        sds = {k: float(np.nanstd([s[k] for s in seeds], ddof=1)) if len(seeds) > 1 else 0.0 for k in seeds[0]}
+        out[m] = {**means, "sd_over_seeds": sds, "delta_vs_map": {k: [v["lo"], v["hi"]] for k, v in deltas[m].items()},
+                  "delta_mean": {k: v["delta"] for k, v in deltas[m].items()}}
+    return out
+
+
+def far_ood_aurocs(per_seed: list[dict], in_domain: str, far: list[str], methods: list[str]) -> dict[str, float]:
+    """Mean over seeds (and far-OOD sets) of the AUROC of MI separating in-domain from far-OOD rows."""
+    return {m: float(np.mean([ood_auroc(seed[m][in_domain].mutual_information, seed[m][f].mutual_information)
+                              for seed in per_seed for f in far])) for m in methods if far}
+
+
+def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
+    """The issue's pass/fail checks, computed from the tables (not asserted: a benchmark reports)."""
+    table, out = task["methods"], {}
+    base = table["map"][in_domain]
+    for m in (m for m in BAYESIAN if m in table):
+        row = table[m][in_domain]
+        out[f"{m}_in_domain"] = {
+            "nll_ratio": row["nll"] / base["nll"], "ece_ratio": row["ece"] / base["ece"],
+            "accuracy_drop": base["accuracy"] - row["accuracy"],
+            "pass": bool(row["nll"] <= 0.8 * base["nll"] and row["ece"] <= 0.5 * base["ece"]
+                         and row["accuracy"] >= base["accuracy"] - 0.01 and row["delta_vs_map"]["nll"][1] < 0
+                         and row["delta_vs_map"]["ece"][1] < 0)}
+    bayes = [m for m in table if m not in ("map", "temperature", "map_early", "temperature_ensemble")]
+    best = {s: min(bayes, key=lambda m: table[m][s]["nll"]) for s in shifts}
+    out["shift_best_beats_temperature"] = {s: {"best": best[s], "nll": table[best[s]][s]["nll"],
+                                               "temperature_nll": table["temperature"][s]["nll"]}
+                                           for s in shifts if "temperature" in table}
+    out["shift_pass"] = sum(v["nll"] < v["temperature_nll"] for v in out["shift_best_beats_temperature"].values()) >= 2
+    out["far_ood_auroc_mi_pass"] = {m: task["far_ood_auroc_mi"].get(m, float("nan")) >= 0.8
+                                    for m in ("ensemble", "multiswag")}
+    return out
+
+
+def aggregate(per_seed: list[dict], cfg: Config, n_boot: int) -> tuple[dict, dict]:
+    in_domain = split_name(cfg.data.task)
+    far = [split_name(t) for t in cfg.data.far_ood_tasks]
+    splits = [s for s in per_seed[0]["map"] if s not in far]
+    methods = ["map", *[m for m in per_seed[0] if m != "map"]]
+    log(f"bootstrap ({n_boot} replicates) over {len(per_seed)} seeds, {len(splits)} splits, {len(methods)} rows")
+    tables = {s: split_table(per_seed, s, methods, n_boot) for s in splits}
+    task = {"seeds": len(per_seed), "n_test": {s: int(len(per_seed[0]["map"][s].labels)) for s in [*splits, *far]},
+            "methods": {m: {s: tables[s][m] for s in splits} for m in methods},
+            "far_ood_auroc_mi": far_ood_aurocs(per_seed, in_domain, far, methods),
+            "reject10_error_reduction": {m: {s: tables[s][m]["reject10"] for s in splits} for m in methods}}
+    task["targets"] = targets(task, in_domain, [s for s in splits if s != in_domain])
+    deltas = {s: {m: {k: {"delta": tables[s][m]["delta_mean"][k], "lo": tables[s][m]["delta_vs_map"][k][0],
+                          "hi": tables[s][m]["delta_vs_map"][k][1]} for k in ("nll", "ece", "accuracy")}
+                  for m in methods} for s in splits}
+    return task, deltas
+
+
+def markdown(task_name: str, task: dict) -> str:
+    lines = [f"### {task_name}: {task['seeds']} seeds, test rows {task['n_test']}", ""]
+    for split in next(iter(task["methods"].values())):
+        lines += [f"**{split}**", "", "| Method | " + " | ".join(h for _, h in TABLE) +
+                  " | ΔNLL [95 % CI] | ΔECE [95 % CI] | ΔACC [95 % CI] |",
+                  "|---|" + "---:|" * (len(TABLE) + 3)]
+        for m, per_split in task["methods"].items():
+            row = per_split[split]
+            cis = [f"{row['delta_mean'][k]:+.4f} [{row['delta_vs_map'][k][0]:+.4f}, {row['delta_vs_map'][k][1]:+.4f}]"
+                   for k in ("nll", "ece", "accuracy")]
+            lines.append(f"| {m} | " + " | ".join(f"{row[k]:.4f}" for k, _ in TABLE) + " | " + " | ".join(cis) + " |")
+        lines.append("")
+    if task["far_ood_auroc_mi"]:
+        lines += ["Far-OOD AUROC (MI): " + ", ".join(f"{m} {v:.3f}" for m, v in task["far_ood_auroc_mi"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_figures(json_path: Path, task_name: str, deltas: dict, per_seed: list[dict], in_domain: str) -> None:
+    stem = json_path.with_suffix("")
+    forest_figure(deltas, ["nll", "ece"]).savefig(f"{stem}_{task_name}_forest.png", dpi=110)
+    pooled = {m: join([seed[m][in_domain] for seed in per_seed]) for m in per_seed[0]}
+    reliability_grid(pooled).savefig(f"{stem}_{task_name}_reliability.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="jobs/configs/calibration.yaml")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="runs/calibration-bench")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--json", default="benchmarks/results/calibration.json")
+    parser.add_argument("--task-name", default="", help="key of this task in the JSON (default: data.task's name)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
+    args = parser.parse_args()
+    record = BenchmarkRecord()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = [seed_results(args, s) for s in seeds]
+    cfg = seed_config(args, seeds[0])
+    task_name = args.task_name or split_name(cfg.data.task)
+    task, deltas = aggregate(per_seed, cfg, args.n_boot)
+    json_path = Path(args.json)
+    previous = json.loads(json_path.read_text()).get("tasks", {}) if json_path.is_file() else {}
+    write_json_atomic(json_path, {"meta": {**record.meta(), "seeds": seeds, "config": args.config,
+                                           "overrides": args.overrides},
+                                  "tasks": {**previous, task_name: task}}, allow_nan=True)
+    write_figures(json_path, task_name, deltas, per_seed, split_name(cfg.data.task))
+    text = markdown(task_name, task)
+    (json_path.parent / f"{json_path.stem}_{task_name}.md").write_text(text)
+    print(text)
+    print(json.dumps(task["targets"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
