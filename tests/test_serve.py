@@ -278,6 +278,21 @@ def test_wrong_method_and_route_are_4xx(server, client):
     assert client.get(f"{server['main']}/v2/nothing").status_code == 404
 
 
+def test_oversized_bodies_are_413_with_and_without_content_length(server, client):
+    """The limit (serve.max_body_bytes, here sized from the fixture's input limits: 106 496 bytes) is enforced
+    over real HTTP through the Serve proxy; a chunked body is refused once it passes the limit."""
+    big = b'{"inputs": [{"text": "' + b"x" * 3_000_000 + b'"}]}'
+    r = client.post(f"{server['main']}/v1/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["message"]
+
+    def chunks():
+        for _ in range(50):
+            yield b"x" * 65536
+
+    r = client.post(f"{server['main']}/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
 def test_server_still_answers_after_bad_requests(server, client):
     r = predict(client, server["main"], {"inputs": [{"text": TEXTS[0]}]})
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("negative", "positive")

@@ -55,6 +55,9 @@ class ServeConfig:
     characters per allowed token is refused before tokenising)."""
     max_choices: int = 8
     """Most options of one multiple-choice question (the posterior's task may allow fewer)."""
+    max_body_bytes: int = 0
+    """Largest request body in bytes; a larger one is answered 413 before it is read (a `Content-Length` over
+    the limit at once). 0 = sized from the input limits (:meth:`body_limit`)."""
     abstain_threshold: float = 0.0
     """Default confidence below which an answer is flagged `abstained` (0 = never); a request may override."""
     num_replicas: int = 1
@@ -84,6 +87,13 @@ class ServeConfig:
     auth_token: str = ""
     """Bearer token required on every route but /healthz ("" = the variable above; unset there = no auth)."""
 
+    def body_limit(self) -> int:
+        """`max_body_bytes`, or room for `max_inputs_per_request` texts of the longest accepted length (16
+        characters per allowed token, 4 bytes per character in UTF-8 or escaped JSON) plus 64 KiB."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        return self.max_inputs_per_request * self.max_tokens_per_input * 16 * 4 + 64 * 1024
+
     def __post_init__(self) -> None:
         check(bool(self.host.strip()), "serve.host", "must not be empty")
         check(1 <= self.port <= 65535, "serve.port", f"must be in [1, 65535], got {self.port}")
@@ -103,4 +113,5 @@ class ServeConfig:
         check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
         check(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
         check(self.torch_threads >= 0, "serve.torch_threads", "must be >= 0")
+        check(self.max_body_bytes >= 0, "serve.max_body_bytes", f"must be >= 0, got {self.max_body_bytes}")
 

@@ -30,6 +30,7 @@ DESCRIPTION = (
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
     404: {"model": ErrorResponse, "description": "unknown posterior"},
+    413: {"model": ErrorResponse, "description": "request body over serve.max_body_bytes (refused unread)"},
     422: {"model": ErrorResponse, "description": "invalid request; `fields` names each bad field"},
     503: {"description": "overloaded: the request queue is full (answered at once by the Serve proxy)"},
 }
@@ -108,6 +109,45 @@ def _add_bearer_check(app: FastAPI, token: str) -> None:
                               headers={"WWW-Authenticate": "Bearer"})
 
 
+class BodyLimit:
+    """ASGI middleware answering 413 to a request body over `max_bytes` before the application reads it: a
+    `Content-Length` over the limit at once, without reading a byte; a body without one (chunked) is read up
+    to the limit and refused as soon as it passes it, else handed on whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, receive, send, int(length))
+        if length is not None:
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send, None)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, length: int | None) -> None:
+        given = f"{length} bytes" if length is not None else f"over {self.max_bytes} bytes (chunked)"
+        response = error_response(413, f"request body too large: {given}, the limit is {self.max_bytes} bytes "
+                                       "(serve.max_body_bytes)", [("body", "too large")],
+                                  headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
 def make_api(service: Service, auth_token: str = "") -> FastAPI:
     """The endpoint's FastAPI app: POST /v1/predict, GET /v1/posteriors, GET /healthz, /openapi.json, /docs."""
     body_model = request_model(service.config)
@@ -115,6 +155,7 @@ def make_api(service: Service, auth_token: str = "") -> FastAPI:
     _add_error_handlers(app)
     if auth_token:
         _add_bearer_check(app, auth_token)
+    app.add_middleware(BodyLimit, max_bytes=service.config.body_limit())
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, str]:
