@@ -38,7 +38,7 @@ demo: setup
 	$(BIN)/rayblora demo --config jobs/configs/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

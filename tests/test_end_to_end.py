@@ -18,18 +18,20 @@ import pytest
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT_KEYS = {"accuracy", "nll", "ece", "brier", "auroc", "aurc", "acc_at_90"}
+REPORT_KEYS = {"accuracy", "nll", "ece", "ece_em", "brier", "auroc", "aurc", "acc_at_90", "reject10"}
+ROW_EXTRAS = {"map": {"sd", "members"}, "ensemble": {"member_disagreement"}}
 pytestmark = pytest.mark.slow
 
 
 def _check_report(report: dict, splits: set[str]) -> None:
-    assert set(report) == {"methods", "ood", "meta"}
+    assert set(report) == {"methods", "ood", "meta", "far_ood"}
     assert set(report["methods"]) == {"map", "ensemble"}
     for method, by_split in report["methods"].items():
         assert set(by_split) == splits
         for metrics in by_split.values():
-            assert set(metrics) == REPORT_KEYS
+            assert set(metrics) == REPORT_KEYS | ROW_EXTRAS[method]
             assert 0.0 <= metrics["accuracy"] <= 1.0
+            assert 0.0 <= metrics.get("member_disagreement", 0.0) <= 1.0
     assert set(report["ood"]["ensemble"]["shift"]) == {"auroc_entropy", "auroc_mi"}
 
 
