@@ -34,11 +34,11 @@ from rayblora.artifact import load_posterior
 from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
 from rayblora.config import Config, load_config
 from rayblora.data.sources import split_name
-from rayblora.data.trained_splits import load_trained_data
-from rayblora.manifest import read_manifest, write_json_atomic
-from rayblora.metrics import classification_metrics, ood_auroc
+from rayblora.data.trained_splits import artifact_data
+from rayblora.manifest import write_json_atomic
+from rayblora.metrics import ood_auroc
 from rayblora.posteriors import get_posterior_class
-from rayblora.report import SplitResult
+from rayblora.report import SplitResult, split_metrics
 from rayblora.workflows.evaluate import evaluate_methods, member_view_results
 from rayblora.workflows.members import config_digest, early_stopped_adapters, trunk_cache_for
 from rayblora.workflows.train import train
@@ -66,7 +66,7 @@ def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, SplitResult]:
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     early = get_posterior_class("ensemble")(full.scorer, early_stopped_adapters(cfg))
-    data = load_trained_data(read_manifest(artifact)["training"], cfg.data, log)
+    data = artifact_data(artifact, cfg.data, log)
     out = {}
     for name, ds in data.eval_splits(split_name(cfg.data.task)).items():
         pred = early.predict_dataset(ds, 16)
@@ -124,11 +124,8 @@ def seed_results(args, seed: int) -> dict[str, dict[str, SplitResult]]:
 
 # --- aggregation ------------------------------------------------------------------------------------------------
 def _metrics(result: SplitResult) -> dict[str, float]:
-    if result.member_probs is None:
-        return classification_metrics(result.probs, result.labels, result.entropy)
-    each = [classification_metrics(p, result.labels, -(p * np.log(np.clip(p, 1e-30, None))).sum(-1))
-            for p in result.member_probs]
-    return {k: float(np.mean([e[k] for e in each])) for k in each[0]}
+    """The report's metrics of one row (members' mean for a member row), scalars only (not "sd" / "members")."""
+    return {k: v for k, v in split_metrics(result).items() if isinstance(v, float)}
 
 
 def split_table(per_seed: list[dict], split: str, methods: list[str], n_boot: int) -> dict[str, dict]:

@@ -64,7 +64,8 @@ def paired_bootstrap(per_seed: dict[str, Sequence[SplitResult]], reference: str 
             for k in metric_names:
                 ref = row_metric(per_seed[reference][s], k, rows)
                 for m, results in per_seed.items():
-                    draws[m][k][b] += (row_metric(results[s], k, rows) - ref) / n_seeds
+                    if m != reference:  # the reference's own differences are 0
+                        draws[m][k][b] += (row_metric(results[s], k, rows) - ref) / n_seeds
     out = {}
     for m, results in per_seed.items():
         out[m] = {}

@@ -79,7 +79,7 @@ def _far_ood_split(task: str, cfg: DataConfig, spec: TaskSpec, size: int, limit:
                         "is multiple choice")
     examples = rows_to_examples(_far_ood_rows(task), spec, task)
     (idx,) = _split_indices(len(examples), (size,), cfg.seed, task, (limit,))
-    return _to_dataset([examples[i] for i in idx]), [f"{split_name(task)}:{i}" for i in idx]
+    return _to_dataset([examples[i] for i in idx]), _row_ids(task, idx)
 
 
 def _read_user_rows(path: Path) -> list[dict[str, Any]]:
@@ -146,6 +146,12 @@ def _to_dataset(examples: list[dict[str, Any]]):
     return datasets.Dataset(InMemoryTable.from_pylist(examples), fingerprint=digest)
 
 
+def _row_ids(task: str, indices) -> list[str]:
+    """The ids "<task name>:<row index in its source>" of a split's rows (see :attr:`TaskData.ids`)."""
+    name = split_name(task)
+    return [f"{name}:{i}" for i in indices]
+
+
 def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str,
                    limits: tuple[int | None, ...] = ()) -> list[np.ndarray]:
     """Disjoint index sets of the given sizes (0 in the last = all the rest) from one seeded permutation.
@@ -180,8 +186,7 @@ def _task_splits(task: str, cfg: DataConfig, sizes: tuple[int, ...], spec: TaskS
     spec = spec or own
     examples = rows_to_examples(rows, spec, task)
     blocks = _split_indices(len(examples), sizes, cfg.seed, task, limits)
-    name = split_name(task)
-    return spec, [[examples[i] for i in idx] for idx in blocks], [[f"{name}:{i}" for i in idx] for idx in blocks]
+    return spec, [[examples[i] for i in idx] for idx in blocks], [_row_ids(task, idx) for idx in blocks]
 
 
 def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from rayblora.config import ConfigError, DataConfig
 from rayblora.data.formats import DataError
 from rayblora.data.sources import TaskData, load_task_data
+from rayblora.manifest import read_manifest
 
 FREE_FIELDS = ("shift_tasks", "far_ood_tasks", "shift_test_size", "test_size")
 """Data fields an evaluation may change: other shift or far-OOD tasks, and fewer test rows."""
@@ -52,9 +53,10 @@ def trained_data_config(training: dict[str, Any], given: DataConfig) -> tuple[Da
     if moved:
         detail = "; ".join(f"data.{n}: trained with {getattr(trained, n)!r}, given {getattr(given, n)!r}"
                            for n in moved)
+        free = ", ".join(f"data.{n}" for n in FREE_FIELDS if n != "test_size")
         raise ConfigError(f"{detail}. Evaluation and post-hoc fits use the artifact's own splits: pass the "
-                          f"config it was trained with (only data.test_size <= {trained.test_size} and "
-                          "data.shift_tasks may differ)")
+                          f"config it was trained with (only data.test_size <= {trained.test_size} and {free} "
+                          "may differ)")
     if given.test_size > trained.test_size:
         raise ConfigError(f"data.test_size: {given.test_size} test rows asked, the artifact was trained with "
                           f"{trained.test_size}; more would take rows of its validation or training split")
@@ -79,3 +81,8 @@ def load_trained_data(training: dict[str, Any], given: DataConfig,
                 raise DataError(f"data.task {cfg.task!r}: the rebuilt {split} split differs from the rows the "
                                 "artifact was trained on (was the data file changed since?)")
     return data
+
+
+def artifact_data(artifact, given: DataConfig, log: Callable[[str], None] = print) -> TaskData:
+    """:func:`load_trained_data` of the artifact directory `artifact` (its manifest's `training` record)."""
+    return load_trained_data(read_manifest(artifact).get("training", {}), given, log)

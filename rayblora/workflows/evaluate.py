@@ -17,7 +17,7 @@ from rayblora import predictive
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, split_name
-from rayblora.data.trained_splits import load_trained_data
+from rayblora.data.trained_splits import artifact_data
 from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
 from rayblora.workflows.members import trunk_cache_for
@@ -84,7 +84,7 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     methods = list(methods or cfg.posterior.eval_methods)
     for m in methods:
         get_posterior_class(m)  # unknown names fail before any model work
-    data = data or load_trained_data(read_manifest(artifact).get("training", {}), cfg.data, log)
+    data = data or artifact_data(artifact, cfg.data, log)
     splits = data.eval_splits(split_name(cfg.data.task))
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))

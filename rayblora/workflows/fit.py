@@ -27,8 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from rayblora.artifact import load_posterior, save_derived
 from rayblora.config import Config, ConfigError, config_from_dict
-from rayblora.data.trained_splits import load_trained_data
-from rayblora.manifest import read_manifest
+from rayblora.data.trained_splits import artifact_data
 from rayblora.posteriors.laplace import fit_curvature, laplace_sites
 from rayblora.posteriors.laplace.kfac import LoraCurvature
 from rayblora.registry import get_posterior_class
@@ -54,7 +53,7 @@ def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, meth
     parent = load_posterior(artifact_dir)
     parent.scorer.use_trunk_cache(trunk_cache_for(cfg, parent.scorer, log))
     cls = get_posterior_class(laplace_method(cfg, len(parent.members), method))
-    data = load_trained_data(read_manifest(artifact_dir).get("training", {}), cfg.data, log)
+    data = artifact_data(artifact_dir, cfg.data, log)
     if tuple(data.spec.choices) != tuple(parent.scorer.spec.choices):
         raise ConfigError(f"data: the task's answers {list(data.spec.choices)} differ from the artifact's "
                           f"{list(parent.scorer.spec.choices)}; pass the config the members were trained with")
@@ -90,7 +89,7 @@ def laplace_fit_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.train.torch_threads)
     posterior = load_posterior(config["artifact"])
     posterior.scorer.use_trunk_cache(trunk_cache_for(cfg, posterior.scorer))
-    data = load_trained_data(read_manifest(config["artifact"]).get("training", {}), cfg.data, print)
+    data = artifact_data(config["artifact"], cfg.data)
     summed = {}
     for i in config["members"]:
         curv = fit_curvature(posterior.scorer, posterior.members[i], data.train, cfg.laplace,
