@@ -74,17 +74,21 @@ def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, SplitResult]:
     return out
 
 
-def run_seed(cfg: Config) -> dict[str, dict[str, SplitResult]]:
+def run_seed(cfg: Config) -> tuple[dict[str, dict[str, SplitResult]], dict[str, float]]:
+    """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"})."""
     t0 = time.time()
     artifact = train(cfg, log, in_process=True)
     train_s = time.time() - t0
-    results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, log=log)
+    fits: dict[str, float] = {}
+    results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, log=log, timings=fits)
     results["map_early"] = early_stopped_rows(artifact, cfg)
-    log(f"seed done: training {train_s:.0f} s, evaluation {time.time() - t0 - train_s:.0f} s")
-    return results
+    eval_s = time.time() - t0 - train_s
+    log(f"seed done: training {train_s:.0f} s, evaluation {eval_s:.0f} s")
+    return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()}}
 
 
-def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]], seconds: float) -> None:
+def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
+              seconds: dict[str, float]) -> None:
     arrays = {f"{m}/{s}/{f}": getattr(r, f) for m, splits in results.items() for s, r in splits.items()
               for f in FIELDS if getattr(r, f) is not None}
     tmp = path.with_name(f".{path.name}.tmp.npz")
@@ -109,20 +113,43 @@ def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | No
 
 
 def seed_results(args, seed: int) -> dict[str, dict[str, SplitResult]]:
+    """A seed's rows: kept predictions where they were made with this config, the rows they lack evaluated on
+    the seed's artifact (e.g. a family added to `posterior.eval_methods`), else a new training run."""
     cfg = seed_config(args, seed)
     path = Path(args.out) / f"seed{seed}" / "predictions.npz"
     kept = load_seed(path, cfg)
-    if kept is not None:
-        log(f"seed {seed}: predictions kept from an earlier run ({path})")
-        return kept
     t0 = time.time()
-    results = run_seed(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_seed(path, cfg, results, time.time() - t0)
-    return results
+    if kept is None:
+        results, seconds = run_seed(cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_seed(path, cfg, results, seconds)
+        return results
+    missing = [m for m in cfg.posterior.eval_methods if m not in kept]
+    log(f"seed {seed}: predictions kept from an earlier run ({path})"
+        + (f"; evaluating the rows it lacks: {missing}" if missing else ""))
+    if missing:
+        fits: dict[str, float] = {}
+        kept.update(evaluate_methods(cfg.out_dir / "posterior", cfg, missing, log=log, timings=fits))
+        save_seed(path, cfg, kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
+                                    **{f"fit:{m}": s for m, s in fits.items()}})
+    return kept
+
+
+def seed_seconds(path: Path) -> dict[str, float]:
+    """Wall seconds of a kept seed's runs so far ({"train", "evaluate", "fit:<method>"}, or {"all"} from a run
+    before they were split; "<methods>" for each later addition of rows)."""
+    seconds = json.loads(path.with_suffix(".json").read_text())["seconds"]
+    return seconds if isinstance(seconds, dict) else {"all": float(seconds)}
 
 
 # --- aggregation ------------------------------------------------------------------------------------------------
+def mean_seconds(paths: list[Path]) -> dict[str, float]:
+    """Seed-mean wall seconds of each recorded phase (training, evaluation, each family's post-hoc fit)."""
+    runs = [seed_seconds(p) for p in paths]
+    keys = sorted({k for r in runs for k in r})
+    return {k: float(np.mean([r[k] for r in runs if k in r])) for k in keys}
+
+
 def _metrics(result: SplitResult) -> dict[str, float]:
     """The report's metrics of one row (members' mean for a member row), scalars only (not "sd" / "members")."""
     return {k: v for k, v in split_metrics(result).items() if isinstance(v, float)}
@@ -228,6 +255,7 @@ def main() -> None:
     cfg = seed_config(args, seeds[0])
     task_name = args.task_name or split_name(cfg.data.task)
     task, deltas = aggregate(per_seed, cfg, args.n_boot)
+    task["seconds_per_seed"] = mean_seconds([Path(args.out) / f"seed{s}" / "predictions.npz" for s in seeds])
     json_path = Path(args.json)
     previous = json.loads(json_path.read_text()).get("tasks", {}) if json_path.is_file() else {}
     write_json_atomic(json_path, {"meta": {**record.meta(), "seeds": seeds, "config": args.config,

@@ -8,7 +8,8 @@ Measures, over real HTTP on loopback against one replica that holds both posteri
   3. overload: open-loop arrivals at 10x the sustainable request rate of the K = 1 posterior (phase 2) for
      `--overload-s`: share answered 503, p50 of those refusals, p99 of accepted requests; then recovery, the
      time from the end of the load until a probe answers 200 within 2x the batch-1 p50.
-The K = 4 posterior is `--posterior` (an ensemble artifact with >= 4 members; default runs/demo/posterior), or,
+The K = 4 posterior is the first 4 members of `--posterior` (any artifact with >= 4 members, e.g. the demo's MultiSWAG
+run, whose members are the trajectories' SWA means; default runs/demo/posterior), or,
 if absent, 4 SmolLM2 adapters trained for `--train-steps` steps each on VADER movie, cached under
 ~/.cache/rayblora/bench. The K = 1 posterior is its member 0 alone (MAP), saved next to it. The load generator
 (aiohttp) runs in this process, on the same cores as the replica: figures include its cost.
@@ -53,7 +54,7 @@ def train_k4(steps: int, out: Path) -> Path:
     from rayblora.workflows.members import train_members_in_process
 
     cfg = load_config(ROOT / "jobs/configs/demo.yaml", [
-        f"train.steps={steps}", "train.warmup_steps=1", "train.torch_threads=0", "data.shift_tasks=[]",
+        f"train.steps={steps}", "train.warmup_steps=1", "train.torch_threads=0", "data.shift_tasks=[]", "data.far_ood_tasks=[]",
         "posterior.method=ensemble", "posterior.members=4", f"output.dir={out.parent / (out.name + '-members')}"])
     scorer, members = train_members_in_process(cfg, log=lambda _m: None)
     for m in members:
@@ -209,7 +210,7 @@ def targets(r: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--posterior", default=None, help="K >= 4 ensemble artifact (default runs/demo/posterior)")
+    p.add_argument("--posterior", default=None, help="artifact with >= 4 members (default runs/demo/posterior)")
     p.add_argument("--train-steps", type=int, default=5, help="steps per member when training the fallback")
     p.add_argument("--latency-requests", type=int, default=30)
     p.add_argument("--concurrency", type=int, default=8)
@@ -238,6 +239,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     result.update(targets=targets(result), serve_config=dataclasses.asdict(cfg),
+                  adapter=read_manifest(paths["k4"])["adapter"],
                   posteriors={k: str(v) for k, v in paths.items()}, ray=ray.__version__)
     record.write(args.out, result)
     print(json.dumps(result["targets"], indent=2))

@@ -24,7 +24,7 @@ from rayblora.model import ModelError
 from rayblora.report import render_markdown
 from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
 from rayblora.workflows.evaluate import evaluate
-from rayblora.workflows.fit import LAPLACE_METHODS, fit_laplace
+from rayblora.workflows.fit import LAPLACE_METHODS, POST_HOC_METHODS, fit_posterior
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps import SweepInterrupted, sweep_prior, sweep_train
@@ -103,15 +103,17 @@ def _run_demo(_args, cfg: Config) -> int:
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--posterior", required=True, help="parent artifact directory (ensemble or map)")
-    p.add_argument("--method", default="", choices=["", *LAPLACE_METHODS],
-                   help="laplace | laplace_ensemble (default: posterior.method if Laplace, else by member count)")
-    p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-laplace)")
+    p.add_argument("--posterior", required=True, help="parent artifact directory (its members are kept)")
+    p.add_argument("--method", default="", choices=["", *POST_HOC_METHODS],
+                   help=f"{' | '.join(POST_HOC_METHODS)} (default: posterior.method if post-hoc, else "
+                        "laplace_ensemble / laplace by member count)")
+    p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-<method>)")
 
 
 def _run_fit(args, cfg: Config) -> int:
-    print(fit_laplace(args.posterior, cfg, args.out or str(cfg.out_dir / "posterior-laplace"),
-                      method=args.method or None))
+    kind = "laplace" if args.method in ("", *LAPLACE_METHODS) else args.method
+    out = args.out or str(cfg.out_dir / f"posterior-{kind}")
+    print(fit_posterior(args.posterior, cfg, out, method=args.method or None))
     return 0
 
 
@@ -176,7 +178,8 @@ VERBS: tuple[Verb, ...] = (
     Verb(("evaluate",), "evaluate a posterior artifact and write the report", _evaluate_args, _run_evaluate),
     Verb(("demo",), "K=4 LoRA ensemble of SmolLM2 on VADER movie, evaluated under shift", lambda p: None,
          _run_demo, default_config=DEMO_CONFIG),
-    Verb(("fit",), "fit a Laplace-LoRA posterior onto a trained artifact (new artifact)", _fit_args, _run_fit),
+    Verb(("fit",), "fit a post-hoc posterior (Laplace-LoRA, TFB) onto a trained artifact (new artifact)", _fit_args,
+         _run_fit),
     Verb(("sweep", "train"), "sweep rank / alpha / lr / weight decay / steps, one Ray Train run per trial, ASHA "
          "on val_nll; writes trials.csv/.md and best.yaml", _sweep_train_args, _run_sweep_train,
          "base YAML config (see jobs/configs/)"),

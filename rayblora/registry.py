@@ -22,6 +22,10 @@ BUILTIN: dict[str, str] = {
     "mc_dropout": "rayblora.posteriors.baselines:McDropoutPosterior",
     "temperature": "rayblora.posteriors.baselines:TemperaturePosterior",
     "temperature_ensemble": "rayblora.posteriors.baselines:TemperatureEnsemblePosterior",
+    "blob": "rayblora.posteriors.blob:BlobPosterior",
+    "blob_mean": "rayblora.posteriors.blob:BlobMeanPosterior",
+    "tfb": "rayblora.posteriors.tfb:TfbPosterior",
+    "tfb_ensemble": "rayblora.posteriors.tfb:TfbEnsemblePosterior",
     "hybrid_vi": "rayblora.posteriors.hybrid.posterior:HybridVIPosterior",
 }
 """The families shipped with rayblora."""

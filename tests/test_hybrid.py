@@ -93,7 +93,7 @@ def test_variational_objective_reaches_every_adapter_part(hybrid_config):
     params = dict(objective.trainable_parameters(scorer))
     assert set(params) == {"hybrid_vi.mean", "hybrid_vi.rho"}
     batch = scorer.encode(["good film\nSentiment:", "poor plot\nSentiment:"])
-    loss = objective.logits(scorer, batch).logsumexp(-1).sum() + objective.regulariser(scorer)
+    loss = objective.logits(scorer, batch).logsumexp(-1).sum() + objective.regulariser(scorer, 0, 100)
     loss.backward()
     grads = objective.q.split(params["hybrid_vi.mean"].grad)
     for part in ("lora_B", "prefixes", "bottlenecks"):

@@ -19,8 +19,8 @@ from typing import Any, Sequence, get_type_hints
 import yaml
 
 from rayblora.config.deploy import ClusterConfig, OutputConfig, ServeConfig
-from rayblora.config.sections import (AdapterConfig, DataConfig, HybridConfig, LaplaceConfig, ModelConfig,
-                                      PosteriorConfig, SwagConfig, TrainConfig)
+from rayblora.config.sections import (AdapterConfig, BlobConfig, DataConfig, HybridConfig, LaplaceConfig, ModelConfig,
+                                      PosteriorConfig, SwagConfig, TfbConfig, TrainConfig)
 from rayblora.config.validation import ConfigError, check
 
 
@@ -40,6 +40,10 @@ class Config:
     """SWAG / MultiSWAG collection and sampling."""
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     """Laplace-LoRA curvature, prior and predictive."""
+    blob: BlobConfig = field(default_factory=BlobConfig)
+    """BLoB (blob, blob_mean): the variational A factors."""
+    tfb: TfbConfig = field(default_factory=TfbConfig)
+    """Training-free Bayesianization (tfb, tfb_ensemble): the σ search."""
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     """Bayesian hybrid adapter (hybrid_vi) and dynamic fine-tuning rounds."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

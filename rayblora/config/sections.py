@@ -1,9 +1,10 @@
 """Config sections of what a member trains on and how: model, adapter, data, train, posterior and the
-per-family sections (swag, laplace, hybrid). Each field carries a docstring (the string literal under it) and
+per-family sections (swag, laplace, blob, tfb, hybrid). Each field carries a docstring (the string literal under it) and
 every section validates itself in `__post_init__`, naming the dotted field."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rayblora.config.validation import check, one_of
@@ -264,6 +265,58 @@ class LaplaceConfig:
         check(self.fit_workers >= 0, "laplace.fit_workers", "must be >= 0")
         check(not self.per_module or self.prior_method != "val_nll", "laplace.per_module",
                "per-module prior precision is chosen by marglik (or fixed), not val_nll")
+
+
+BLOB_KL_WEIGHTINGS = ("uniform", "reweighted")
+"""Choices of `blob.kl_weighting`."""
+
+
+@dataclass(frozen=True)
+class BlobConfig:
+    init_std: float = 0.05
+    """ε of the initialisation G ~ U(ε/√2, ε) of Ω = G², the std of q(A) (BLoB, arXiv 2406.11675, sec. 3.4)."""
+    prior_std: float = 0.2
+    """β, the std of the prior N(0, β² I) over A."""
+    kl_weight: float = 1.0
+    """Scale of the KL term (1 = the paper's: one KL per epoch of steps)."""
+    kl_weighting: str = "uniform"
+    """How an epoch's steps share the KL: uniform (1 / M_e each) | reweighted (2^(M_e − i) / (2^M_e − 1),
+    Blundell et al. 2015, eq. 9)."""
+
+    def __post_init__(self) -> None:
+        check(self.init_std > 0 and math.isfinite(self.init_std), "blob.init_std", "must be finite and > 0")
+        check(self.prior_std > 0 and math.isfinite(self.prior_std), "blob.prior_std", "must be finite and > 0")
+        check(self.kl_weight >= 0 and math.isfinite(self.kl_weight), "blob.kl_weight", "must be finite and >= 0")
+        one_of(self.kl_weighting, BLOB_KL_WEIGHTINGS, "blob.kl_weighting")
+
+
+TFB_METRICS = ("nll", "accuracy")
+"""Choices of `tfb.metric`."""
+
+
+@dataclass(frozen=True)
+class TfbConfig:
+    metric: str = "nll"
+    """Validation performance TFB's σ search guards (arXiv 2412.05723, sec. 3.3): nll (relative increase over
+    the adapter's own validation NLL) | accuracy (absolute loss of validation accuracy)."""
+    tolerance: float = 0.01
+    """Largest allowed drop of `metric` (0.01: NLL 1 % above the adapter's, or 1 accuracy point)."""
+    sigma_min: float = 1e-4
+    """Lower end of the σ search range."""
+    sigma_max: float = 1.0
+    """Upper end of the σ search range."""
+    search_steps: int = 10
+    """Geometric bisection steps, one validation pass each (plus one pass at σ = 0)."""
+    search_samples: int = 1
+    """Parameter samples per search pass (the same draws at every σ)."""
+
+    def __post_init__(self) -> None:
+        one_of(self.metric, TFB_METRICS, "tfb.metric")
+        check(self.tolerance >= 0 and math.isfinite(self.tolerance), "tfb.tolerance", "must be finite and >= 0")
+        check(0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max), "tfb.sigma_min",
+              f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+        check(self.search_steps >= 1, "tfb.search_steps", "must be >= 1")
+        check(self.search_samples >= 1, "tfb.search_samples", "must be >= 1")
 
 
 ROUND_PRECISIONS = ("variational", "laplace")

@@ -51,9 +51,13 @@ class TrainingObjective(Protocol):
     def logits(self, scorer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training answer logits (B, C) of a micro-batch (with grad)."""
 
-    def regulariser(self, scorer) -> torch.Tensor:
-        """A scalar penalty over the whole training set (e.g. KL to a prior); the loop adds it / N to every
-        micro-batch's mean loss, N the training-set size."""
+    def regulariser(self, scorer, step: int, train_size: int) -> torch.Tensor:
+        """The scalar the loop adds to every micro-batch's mean loss at optimizer step `step` (0-based), e.g. a
+        KL to a prior divided by N = `train_size`, the training-set size."""
+
+    keeps_trunk_frozen: bool
+    """Whether the layers below the first adapted one stay exactly as the base model's (then the frozen-trunk
+    cache, :mod:`rayblora.trunk_cache`, may serve this objective's training forwards)."""
 
 
 def training_objective(hooks: Sequence[StepHook]) -> TrainingObjective | None:
@@ -244,7 +248,7 @@ def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContex
         logits = objective.logits(scorer, batch) if objective else scorer.logits(batch)
         loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
         if objective:
-            loss = loss + objective.regulariser(scorer) / len(train_ds)
+            loss = loss + objective.regulariser(scorer, state.step, len(train_ds))
         state.stepper.backward(loss)
         total += loss.item() / cfg.grad_accum
     return total

@@ -64,23 +64,28 @@ def _progress(log: Callable[[str], None], what: str) -> Callable[[int, int], Non
     return report
 
 
-def _build_views(full, methods: Sequence[str], data: TaskData, cfg: Config, log: Callable[[str], None]) -> dict:
+def _build_views(full, methods: Sequence[str], data: TaskData, cfg: Config, log: Callable[[str], None],
+                 timings: dict[str, float]) -> dict:
     """The posteriors to run for `methods` (not the member views): each method once, except those another
-    one provides from its own pass (:attr:`Posterior.provides`). Laplace views fit their curvature here."""
+    one provides from its own pass (:attr:`Posterior.provides`). Post-hoc families fit here (Laplace curvature,
+    TFB's σ search); each one's seconds go into `timings`."""
     provided = {v for m in methods for v in get_posterior_class(m).provides if v != m}
     built = {}
     for m in (m for m in methods if m not in provided):
         t0 = time.time()
         log(f"[evaluate] preparing {m}")
         built[m] = full.view(m, data=data, config=cfg)
-        log(f"[evaluate] {m} ready ({time.time() - t0:.0f} s)")
+        timings[m] = time.time() - t0
+        log(f"[evaluate] {m} ready ({timings[m]:.0f} s)")
     return built
 
 
 def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
                      data: TaskData | None = None, log: Callable[[str], None] = print,
-                     batch_size: int = 16) -> dict[str, dict[str, SplitResult]]:
-    """Predictions of each method on every evaluation split: results[method][split]."""
+                     batch_size: int = 16, timings: dict[str, float] | None = None
+                     ) -> dict[str, dict[str, SplitResult]]:
+    """Predictions of each method on every evaluation split: results[method][split]. `timings`, if given,
+    receives each built family's preparation seconds (its post-hoc fit; 0 for families that only load)."""
     methods = list(methods or cfg.posterior.eval_methods)
     for m in methods:
         get_posterior_class(m)  # unknown names fail before any model work
@@ -90,7 +95,8 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
-    built = _build_views(full, [m for m in methods if m not in MEMBER_VIEWS], data, cfg, log)
+    built = _build_views(full, [m for m in methods if m not in MEMBER_VIEWS], data, cfg, log,
+                         timings if timings is not None else {})
     ensemble = full.view("ensemble")
     scaled = {m: full.view(m, data=data, config=cfg) for m in member_views if m.startswith("temperature")}
     for name, ds in splits.items():

@@ -1,4 +1,7 @@
-"""`rayblora fit`: fit a Laplace-LoRA posterior onto an existing MAP / ensemble artifact, as a new artifact.
+"""`rayblora fit`: fit a post-hoc posterior (Laplace-LoRA, TFB) onto an existing artifact's members, as a new artifact.
+
+TFB (arXiv 2412.05723) needs forward passes over the validation split only (`fit_posterior`); the rest of this
+module is the Laplace fit.
 
 Laplace-LoRA (arXiv 2308.13111) is post-hoc: the members are already trained, and the curvature costs about
 one pass over the training data per fitted member. With `laplace.fit_workers: 0` that pass runs in this process;
@@ -28,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from rayblora.artifact import load_posterior, save_derived
 from rayblora.config import Config, ConfigError, config_from_dict
 from rayblora.data.trained_splits import artifact_data
+from rayblora.manifest import read_manifest
 from rayblora.posteriors.laplace import fit_curvature, laplace_sites
 from rayblora.posteriors.laplace.kfac import LoraCurvature
 from rayblora.registry import get_posterior_class
@@ -35,28 +39,54 @@ from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
 
 LAPLACE_METHODS = ("laplace", "laplace_ensemble")
+POST_HOC_METHODS = (*LAPLACE_METHODS, "tfb", "tfb_ensemble")
+"""Families `rayblora fit` builds onto an artifact's trained members."""
 
 
-def laplace_method(cfg: Config, n_members: int, method: str | None = None) -> str:
-    """The family to fit: `method`, else `posterior.method` if it is a Laplace family, else
-    `laplace_ensemble` for several members and `laplace` for one."""
-    chosen = method or (cfg.posterior.method if cfg.posterior.method in LAPLACE_METHODS else
+def post_hoc_method(cfg: Config, n_members: int, method: str | None = None) -> str:
+    """The family to fit: `method`, else `posterior.method` if it is post-hoc, else `laplace_ensemble` for
+    several members and `laplace` for one."""
+    chosen = method or (cfg.posterior.method if cfg.posterior.method in POST_HOC_METHODS else
                         ("laplace_ensemble" if n_members > 1 else "laplace"))
-    if chosen not in LAPLACE_METHODS:
-        raise ConfigError(f"fit --method: must be one of {list(LAPLACE_METHODS)}, got {chosen!r}")
+    if chosen not in POST_HOC_METHODS:
+        raise ConfigError(f"fit --method: must be one of {list(POST_HOC_METHODS)}, got {chosen!r}")
     return chosen
+
+
+def _parent_and_data(artifact_dir: str | Path, cfg: Config, log: Callable[[str], None]):
+    """The parent artifact (reading the run's trunk cache) and the splits it was trained on."""
+    parent = load_posterior(artifact_dir)
+    parent.scorer.use_trunk_cache(trunk_cache_for(cfg, parent.scorer, log))
+    data = artifact_data(artifact_dir, cfg.data, log)
+    if tuple(data.spec.choices) != tuple(parent.scorer.spec.choices):
+        raise ConfigError(f"data: the task's answers {list(data.spec.choices)} differ from the artifact's "
+                          f"{list(parent.scorer.spec.choices)}; pass the config the members were trained with")
+    return parent, data
+
+
+def fit_posterior(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, method: str | None = None,
+                  log: Callable[[str], None] = print) -> Path:
+    """Fit the post-hoc family `method` (:data:`POST_HOC_METHODS`) on the members of `artifact_dir`; write the
+    new artifact (with its lineage) to `out_dir`."""
+    parent = read_manifest(artifact_dir)
+    chosen = post_hoc_method(cfg, len(parent["members"]), method)
+    if chosen in LAPLACE_METHODS:
+        return fit_laplace(artifact_dir, cfg, out_dir, chosen, log)
+    parent_post, data = _parent_and_data(artifact_dir, cfg, log)
+    t0 = time.time()
+    post = parent_post.view(chosen, data=data, config=cfg)
+    log(f"[fit] {chosen} on {len(post.members)} member(s): {time.time() - t0:.1f} s")
+    return save_derived(post, artifact_dir, out_dir)
 
 
 def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, method: str | None = None,
                 log: Callable[[str], None] = print) -> Path:
     """Fit `laplace` / `laplace_ensemble` on the members of the artifact `artifact_dir`; write it to `out_dir`."""
-    parent = load_posterior(artifact_dir)
-    parent.scorer.use_trunk_cache(trunk_cache_for(cfg, parent.scorer, log))
-    cls = get_posterior_class(laplace_method(cfg, len(parent.members), method))
-    data = artifact_data(artifact_dir, cfg.data, log)
-    if tuple(data.spec.choices) != tuple(parent.scorer.spec.choices):
-        raise ConfigError(f"data: the task's answers {list(data.spec.choices)} differ from the artifact's "
-                          f"{list(parent.scorer.spec.choices)}; pass the config the members were trained with")
+    parent, data = _parent_and_data(artifact_dir, cfg, log)
+    chosen = post_hoc_method(cfg, len(parent.members), method)
+    if chosen not in LAPLACE_METHODS:
+        raise ConfigError(f"fit --method: the Laplace fit takes one of {list(LAPLACE_METHODS)}, got {chosen!r}")
+    cls = get_posterior_class(chosen)
     members = cls.fitted_members(len(parent.members))
     t0 = time.time()
     if cfg.laplace.fit_workers > 0:

@@ -50,17 +50,23 @@ def make_hooks(cfg: Config, family: type[Posterior] | None = None) -> list[StepH
     return list((family or get_posterior_class(cfg.posterior.method)).training_hooks(cfg))
 
 
+def _trunk_frozen(hooks: Sequence[StepHook]) -> bool:
+    objective = training_objective(hooks)
+    return objective is None or bool(getattr(objective, "keeps_trunk_frozen", False))
+
+
 def trunk_cache_for(cfg: Config, scorer: AnswerScorer, log: Callable[[str], None] = print,
                     hooks: Sequence[StepHook] = ()) -> TrunkCache | None:
     """The trunk cache of `cfg`'s run for `scorer` (its file under `<output.dir>/trunk_cache/` read if valid), or
     None where it is off (`train.trunk_cache`), has nothing to share (an adapter on layer 0) or would not be
-    exact: dropout in the frozen layers, a DeepSpeed member, a training objective of the hooks (hybrid_vi)."""
+    exact: dropout in the frozen layers, a DeepSpeed member, a training objective that changes the frozen layers
+    (hybrid_vi)."""
     start = first_adapted_layer(scorer.model)
     if not cfg.train.trunk_cache or start == 0:
         return None
     why = ("train.strategy=deepspeed" if cfg.train.strategy == "deepspeed" else
            "dropout in the frozen layers" if trunk_dropout(scorer.model, start) > 0 else
-           "the family trains its own objective" if training_objective(hooks) is not None else "")
+           "the family's training objective changes the frozen layers" if not _trunk_frozen(hooks) else "")
     if why:
         log(f"[trunk cache] off: {why}")
         return None

@@ -151,10 +151,13 @@ class VariationalTraining:
     """The hybrid_vi training objective and step hook.
 
     The training loop asks it for the trained parameters (μ, ρ), the logits of each micro-batch (a fresh draw
-    θ̃) and the regulariser kl_weight · KL(q ‖ p), which the loop divides by N. After every optimizer step it
+    θ̃) and the regulariser kl_weight · KL(q ‖ p) / N. After every optimizer step it
     writes μ into the model, so checkpoints' adapter.safetensors (and the artifact's member folders) hold the
     LoRA posterior mean. Its state (μ, ρ, prior) is checkpointed with the member.
     """
+
+    keeps_trunk_frozen = False
+    """Prefix tokens and bottleneck adapters may sit below the first LoRA layer: no trunk cache."""
 
     def __init__(self, hybrid: HybridConfig, adapter: AdapterConfig, strategy: str = "ddp"):
         if strategy != "ddp":
@@ -201,9 +204,9 @@ class VariationalTraining:
         """Answer logits (B, C) under one reparameterised draw θ̃ ~ q."""
         return self.q.logits(batch, self.q.draw())
 
-    def regulariser(self, scorer) -> torch.Tensor:
-        """kl_weight · KL(q ‖ p) over the whole training set (the loop divides it by N)."""
-        return self.hybrid.kl_weight * self.prior.kl_from(self.q.mean, self.q.std)
+    def regulariser(self, scorer, step: int, train_size: int) -> torch.Tensor:
+        """kl_weight · KL(q ‖ p) / N: the per-example share of the whole training set's KL."""
+        return self.hybrid.kl_weight * self.prior.kl_from(self.q.mean, self.q.std) / train_size
 
     def __call__(self, step: int, scorer) -> None:
         self.q.write(self.q.mean)
