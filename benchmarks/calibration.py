@@ -7,7 +7,9 @@ Each seed s trains the config's members in this process (`data.seed = train.seed
 test split, LoRA init and data order), writes the artifact, and evaluates `posterior.eval_methods` plus
 `map_early` (each member's lowest-validation-NLL adapter, `train.keep_best`) on the in-domain test split, the
 shift splits and the far-OOD splits. A seed's predictions are kept in `<out>/seed<s>/predictions.npz`, so an
-interrupted benchmark resumes at the first unfinished seed.
+interrupted benchmark resumes at the first unfinished seed; rows a kept seed lacks (a family added to
+`posterior.eval_methods`) are evaluated on its artifact. `--extra NAME:OVERRIDES` trains a second run per seed
+(e.g. a family with its own training objective, such as BLoB) on the same data and joins its rows to the table.
 
 Reported per method and split: the seed mean of ACC, NLL, ECE (15 bins), equal-mass ECE, Brier, AURC and the
 error reduction when rejecting the 10 % most uncertain; Δ vs `map` (every member alone, averaged) with a 95 %
@@ -55,10 +57,30 @@ def log(message: str) -> None:
 
 
 # --- one seed ---------------------------------------------------------------------------------------------------
-def seed_config(args, seed: int) -> Config:
-    out = Path(args.out) / f"seed{seed}"
-    return load_config(args.config, [*args.overrides, f"data.seed={seed}", f"train.seed={seed}",
-                                      f"output.dir={out}", f"output.name=calibration-seed{seed}"])
+def seed_config(args, seed: int, extra: tuple[str, list[str]] | None = None) -> Config:
+    """The config of seed `seed`; with `extra` = (name, overrides), that extra run's (output `seed<s>-<name>`)."""
+    name, more = extra or ("", [])
+    out = Path(args.out) / (f"seed{seed}-{name}" if name else f"seed{seed}")
+    return load_config(args.config, [*args.overrides, *more, f"data.seed={seed}", f"train.seed={seed}",
+                                      f"output.dir={out}", f"output.name=calibration-seed{seed}{name}"])
+
+
+def parse_extra(text: str) -> tuple[str, list[str]]:
+    """`NAME:OVERRIDE OVERRIDE ...` (e.g. "blob:posterior.method=blob posterior.members=1") -> (NAME, overrides)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name.isidentifier() or not rest.split():
+        raise SystemExit(f"--extra {text!r}: expected NAME:OVERRIDES, e.g. 'blob:posterior.method=blob'")
+    return name, rest.split()
+
+
+def merge_extra(results: dict[str, dict[str, SplitResult]], extra: dict[str, dict[str, SplitResult]],
+                methods: list[str], name: str) -> None:
+    """Add an extra run's `methods` rows to a seed's results; its splits must hold the same rows (labels)."""
+    for m in methods:
+        for split, row in extra[m].items():
+            if not np.array_equal(row.labels, results["map"][split].labels):
+                raise SystemExit(f"--extra {name}: its {split} rows differ from the main run's (data section?)")
+        results[m] = extra[m]
 
 
 def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, SplitResult]:
@@ -74,14 +96,16 @@ def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, SplitResult]:
     return out
 
 
-def run_seed(cfg: Config) -> tuple[dict[str, dict[str, SplitResult]], dict[str, float]]:
-    """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"})."""
+def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, SplitResult]], dict[str, float]]:
+    """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"});
+    with `early`, the `map_early` rows too."""
     t0 = time.time()
     artifact = train(cfg, log, in_process=True)
     train_s = time.time() - t0
     fits: dict[str, float] = {}
     results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, log=log, timings=fits)
-    results["map_early"] = early_stopped_rows(artifact, cfg)
+    if early:
+        results["map_early"] = early_stopped_rows(artifact, cfg)
     eval_s = time.time() - t0 - train_s
     log(f"seed done: training {train_s:.0f} s, evaluation {eval_s:.0f} s")
     return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()}}
@@ -112,15 +136,15 @@ def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | No
     return out
 
 
-def seed_results(args, seed: int) -> dict[str, dict[str, SplitResult]]:
+def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) -> dict[str, dict[str, SplitResult]]:
     """A seed's rows: kept predictions where they were made with this config, the rows they lack evaluated on
     the seed's artifact (e.g. a family added to `posterior.eval_methods`), else a new training run."""
-    cfg = seed_config(args, seed)
-    path = Path(args.out) / f"seed{seed}" / "predictions.npz"
+    cfg = seed_config(args, seed, extra)
+    path = cfg.out_dir / "predictions.npz"
     kept = load_seed(path, cfg)
     t0 = time.time()
     if kept is None:
-        results, seconds = run_seed(cfg)
+        results, seconds = run_seed(cfg, early=extra is None)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_seed(path, cfg, results, seconds)
         return results
@@ -229,6 +253,8 @@ def markdown(task_name: str, task: dict) -> str:
         lines.append("")
     if task["far_ood_auroc_mi"]:
         lines += ["Far-OOD AUROC (MI): " + ", ".join(f"{m} {v:.3f}" for m, v in task["far_ood_auroc_mi"].items()), ""]
+    for run, phases in task.get("seconds_per_seed", {}).items():
+        lines += [f"Seconds per seed ({run} run): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), ""]
     return "\n".join(lines)
 
 
@@ -247,15 +273,26 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--json", default="benchmarks/results/calibration.json")
     parser.add_argument("--task-name", default="", help="key of this task in the JSON (default: data.task's name)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME:OVERRIDES",
+                        help="another training run per seed whose posterior.eval_methods rows join the table "
+                             "(same data, so the same test rows), e.g. 'blob:posterior.method=blob "
+                             "posterior.members=1 posterior.eval_methods=[blob,blob_mean]'")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()
     record = BenchmarkRecord()
     seeds = [int(s) for s in args.seeds.split(",")]
+    extras = [parse_extra(e) for e in args.extra]
     per_seed = [seed_results(args, s) for s in seeds]
     cfg = seed_config(args, seeds[0])
     task_name = args.task_name or split_name(cfg.data.task)
+    seconds = {"": mean_seconds([seed_config(args, s).out_dir / "predictions.npz" for s in seeds])}
+    for extra in extras:
+        methods = list(seed_config(args, seeds[0], extra).posterior.eval_methods)
+        for s, results in zip(seeds, per_seed):
+            merge_extra(results, seed_results(args, s, extra), methods, extra[0])
+        seconds[extra[0]] = mean_seconds([seed_config(args, s, extra).out_dir / "predictions.npz" for s in seeds])
     task, deltas = aggregate(per_seed, cfg, args.n_boot)
-    task["seconds_per_seed"] = mean_seconds([Path(args.out) / f"seed{s}" / "predictions.npz" for s in seeds])
+    task["seconds_per_seed"] = {"main": seconds.pop(""), **seconds}
     json_path = Path(args.json)
     previous = json.loads(json_path.read_text()).get("tasks", {}) if json_path.is_file() else {}
     write_json_atomic(json_path, {"meta": {**record.meta(), "seeds": seeds, "config": args.config,
