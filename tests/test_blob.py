@@ -79,6 +79,22 @@ def test_elbo_gradients_reach_a_b_and_the_std(blob_config, tiny_data):
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("blob."))
 
 
+def test_the_kl_step_is_sgd_on_the_weighted_kl(blob_config, tiny_data):
+    scorer, objective, params = _objective(blob_config, tiny_data)
+    objective.regulariser(scorer, 0, 400)  # the loop's call: records N
+    a_names = [n for n in params if "lora_A" in n]
+    tensors = [params[n] for n in a_names] + list(objective.g)
+    kl = objective.weighted_kl(scorer, 4, 400)
+    grads = torch.autograd.grad(kl, tensors)
+    rate = blob_config.blob.kl_lr * objective.lr_at(4)
+    expected = [(t - rate * g).detach() for t, g in zip(tensors, grads)]
+    objective(5, scorer)  # after optimizer step 5 (1-based) = step index 4
+    for t, e in zip(tensors, expected):
+        torch.testing.assert_close(t.detach(), e)
+    m = objective.steps_per_epoch(400)
+    assert kl_step_weight("uniform", 4, m) == pytest.approx(1 / m)
+
+
 @pytest.fixture(scope="module")
 def blob_run(blob_config, tiny_data):
     scorer, members = train_members_in_process(blob_config, log=lambda _m: None, data=tiny_data)

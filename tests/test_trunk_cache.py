@@ -53,6 +53,17 @@ def test_a_member_trains_the_same_with_and_without_the_cache(sentiment_files, tm
     assert torch.allclose(cached_logits, _logits(plain.scorer, data.test), atol=1e-5, rtol=0)
 
 
+def test_blob_trains_from_the_cache_as_without_it(sentiment_files, tmp_path, tiny_data):
+    """BLoB's objective changes only the LoRA modules: its flipout training reads the trunk cache exactly."""
+    cfg = _config(sentiment_files, tmp_path / "run", **{"posterior.method": "blob", "train.steps": "24"})
+    quiet = {"data": tiny_data, "log": lambda _m: None}
+    cached = train_one_member(cfg, 0, **quiet)
+    plain = train_one_member(_without_cache(cfg), 0, **quiet)
+    assert cached.scorer.trunk_cache is not None and cached.scorer.trunk_cache.hits > 0
+    losses = torch.tensor([[a["train_loss"], b["train_loss"]] for a, b in zip(cached.history, plain.history)])
+    assert len(losses) == 24 and torch.allclose(losses[:, 0], losses[:, 1], atol=1e-5, rtol=0)
+
+
 def test_every_family_predicts_the_same_with_and_without_the_cache(sentiment_files, tmp_path):
     swag = {"posterior.method": "multiswag", "adapter.dropout": "0.1", "swag.start_step": "20",
             "swag.max_rank": "3", "swag.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20"}

@@ -279,6 +279,9 @@ class BlobConfig:
     """β, the std of the prior N(0, β² I) over A."""
     kl_weight: float = 1.0
     """Scale of the KL term (1 = the paper's: one KL per epoch of steps)."""
+    kl_lr: float = 0.02
+    """Learning rate of the separate SGD step on the weighted KL after each optimizer step (the paper's second
+    optimizer; it follows the run's lr schedule); 0 = add the weighted KL to the training loss instead."""
     kl_weighting: str = "uniform"
     """How an epoch's steps share the KL: uniform (1 / M_e each) | reweighted (2^(M_e − i) / (2^M_e − 1),
     Blundell et al. 2015, eq. 9)."""
@@ -287,6 +290,7 @@ class BlobConfig:
         check(self.init_std > 0 and math.isfinite(self.init_std), "blob.init_std", "must be finite and > 0")
         check(self.prior_std > 0 and math.isfinite(self.prior_std), "blob.prior_std", "must be finite and > 0")
         check(self.kl_weight >= 0 and math.isfinite(self.kl_weight), "blob.kl_weight", "must be finite and >= 0")
+        check(self.kl_lr >= 0 and math.isfinite(self.kl_lr), "blob.kl_lr", "must be finite and >= 0")
         one_of(self.kl_weighting, BLOB_KL_WEIGHTINGS, "blob.kl_weighting")
 
 

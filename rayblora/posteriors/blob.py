@@ -18,7 +18,9 @@ an unbiased draw whose noise decorrelates across tokens. The KL term has the clo
 weighted per step as the paper does (`blob.kl_weighting`): `uniform` gives every step of an epoch of M_e steps
 the weight 1 / M_e (so an epoch's steps add up to one KL); `reweighted` gives step i of the epoch
 2^(M_e − i) / (2^(M_e) − 1) (Blundell et al., ICML 2015, eq. 9), front-loading the prior. `blob.kl_weight`
-scales either. The paper updates the KL term with a second optimizer; here one optimizer takes the sum.
+scales either. As in the paper, the weighted KL gets its own plain SGD step on M and G after every optimizer step
+(`blob.kl_lr`, following the run's lr schedule) while the run's optimizer takes the likelihood term; with
+`blob.kl_lr = 0` the weighted KL is added to the loss instead.
 
 Prediction: `blob` draws S weight-space samples A_s = M + Ω ⊙ E_s per member (S = `swag.samples`, seeded by
 `swag.sample_seed`, evaluated batched over states like every sampling family) and averages their softmaxes;
@@ -38,6 +40,7 @@ from rayblora.config import BlobConfig, Config, ConfigError, SwagConfig
 from rayblora.posteriors.base import AdapterState, Posterior
 from rayblora.posteriors.laplace.kfac import find_lora_sites
 from rayblora.train.checkpoint import read_hook_state
+from rayblora.train.loop import lr_factor
 
 HOOK_NAME = "blob"
 BLOB_FILE = "blob.safetensors"
@@ -102,6 +105,8 @@ class BlobTraining:
         self.sites: list[str] = []
         self.g: nn.ParameterList | None = None
         self.flipout: FlipoutNoise | None = None
+        self.train_size = 1
+        self.lr_at = lr_factor(cfg_train)
 
     keeps_trunk_frozen: ClassVar[bool] = True
     """Only the LoRA modules change: the frozen trunk's hidden states (rayblora.trunk_cache) stay exact."""
@@ -141,14 +146,31 @@ class BlobTraining:
         """M_e: optimizer steps per pass over the N training examples."""
         return max(1, math.ceil(train_size / (self.train.batch_size * self.train.grad_accum)))
 
-    def regulariser(self, scorer, step: int, train_size: int) -> torch.Tensor:
-        """kl_weight · π_step · KL / grad_accum, π_step the step's share of one epoch's KL (module doc)."""
+    def weighted_kl(self, scorer, step: int, train_size: int) -> torch.Tensor:
+        """kl_weight · π_step · KL for the 0-based optimizer step `step` (π_step: module doc)."""
         m = self.steps_per_epoch(train_size)
-        weight = kl_step_weight(self.blob.kl_weighting, step % m, m) / self.train.grad_accum
-        return self.blob.kl_weight * weight * self.kl(scorer)
+        return self.blob.kl_weight * kl_step_weight(self.blob.kl_weighting, step % m, m) * self.kl(scorer)
+
+    def regulariser(self, scorer, step: int, train_size: int) -> torch.Tensor:
+        """The weighted KL / grad_accum in the loss (`blob.kl_lr = 0`); else 0 (the KL gets its own step)."""
+        self.train_size = train_size
+        if self.blob.kl_lr > 0:
+            return torch.zeros((), device=self.g[0].device)
+        return self.weighted_kl(scorer, step, train_size) / self.train.grad_accum
 
     def __call__(self, step: int, scorer) -> None:
-        """Nothing to do after a step: M (the lora_A weight) and G are the optimizer's own parameters."""
+        """After optimizer step `step` (1-based): with `blob.kl_lr > 0`, one SGD step of the weighted KL on M
+        and G at kl_lr times the run's lr schedule (the second optimizer of the paper's training)."""
+        if self.blob.kl_lr <= 0:
+            return
+        sites = {s.name: s for s in find_lora_sites(scorer.model)}
+        params = [sites[n].lora_A.weight for n in self.sites] + list(self.g)
+        kl = self.weighted_kl(scorer, step - 1, self.train_size)
+        grads = torch.autograd.grad(kl, params)
+        rate = self.blob.kl_lr * self.lr_at(step - 1)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(rate * g.to(p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         return {"hook": HOOK_NAME, "sites": list(self.sites), "g": [g.detach().cpu() for g in self.g]}
