@@ -136,3 +136,19 @@ class Posterior(ABC):
             if progress is not None:
                 progress(done, len(dataset))
         return {name: predictive.concat(p) for name, p in parts.items()}
+
+
+class SampledStatesPosterior(Posterior):
+    """A family whose S parameter samples are explicit adapter states, `sample_states`, drawn once when it is
+    built (SWAG draws, TFB / BLoB draws): one batched forward over the shared base model evaluates them all."""
+
+    sample_states: list[AdapterState]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_states)
+
+    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Answer logits (S, B, C) of the S sample states."""
+        return self.scorer.logits_for_states(batch, self.sample_states)
+

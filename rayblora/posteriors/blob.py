@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from rayblora.config import BlobConfig, Config, ConfigError, SwagConfig
-from rayblora.posteriors.base import AdapterState, Posterior
+from rayblora.posteriors.base import AdapterState, Posterior, SampledStatesPosterior
 from rayblora.posteriors.laplace.kfac import find_lora_sites
 from rayblora.train.checkpoint import read_hook_state
 from rayblora.train.loop import lr_factor
@@ -187,7 +187,7 @@ def _a_key(site: str) -> str:
     return f"{site}.lora_A.weight"
 
 
-class BlobPosterior(Posterior):
+class BlobPosterior(SampledStatesPosterior):
     """BLoB: S draws of A ~ N(M, Ω²) per member (B fixed), mixed by the Bayesian model average."""
 
     method = "blob"
@@ -271,13 +271,6 @@ class BlobPosterior(Posterior):
             return cls(self.scorer, self.members, self.member_info, self.stds, swag.samples, swag.sample_seed)
         return super().view(method, data=data, config=config)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.sample_states)
-
-    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer logits (K·S, B, C) of every member's draws (K, B, C at A = M for blob_mean), batched."""
-        return self.scorer.logits_for_states(batch, self.sample_states)
 
 
 class BlobMeanPosterior(BlobPosterior):

@@ -37,7 +37,7 @@ import torch
 
 from rayblora import predictive
 from rayblora.config import ConfigError, SwagConfig, TrainConfig
-from rayblora.posteriors.base import AdapterState, Posterior
+from rayblora.posteriors.base import AdapterState, Posterior, SampledStatesPosterior
 from rayblora.predictive import Predictive
 from rayblora.registry import get_posterior_class
 from rayblora.train.checkpoint import read_hook_state
@@ -253,7 +253,7 @@ class Sampling:
         return cls(swag.samples, swag.scale, swag.sample_seed)
 
 
-class SwagFamily(Posterior):
+class SwagFamily(SampledStatesPosterior):
     """Shared machinery of `swa`, `swag` and `multiswag`: moments per trajectory, SWA-mean members."""
 
     needs_checkpoints = True
@@ -333,13 +333,6 @@ class SwagFamily(Posterior):
         return cls.build(self.scorer, [t.final for t in self.trajectories], self.member_info, data=data,
                          config=config)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.sample_states)
-
-    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer logits (S, B, C) of the drawn parameter samples, in one batched forward."""
-        return self.scorer.logits_for_states(batch, self.sample_states)
 
 
 class SwaPosterior(SwagFamily):

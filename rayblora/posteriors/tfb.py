@@ -30,7 +30,7 @@ import torch
 from rayblora import metrics, predictive
 from rayblora.config import SwagConfig, TfbConfig
 from rayblora.data.batches import eval_batches
-from rayblora.posteriors.base import AdapterState, Posterior
+from rayblora.posteriors.base import AdapterState, SampledStatesPosterior
 
 SINGULAR_FLOOR = 1e-6
 """Added to the singular values of B before dividing σ by them (the paper's 1e-6)."""
@@ -126,7 +126,7 @@ def _validation_figures(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     return {"nll": metrics.nll(p, y), "accuracy": metrics.accuracy(p, y)}
 
 
-class TfbPosterior(Posterior):
+class TfbPosterior(SampledStatesPosterior):
     """TFB on the MAP adapter (member 0): S samples of its low-rank isotropic Gaussian with σ from the search."""
 
     method = "tfb"
@@ -181,13 +181,6 @@ class TfbPosterior(Posterior):
     def artifact_extra(self) -> dict[str, Any]:
         return {"sigmas": self.sigmas, "samples": self.samples, "seed": self.seed, "search": self.search}
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.sample_states)
-
-    def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Answer logits (S·M, B, C) of the S draws of each of the M used members, in one batched forward."""
-        return self.scorer.logits_for_states(batch, self.sample_states)
 
 
 class TfbEnsemblePosterior(TfbPosterior):
