@@ -54,8 +54,8 @@ def train_k4(steps: int, out: Path) -> Path:
     from rayblora.workflows.members import train_members_in_process
 
     cfg = load_config(ROOT / "jobs/configs/demo.yaml", [
-        f"train.steps={steps}", "train.warmup_steps=1", "train.torch_threads=0", "data.shift_tasks=[]", "data.far_ood_tasks=[]",
-        "posterior.method=ensemble", "posterior.members=4", f"output.dir={out.parent / (out.name + '-members')}"])
+        f"train.steps={steps}", "train.warmup_steps=1", "train.torch_threads=0", "data.shift_tasks=[]",
+        "data.far_ood_tasks=[]", "posterior.method=ensemble", "posterior.members=4", f"output.dir={out.parent / (out.name + '-members')}"])
     scorer, members = train_members_in_process(cfg, log=lambda _m: None)
     for m in members:
         print(f"member {m.index}: {m.metrics}", flush=True)

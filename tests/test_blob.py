@@ -84,7 +84,7 @@ def test_the_kl_step_is_sgd_on_the_weighted_kl(blob_config, tiny_data):
     objective.regulariser(scorer, 0, 400)  # the loop's call: records N
     a_names = [n for n in params if "lora_A" in n]
     tensors = [params[n] for n in a_names] + list(objective.g)
-    kl = objective.weighted_kl(scorer, 4, 400)
+    kl = objective.weighted_kl(4, 400)
     grads = torch.autograd.grad(kl, tensors)
     rate = blob_config.blob.kl_lr * objective.lr_at(4)
     expected = [(t - rate * g).detach() for t, g in zip(tensors, grads)]

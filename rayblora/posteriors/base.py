@@ -69,6 +69,17 @@ class Posterior(ABC):
         return cls(scorer, members, member_info)
 
     @classmethod
+    def checked_member_dirs(cls, members: Sequence[AdapterState], member_dirs: Sequence[str] | None,
+                            missing: str) -> Sequence[str]:
+        """`member_dirs` of a :attr:`needs_checkpoints` family, one per member; ValueError `<method>: <missing>`
+        where there are none (members that come without their training checkpoints)."""
+        if member_dirs is None:
+            raise ValueError(f"{cls.method}: {missing}")
+        if len(member_dirs) != len(members):
+            raise ValueError(f"{cls.method}: {len(members)} members but {len(member_dirs)} checkpoint directories")
+        return member_dirs
+
+    @classmethod
     def from_artifact(cls, scorer: AnswerScorer, members: Sequence[AdapterState],
                       member_info: Sequence[dict[str, Any]], tensors: dict[str, dict[str, torch.Tensor]],
                       extra: dict[str, Any]) -> "Posterior":

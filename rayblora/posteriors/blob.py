@@ -38,7 +38,7 @@ from torch import nn
 
 from rayblora.config import BlobConfig, Config, ConfigError, SwagConfig
 from rayblora.posteriors.base import AdapterState, Posterior, SampledStatesPosterior
-from rayblora.posteriors.laplace.kfac import find_lora_sites
+from rayblora.posteriors.laplace.kfac import find_lora_sites, state_key
 from rayblora.train.checkpoint import read_hook_state
 from rayblora.train.loop import lr_factor
 
@@ -63,16 +63,17 @@ def kl_step_weight(weighting: str, step_in_epoch: int, steps_per_epoch: int) -> 
 
 
 class FlipoutNoise:
-    """Forward hooks adding flipout noise s_out ⊙ ((Ω ⊙ E)(s_in ⊙ x)) to the output of each `lora_A` (module doc).
+    """Forward hooks adding flipout noise s_out ⊙ ((Ω ⊙ E)(s_in ⊙ x)) to the output of each `lora_A` (module
+    doc). E is drawn once per forward of the model (`new_draw`), the signs per token."""
 
-    `stds` are the Ω of the sites' A factors (r, k) in site order; E is drawn once per forward of the model
-    (`new_draw`), the signs per token."""
-
-    def __init__(self, lora_a: Sequence[nn.Linear], stds: Sequence[torch.Tensor]):
-        self.lora_a, self.stds = list(lora_a), list(stds)
+    def __init__(self, lora_a: Sequence[nn.Linear]):
+        self.lora_a = list(lora_a)
+        self.stds: list[torch.Tensor] = []
         self.noise: list[torch.Tensor] = []
 
-    def new_draw(self) -> None:
+    def new_draw(self, stds: Sequence[torch.Tensor]) -> None:
+        """A new E for the next forward, with `stds` the Ω (r, k) of the sites' A factors, in site order."""
+        self.stds = list(stds)
         self.noise = [torch.randn(s.shape, device=s.device, dtype=s.dtype) for s in self.stds]
 
     @contextmanager
@@ -103,6 +104,7 @@ class BlobTraining:
                               f"strategy only, got {cfg_train.strategy!r}")
         self.blob, self.train = blob, cfg_train
         self.sites: list[str] = []
+        self.lora_a: list[nn.Linear] = []
         self.g: nn.ParameterList | None = None
         self.flipout: FlipoutNoise | None = None
         self.train_size = 1
@@ -118,11 +120,11 @@ class BlobTraining:
     def trainable_parameters(self, scorer) -> list[tuple[str, nn.Parameter]]:
         """The scorer's LoRA parameters and G per adapted module (seeded by the member's torch seed)."""
         sites = find_lora_sites(scorer.model)
-        self.sites = [s.name for s in sites]
+        self.sites, self.lora_a = [s.name for s in sites], [s.lora_A for s in sites]
         eps = self.blob.init_std
-        self.g = nn.ParameterList([nn.Parameter(torch.empty_like(s.lora_A.weight, dtype=torch.float32)
-                                                .uniform_(eps / math.sqrt(2.0), eps)) for s in sites])
-        self.flipout = FlipoutNoise([s.lora_A for s in sites], [g for g in self.g])
+        self.g = nn.ParameterList([nn.Parameter(torch.empty_like(a.weight, dtype=torch.float32)
+                                                .uniform_(eps / math.sqrt(2.0), eps)) for a in self.lora_a])
+        self.flipout = FlipoutNoise(self.lora_a)
         return list(scorer.lora_parameters()) + [(f"blob.{n}", g) for n, g in zip(self.sites, self.g)]
 
     def stds(self) -> list[torch.Tensor]:
@@ -131,41 +133,38 @@ class BlobTraining:
 
     def logits(self, scorer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits (B, C) under one flipout draw (module doc)."""
-        self.flipout.stds = self.stds()
-        self.flipout.new_draw()
+        self.flipout.new_draw(self.stds())
         with self.flipout.active():
             return scorer.logits(batch)
 
-    def kl(self, scorer) -> torch.Tensor:
+    def kl(self) -> torch.Tensor:
         """KL(q(A) ‖ N(0, β² I)) over every adapted module (a scalar with grad in M and G)."""
-        sites = {s.name: s for s in find_lora_sites(scorer.model)}
-        return sum(gaussian_kl_to_isotropic(sites[n].lora_A.weight.float(), g * g, self.blob.prior_std)
-                   for n, g in zip(self.sites, self.g))
+        return sum(gaussian_kl_to_isotropic(a.weight.float(), g * g, self.blob.prior_std)
+                   for a, g in zip(self.lora_a, self.g))
 
     def steps_per_epoch(self, train_size: int) -> int:
         """M_e: optimizer steps per pass over the N training examples."""
         return max(1, math.ceil(train_size / (self.train.batch_size * self.train.grad_accum)))
 
-    def weighted_kl(self, scorer, step: int, train_size: int) -> torch.Tensor:
+    def weighted_kl(self, step: int, train_size: int) -> torch.Tensor:
         """kl_weight · π_step · KL for the 0-based optimizer step `step` (π_step: module doc)."""
         m = self.steps_per_epoch(train_size)
-        return self.blob.kl_weight * kl_step_weight(self.blob.kl_weighting, step % m, m) * self.kl(scorer)
+        return self.blob.kl_weight * kl_step_weight(self.blob.kl_weighting, step % m, m) * self.kl()
 
     def regulariser(self, scorer, step: int, train_size: int) -> torch.Tensor:
         """The weighted KL / grad_accum in the loss (`blob.kl_lr = 0`); else 0 (the KL gets its own step)."""
         self.train_size = train_size
         if self.blob.kl_lr > 0:
             return torch.zeros((), device=self.g[0].device)
-        return self.weighted_kl(scorer, step, train_size) / self.train.grad_accum
+        return self.weighted_kl(step, train_size) / self.train.grad_accum
 
     def __call__(self, step: int, scorer) -> None:
         """After optimizer step `step` (1-based): with `blob.kl_lr > 0`, one SGD step of the weighted KL on M
         and G at kl_lr times the run's lr schedule (the second optimizer of the paper's training)."""
         if self.blob.kl_lr <= 0:
             return
-        sites = {s.name: s for s in find_lora_sites(scorer.model)}
-        params = [sites[n].lora_A.weight for n in self.sites] + list(self.g)
-        kl = self.weighted_kl(scorer, step - 1, self.train_size)
+        params = [a.weight for a in self.lora_a] + list(self.g)
+        kl = self.weighted_kl(step - 1, self.train_size)
         grads = torch.autograd.grad(kl, params)
         rate = self.blob.kl_lr * self.lr_at(step - 1)
         with torch.no_grad():
@@ -181,10 +180,6 @@ class BlobTraining:
         with torch.no_grad():
             for g, saved in zip(self.g, state["g"]):
                 g.copy_(saved)
-
-
-def _a_key(site: str) -> str:
-    return f"{site}.lora_A.weight"
 
 
 class BlobPosterior(SampledStatesPosterior):
@@ -232,16 +227,13 @@ class BlobPosterior(SampledStatesPosterior):
     def build(cls, scorer, members, member_info, data=None, config=None,
               member_dirs: Sequence[str] | None = None) -> "BlobPosterior":
         """From the members' adapters (A = M) and their final checkpoints (which hold G, Ω = G²)."""
-        if member_dirs is None:
-            raise ValueError(f"{cls.method}: needs the A variances learnt during training, and these members come "
-                             "without them (e.g. an ensemble artifact); train with posterior.method = blob | "
-                             "blob_mean and evaluate that artifact")
-        if len(member_dirs) != len(members):
-            raise ValueError(f"{cls.method}: {len(members)} members but {len(member_dirs)} checkpoint directories")
+        member_dirs = cls.checked_member_dirs(
+            members, member_dirs, "needs the A variances learnt during training, and these members come without them "
+            "(e.g. an ensemble artifact); train with posterior.method = blob | blob_mean and evaluate that artifact")
         stds = []
         for d in member_dirs:
             state = read_hook_state(d, HOOK_NAME)
-            stds.append({_a_key(site): (g.float() ** 2) for site, g in zip(state["sites"], state["g"])})
+            stds.append({state_key(f"{site}.lora_A"): (g.float() ** 2) for site, g in zip(state["sites"], state["g"])})
         swag = config.swag if config is not None else SwagConfig()
         return cls(scorer, members, member_info, stds, swag.samples, swag.sample_seed)
 
@@ -270,7 +262,6 @@ class BlobPosterior(SampledStatesPosterior):
             cls = BlobMeanPosterior if method == "blob_mean" else BlobPosterior
             return cls(self.scorer, self.members, self.member_info, self.stds, swag.samples, swag.sample_seed)
         return super().view(method, data=data, config=config)
-
 
 
 class BlobMeanPosterior(BlobPosterior):

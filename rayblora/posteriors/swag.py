@@ -283,12 +283,10 @@ class SwagFamily(SampledStatesPosterior):
     def build(cls, scorer, members, member_info, data=None, config=None,
               member_dirs: Sequence[str] | None = None) -> "SwagFamily":
         """From the members' final iterates and their training checkpoints (which hold the moments)."""
-        if member_dirs is None:
-            raise ValueError(f"{cls.method}: needs the SWAG moments collected during training, and these members "
-                             "come without them (e.g. an ensemble artifact); train with posterior.method = "
-                             "swa | swag | multiswag and evaluate that artifact")
-        if len(member_dirs) != len(members):
-            raise ValueError(f"{cls.method}: {len(members)} members but {len(member_dirs)} checkpoint directories")
+        member_dirs = cls.checked_member_dirs(
+            members, member_dirs, "needs the SWAG moments collected during training, and these members come without "
+            "them (e.g. an ensemble artifact); train with posterior.method = swa | swag | multiswag and evaluate that "
+            "artifact")
         trajectories = [Trajectory(*read_checkpoint_moments(d), final=dict(m)) for m, d in zip(members, member_dirs)]
         return cls(scorer, trajectories, member_info, Sampling.from_config(config))
 
