@@ -1,0 +1,187 @@
+"""One incremental forward of S adapter states over the shared frozen base model, with per-state KV caches.
+
+Decoding under a posterior needs, at every step, the next-token distribution of each of its S adapter states
+(ensemble members, SWAG / Laplace / TFB / BLoB draws, MC-dropout passes). :class:`StackedDecoder` keeps one
+key/value cache per state and runs the decoder layer by layer:
+
+* layers 0..L₀−1, below the first adapted one, are identical for every state: while the states read the same
+  tokens (Bayesian-model-average decoding) they run once on the B prompts, with one cache of B rows
+  (:mod:`rayblora.trunk`);
+* layers L₀..N−1, the final norm and the LM head run on S·B rows, sample-major (row s·B + b is prompt b under
+  state s), with the S states' LoRA factors applied to their row blocks by one batched matmul
+  (:func:`rayblora.batched.stacked_adapters`); each row's cache is that state's own.
+
+When the states diverge (per-state sampling, :meth:`StackedDecoder.split`), the trunk cache is repeated to S·B
+rows and every layer runs per state from then on. Adapters the stacked forward cannot run (not plain LoRA) run
+one state at a time with their tensors swapped in (the same logits). Applies to decoders with Llama's layout
+(`embed_tokens`, `layers`, `norm`, `rotary_emb`; Llama, Mistral, Qwen2, SmolLM2).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rayblora.batched import lora_dropout_active, stacked_adapters, supports_batching
+from rayblora.model import set_lora_state
+from rayblora.trunk import decoder_stack, first_adapted_layer
+
+AdapterState = dict[str, torch.Tensor]
+
+
+class DecodingError(ValueError):
+    """The model or the states cannot be decoded (e.g. a decoder without Llama's layer layout)."""
+
+
+class LayerCache:
+    """Key/value cache of the decoder layers of one row set, keyed by the layers' own `layer_idx`.
+
+    Implements the one method the attention modules call, `update(keys, values, layer_idx)` with tensors
+    (R, heads, q, head_dim), returning the layer's keys / values so far (R, heads, T, head_dim).
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx in self.keys:
+            keys = torch.cat([self.keys[layer_idx], keys], dim=-2)
+            values = torch.cat([self.values[layer_idx], values], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
+
+    def repeat(self, times: int) -> None:
+        """Every row repeated `times` times, sample-major: (R, ...) -> (times·R, ...)."""
+        for store in (self.keys, self.values):
+            for idx, t in store.items():
+                store[idx] = t.repeat(times, 1, 1, 1)
+
+
+def attention_bias(key_mask: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (R, 1, q, K) for the last `queries` of K positions: causal and padding-aware.
+
+    key_mask: (R, K), 1 for real tokens. Disallowed keys get the dtype's minimum rather than −inf, so a query
+    with no allowed key (left padding) gets a uniform, finite attention instead of NaN.
+    """
+    k = key_mask.shape[1]
+    positions = torch.arange(k, device=key_mask.device)
+    causal = positions[None, :] <= positions[k - queries:, None]  # (q, K)
+    allowed = causal[None] & key_mask.bool()[:, None, :]  # (R, q, K)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class _Rows:
+    """The token mask and cache of one row set (the trunk's B rows, or S·B rows above it)."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.key_mask = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        self.cache = LayerCache()
+
+    def extend(self, new_mask: torch.Tensor) -> torch.Tensor:
+        """Append positions whose mask is `new_mask` (R, q); returns their position ids (R, q), counted over
+        real tokens only (so left padding does not shift a prompt, as in :func:`rayblora.scoring.position_ids`)."""
+        new_mask = new_mask.to(self.key_mask.device, self.key_mask.dtype)
+        real = self.key_mask.sum(-1, keepdim=True)
+        self.key_mask = torch.cat([self.key_mask, new_mask], dim=1)
+        return (real + new_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def repeat(self, times: int) -> None:
+        self.key_mask = self.key_mask.repeat(times, 1)
+        self.cache.repeat(times)
+
+
+class StackedDecoder:
+    """Next-token logits of S adapter states, step by step, sharing the frozen trunk.
+
+    Args:
+        peft_model: the PEFT-wrapped causal LM whose LoRA slot the states fit (put in eval mode by the caller).
+        states: S adapter states (PEFT saved-file naming).
+        lora_dropout: keep LoRA dropout on (each state's rows an independent MC-dropout pass at every step).
+        batched: run the S states in one stacked forward (None: whenever the states are plain LoRA).
+    """
+
+    def __init__(self, peft_model: nn.Module, states: Sequence[AdapterState], lora_dropout: bool = False,
+                 batched: bool | None = None):
+        if not states:
+            raise DecodingError("decoding needs at least one adapter state")
+        self.inner = decoder_stack(peft_model)
+        if self.inner is None or not hasattr(self.inner, "rotary_emb"):
+            raise DecodingError(f"{type(peft_model).__name__}: decoding under a posterior needs a decoder with "
+                                "Llama's layout (embed_tokens, layers, norm, rotary_emb)")
+        self.model, self.states, self.lora_dropout = peft_model, list(states), lora_dropout
+        can_batch = supports_batching(peft_model, self.states)
+        if batched and not can_batch:
+            raise DecodingError("batched decoding needs plain LoRA states matching the model's LoRA layers")
+        self.batched = can_batch if batched is None else batched
+        self.start = first_adapted_layer(peft_model)
+        self.head = peft_model.get_output_embeddings()
+        self.trunk: _Rows | None = None
+        self.upper: list[_Rows] = []
+        self.shared = True
+
+    @property
+    def num_states(self) -> int:
+        return len(self.states)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded prompts (B, T); returns the next-token logits (S, B, V) in float32."""
+        s, rows, device = self.num_states, input_ids.shape[0], self.inner.embed_tokens.weight.device
+        self.trunk, self.shared = _Rows(rows, device), True
+        self.upper = [_Rows(s * rows, device)] if self.batched else [_Rows(rows, device) for _ in range(s)]
+        return self._forward(input_ids, attention_mask)
+
+    def split(self) -> None:
+        """From the next step on, each state reads its own tokens: the trunk's B rows become S·B rows."""
+        if self.shared:
+            self.trunk.repeat(self.num_states)
+            self.shared = False
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row: (B,) the same for every state, or (S, B) per state (after :meth:`split`).
+        Returns the next-token logits (S, B, V) in float32."""
+        if tokens.dim() == 2:
+            self.split()
+        elif not self.shared:
+            raise DecodingError("after split() every state needs its own tokens, shape (S, B)")
+        ids = tokens.reshape(-1, 1)
+        return self._forward(ids, torch.ones_like(ids))
+
+    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """ids / new_mask: (B, q) while the states share their tokens, else (S·B, q)."""
+        ids = ids.to(self.inner.embed_tokens.weight.device)
+        hidden = self._run(self.inner.embed_tokens(ids), self.inner.layers[:self.start], self.trunk, new_mask)
+        if self.shared:
+            hidden, new_mask = hidden.repeat(self.num_states, 1, 1), new_mask.repeat(self.num_states, 1)
+        upper_layers = self.inner.layers[self.start:]
+        with lora_dropout_active(self.model, self.lora_dropout):
+            if self.batched:
+                with stacked_adapters(self.model, self.states):
+                    hidden = self._run(hidden, upper_layers, self.upper[0], new_mask)
+            else:
+                blocks = zip(hidden.chunk(self.num_states), new_mask.chunk(self.num_states))
+                hidden = torch.cat([self._run_state(i, h, m, upper_layers) for i, (h, m) in enumerate(blocks)])
+        logits = self.head(self.inner.norm(hidden[:, -1:])).float()[:, 0]
+        return logits.reshape(self.num_states, -1, logits.shape[-1])
+
+    def _run_state(self, index: int, hidden: torch.Tensor, new_mask: torch.Tensor, layers) -> torch.Tensor:
+        set_lora_state(self.model, self.states[index])
+        return self._run(hidden, layers, self.upper[index], new_mask)
+
+    def _run(self, hidden: torch.Tensor, layers, rows: _Rows, new_mask: torch.Tensor) -> torch.Tensor:
+        """`layers` on hidden (R, q, H); `rows` takes the q new positions (mask (R, q) and cache)."""
+        positions = rows.extend(new_mask)
+        if not len(layers):
+            return hidden
+        bias = attention_bias(rows.key_mask, hidden.shape[1], hidden.dtype)
+        embeddings = self.inner.rotary_emb(hidden, positions)
+        for layer in layers:
+            out = layer(hidden, attention_mask=bias, position_ids=positions, past_key_values=rows.cache,
+                        use_cache=True, position_embeddings=embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden

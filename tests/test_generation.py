@@ -1,0 +1,135 @@
+"""Decoding under a posterior (rayblora.generation): BMA decoding, per-state decoding, the token stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayblora.config import AdapterConfig, ModelConfig
+from rayblora.data.formats import classification_spec
+from rayblora.generation.answers import exact_match, group_scores, normalise_answer
+from rayblora.generation.decode import DecodingSettings, GenerationSettingsError
+from rayblora.generation.decoder import StackedDecoder
+from rayblora.generation.run import StateSet, generate, stream
+from rayblora.model import set_lora_state
+from rayblora.scoring import build_scorer
+
+PROMPTS = ["the film was good and", "awful", "a plot story the actors were lovely and great fun"]
+
+
+def _noisy(state, seed, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+@pytest.fixture(scope="module", params=[(), (1,)], ids=["all-layers", "top-layer"])
+def scorer(request):
+    """A tiny 3-layer Llama with LoRA on every layer or on the top one (a shared frozen trunk below it)."""
+    spec = classification_spec(("negative", "positive"), "{text}")
+    adapter = AdapterConfig(rank=4, layers=request.param, dropout=0.1)
+    return build_scorer(ModelConfig(name="tiny-llama", tiny_layers=3), adapter, spec, max_length=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def states(scorer):
+    base = scorer.adapter_state()
+    return [_noisy(base, s) for s in range(3)]
+
+
+def _reference_greedy(scorer, state, prompt, max_new_tokens):
+    """Hugging Face's own greedy decoding of one prompt under one adapter state (no padding)."""
+    set_lora_state(scorer.model, state)
+    scorer.model.eval()
+    ids = scorer.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = scorer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=scorer.tokenizer.eos_token_id,
+                                eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_identical_states_decode_as_the_single_adapter(scorer, states):
+    settings = DecodingSettings(max_new_tokens=8, stop=())
+    same = StateSet(scorer.model, scorer.tokenizer, [states[0]] * 3, max_length=64)
+    with scorer.restoring_adapter():
+        answers = generate(same, PROMPTS, settings, batch_size=3)  # left-padded batch of different lengths
+        for prompt, answer in zip(PROMPTS, answers):
+            assert answer.tokens == _reference_greedy(scorer, states[0], prompt, 8)
+            assert max(answer.mutual_information) < 1e-5
+            assert answer.scores["max_token_mi"] < 1e-5
+
+
+def test_batched_decoding_equals_sequential_decoding(scorer, states):
+    batch = scorer.encode(PROMPTS)
+    with scorer.restoring_adapter():
+        stacked, sequential = StackedDecoder(scorer.model, states, batched=True), StackedDecoder(
+            scorer.model, states, batched=False)
+        a = stacked.prefill(batch["input_ids"], batch["attention_mask"])
+        b = sequential.prefill(batch["input_ids"], batch["attention_mask"])
+        assert a.shape == (3, 3, len(scorer.tokenizer))
+        for step in range(5):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), step
+            if step == 2:
+                tokens = a.argmax(-1)  # per state from here on (the trunk's rows split)
+            else:
+                tokens = a.mean(0).argmax(-1) if step < 2 else a.argmax(-1)
+            a, b = stacked.step(tokens), sequential.step(tokens)
+        assert (a[0] - a[1]).abs().max() > 1e-3  # the states really differ
+
+
+def test_each_state_alone_gives_its_per_state_answer(scorer, states):
+    settings = DecodingSettings(max_new_tokens=6, mode="per_state", stop=())
+    with scorer.restoring_adapter():
+        together = generate(StateSet(scorer.model, scorer.tokenizer, states, max_length=64), PROMPTS, settings)
+        for s, state in enumerate(states):
+            alone = generate(StateSet(scorer.model, scorer.tokenizer, [state], max_length=64), PROMPTS, settings)
+            assert [g.samples[s] for g in together] == [g.text for g in alone]
+
+
+def test_streamed_pieces_concatenate_to_the_answer(scorer, states):
+    settings = DecodingSettings(max_new_tokens=10, stop=())
+    set_ = StateSet(scorer.model, scorer.tokenizer, states, max_length=64)
+    with scorer.restoring_adapter():
+        answer = generate(set_, PROMPTS[:1], settings)[0]
+        events = list(stream(set_, PROMPTS[0], settings))
+    tokens = [e for e in events if e["event"] == "token"]
+    assert "".join(e["text"] for e in tokens) == answer.text == events[-1]["text"]
+    assert [e["token"] for e in tokens] == answer.tokens == events[-1]["tokens"]
+    assert [e["mutual_information"] for e in tokens] == pytest.approx(answer.mutual_information, abs=1e-6)
+    assert events[-1]["scores"] == pytest.approx(answer.scores)
+
+
+def test_decoding_leaves_the_adapter_unchanged(scorer, states):
+    before = scorer.adapter_state()
+    with scorer.restoring_adapter():
+        generate(StateSet(scorer.model, scorer.tokenizer, states, max_length=64), PROMPTS, DecodingSettings(
+            max_new_tokens=3), batched=False)
+    after = scorer.adapter_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in vars(m) for m in scorer.model.modules())
+
+
+def test_sampling_is_seeded_and_stops_at_stop_tokens(scorer, states):
+    set_ = StateSet(scorer.model, scorer.tokenizer, states, max_length=64)
+    settings = DecodingSettings(max_new_tokens=12, do_sample=True, temperature=1.5, seed=3)
+    with scorer.restoring_adapter():
+        first, again = generate(set_, PROMPTS, settings), generate(set_, PROMPTS, settings)
+    assert [g.tokens for g in first] == [g.tokens for g in again]
+    assert all("\n" not in g.text and len(g.tokens) <= 12 for g in first)
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("mode", "beam"), ("temperature", 0.0),
+                                         ("stop", ("",))])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(GenerationSettingsError, match=field):
+        DecodingSettings(**{field: value})
+
+
+def test_answer_normalisation_and_groups():
+    assert normalise_answer("  The  Answer. ") == "the answer"
+    assert normalise_answer("-12") == "-12"
+    assert exact_match(" 42.", "42") and not exact_match("43", ["42", "forty-two"])
+    modal, scores = group_scores(["42", " 42", "41", "42."])
+    assert modal == "42" and scores["modal_share"] == 0.75 and scores["num_groups"] == 2
+    assert scores["group_entropy"] == pytest.approx(-(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(
+        torch.tensor(0.25))).item())
+    assert group_scores(["a", "a"])[1]["group_entropy"] == 0.0
