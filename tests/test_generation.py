@@ -133,3 +133,42 @@ def test_answer_normalisation_and_groups():
     assert scores["group_entropy"] == pytest.approx(-(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(
         torch.tensor(0.25))).item())
     assert group_scores(["a", "a"])[1]["group_entropy"] == 0.0
+
+
+# --- every family that yields adapter states decodes through Posterior.generate ------------------------------
+FAMILY_PROMPTS = ["the film was good and", "awful dull"]
+
+
+def _family(method, trained_members, tiny_data, cfg):
+    import dataclasses
+
+    from rayblora.registry import get_posterior_class
+
+    scorer, states, infos = trained_members
+    cfg = dataclasses.replace(cfg, laplace=dataclasses.replace(cfg.laplace, fit_batches=2, prior_method="fixed",
+                                                               generation_samples=3))
+    return get_posterior_class(method).build(scorer, states, infos, data=tiny_data, config=cfg)
+
+
+@pytest.mark.parametrize("method,expected_states", [("map", 1), ("ensemble", 2), ("laplace", 3),
+                                                    ("laplace_ensemble", 6)])
+def test_families_generate_from_their_weight_space_samples(method, expected_states, trained_members, tiny_data,
+                                                           tiny_session_config):
+    post = _family(method, trained_members, tiny_data, tiny_session_config)
+    assert len(post.generation_states()) == expected_states
+    settings = DecodingSettings(max_new_tokens=4, stop=())
+    answers = post.generate(FAMILY_PROMPTS, settings)
+    assert len(answers) == 2 and all(len(a.tokens) == 4 and len(a.mutual_information) == 4 for a in answers)
+    if expected_states == 1:
+        assert max(a.scores["max_token_mi"] for a in answers) < 1e-5
+    else:
+        assert max(a.scores["max_token_mi"] for a in answers) > 0
+    assert [a.tokens for a in post.generate(FAMILY_PROMPTS, settings)] == [a.tokens for a in answers]
+    per_state = post.generate(FAMILY_PROMPTS, DecodingSettings(max_new_tokens=4, mode="per_state", stop=()))
+    assert all(len(a.samples) == expected_states for a in per_state)
+
+
+def test_families_without_a_generative_form_say_so(trained_members, tiny_data, tiny_session_config):
+    post = _family("temperature", trained_members, tiny_data, tiny_session_config)
+    with pytest.raises(ValueError, match="temperature: .*map"):
+        post.generate(FAMILY_PROMPTS)

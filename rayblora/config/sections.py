@@ -242,6 +242,8 @@ class LaplaceConfig:
     """Samples of the mc link (and of nn sampling); the probit link draws this many for its uncertainty split."""
     sample_seed: int = 0
     """Seed of the link / weight-space draws (a batch's prediction is reproducible)."""
+    generation_samples: int = 8
+    """Weight-space draws per fitted member that decode generated answers (`Posterior.generate`)."""
     low_rank_threshold: int = 1024
     """Kronecker factors wider than this are kept as a rank-`low_rank` eigen-approximation."""
     low_rank: int = 64
@@ -260,6 +262,7 @@ class LaplaceConfig:
         one_of(self.prior_method, ("marglik", "val_nll", "fixed"), "laplace.prior_method")
         one_of(self.link, ("probit", "mc", "nn"), "laplace.link")
         check(self.link_samples >= 1, "laplace.link_samples", "must be >= 1")
+        check(self.generation_samples >= 1, "laplace.generation_samples", "must be >= 1")
         check(self.low_rank_threshold >= 1 and self.low_rank >= 1, "laplace.low_rank*", "must be >= 1")
         check(self.fit_batches >= 0, "laplace.fit_batches", "must be >= 0")
         check(self.fit_workers >= 0, "laplace.fit_workers", "must be >= 0")

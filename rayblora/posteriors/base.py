@@ -9,13 +9,16 @@ training hooks their members need (:meth:`Posterior.training_hooks`); the workfl
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
 from rayblora import predictive
 from rayblora.data.batches import eval_batches
+from rayblora.generation import run as generation
+from rayblora.generation.decode import DecodingSettings, Generation
 from rayblora.predictive import Predictive
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer
@@ -122,6 +125,43 @@ class Posterior(ABC):
                  for i in range(0, len(prompts), batch_size)]
         return predictive.concat(parts)
 
+    # --- generation ---------------------------------------------------------------------------------
+    generation_lora_dropout: ClassVar[bool] = False
+    """Whether decoding keeps LoRA dropout on (MC dropout: every state's rows an independent pass per step)."""
+
+    def generation_states(self) -> Sequence[AdapterState]:
+        """The S adapter states this family decodes with (:mod:`rayblora.generation`): its parameter samples
+        in weight space. Default: the members (an ensemble); families with other samples override."""
+        return self.members
+
+    def state_set(self) -> generation.StateSet:
+        """The states of :meth:`generation_states` on the shared model, ready to decode."""
+        return generation.StateSet(self.scorer.model, self.scorer.tokenizer, self.generation_states(),
+                                   self.generation_lora_dropout, self.scorer.max_length)
+
+    def generate(self, prompts: Sequence[str], settings: DecodingSettings | None = None,
+                 batch_size: int = 8) -> list[Generation]:
+        """Answers to raw prompts under the posterior, one :class:`Generation` (text, per-token entropy /
+        aleatoric / mutual information, sequence scores; per-state answers in "per_state" mode) per prompt.
+
+        >>> posterior.generate(["Q: What is 12 plus 30?\nA:"], DecodingSettings(max_new_tokens=8))[0].text
+        """
+        settings = settings or DecodingSettings()
+        with self.scorer.restoring_adapter(), self._seeded(settings):
+            return generation.generate(self.state_set(), list(prompts), settings, batch_size)
+
+    def generate_stream(self, prompt: str, settings: DecodingSettings | None = None) -> Iterator[dict[str, Any]]:
+        """BMA decoding of one prompt as token events, then a "done" event (:func:`rayblora.generation.run.stream`)."""
+        settings = settings or DecodingSettings()
+        with self.scorer.restoring_adapter(), self._seeded(settings):
+            yield from generation.stream(self.state_set(), prompt, settings)
+
+    def _seeded(self, settings: DecodingSettings):
+        """Seeds torch's generator for LoRA-dropout masks (MC dropout), so a prompt's answer repeats."""
+        if not self.generation_lora_dropout:
+            return contextlib.nullcontext()
+        return _forked_seed(self.scorer.device, settings.seed)
+
     def predict_views(self, batch: dict[str, torch.Tensor]) -> dict[str, Predictive]:
         """This family's predictive and those of :attr:`provides` on one batch, from one pass."""
         return {self.method: self.predict_batch(batch)}
@@ -149,6 +189,13 @@ class Posterior(ABC):
         return {name: predictive.concat(p) for name, p in parts.items()}
 
 
+@contextlib.contextmanager
+def _forked_seed(device: torch.device, seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class SampledStatesPosterior(Posterior):
     """A family whose S parameter samples are explicit adapter states, `sample_states`, drawn once when it is
     built (SWAG draws, TFB / BLoB draws): one batched forward over the shared base model evaluates them all."""
@@ -158,6 +205,9 @@ class SampledStatesPosterior(Posterior):
     @property
     def num_samples(self) -> int:
         return len(self.sample_states)
+
+    def generation_states(self) -> Sequence[AdapterState]:
+        return self.sample_states
 
     def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits (S, B, C) of the S sample states."""

@@ -62,6 +62,12 @@ class McDropoutPosterior(Posterior):
     def num_samples(self) -> int:
         return self.samples
 
+    generation_lora_dropout = True
+
+    def generation_states(self):
+        """The MAP adapter S times; with LoRA dropout on, each copy's rows draw their own masks at every step."""
+        return self.members * self.samples
+
     def sample_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Answer logits (S, B, C) of S dropout passes; the masks are seeded, so a batch's result repeats."""
         device = next(self.scorer.model.parameters()).device
@@ -121,6 +127,10 @@ class TemperaturePosterior(Posterior):
             labels.append(batch["labels"])
         mapped.temperature = fit_temperature(torch.cat(logits, 1), torch.cat(labels))
         return mapped
+
+    def generation_states(self):
+        raise ValueError(f"{self.method}: its temperature rescales the C answer logits and has no meaning for "
+                         "generated text; generate from the `map` or `ensemble` view of these members")
 
     @classmethod
     def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "TemperaturePosterior":

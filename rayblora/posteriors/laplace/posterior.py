@@ -330,20 +330,31 @@ class LaplacePosterior(Posterior):
         probs = torch.stack([glm.probit_probs(mu, var) for mu, var in moments]).mean(0)
         return _predictive(probs, draws)
 
+    def weight_samples(self, index: int, count: int, generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+        """`count` adapter states θ ~ N(θ_MAP, Σ) of fitted member `index`, drawn in weight space from its
+        Kronecker-factored posterior (Laplace-LoRA, arXiv 2308.13111, sec. 3)."""
+        fit = self.fits[index]
+        base, prior, states = self.members[fit.member], fit.block_prior(), []
+        for _ in range(count):
+            state = dict(base)
+            for key, eigen in fit.eigens.items():
+                w = base[state_key(key)]
+                noise = glm.weight_noise(eigen, torch.randn(eigen.shape, generator=generator), prior[key])
+                state[state_key(key)] = w + noise.to(w.dtype)
+            states.append(state)
+        return states
+
     def _weight_space_logits(self, index: int, batch: dict[str, torch.Tensor], chunk: int = 8) -> torch.Tensor:
-        fit, gen = self.fits[index], self._generator(index)
-        base, prior, outs = self.members[fit.member], fit.block_prior(), []
+        gen, outs = self._generator(index), []
         for start in range(0, self.settings.link_samples, chunk):
-            states = []
-            for _ in range(min(chunk, self.settings.link_samples - start)):
-                state = dict(base)
-                for key, eigen in fit.eigens.items():
-                    w = base[state_key(key)]
-                    noise = glm.weight_noise(eigen, torch.randn(eigen.shape, generator=gen), prior[key])
-                    state[state_key(key)] = w + noise.to(w.dtype)
-                states.append(state)
+            states = self.weight_samples(index, min(chunk, self.settings.link_samples - start), gen)
             outs.append(self.scorer.logits_for_states(batch, states))
         return torch.cat(outs)
+
+    def generation_states(self) -> list[dict[str, torch.Tensor]]:
+        """`laplace.generation_samples` weight-space draws per fitted member (seeded: the same on every call)."""
+        n = self.settings.generation_samples
+        return [s for i in range(len(self.fits)) for s in self.weight_samples(i, n, self._generator(i))]
 
 
 class LaplaceEnsemblePosterior(LaplacePosterior):
