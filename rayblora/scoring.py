@@ -54,7 +54,8 @@ class AnswerScorer:
         self.spec = spec
         self.max_length = max_length
         self.fingerprint = fingerprint
-        self.answer_ids = torch.tensor(answer_token_ids(tokenizer, spec.choices), dtype=torch.long)
+        self.answer_ids = torch.tensor(answer_token_ids(tokenizer, spec.choices) if spec.choices else [],
+                                       dtype=torch.long)
         self.device = next(peft_model.parameters()).device
         """Where batches go: the model's device (a DeepSpeed engine sets its own compute device)."""
         self.max_batch_rows = 256 if self.device.type == "cuda" else 64
@@ -103,7 +104,16 @@ class AnswerScorer:
         tensors are moved to :attr:`device`; the logits stay there. `trunk` = (L₀, hidden states (B, T, H)
         entering layer L₀) from :meth:`shared_trunk` skips the frozen layers below L₀ (:mod:`rayblora.trunk`).
         """
+        if self.spec.kind == "generation":
+            raise ValueError("answer logits need a task with answer choices; a generation task is scored by its "
+                             "targets' likelihood (AnswerScorer.target_scores) and decoded with Posterior.generate")
         batch = self.to_device(batch)
+        out = self._forward(batch, trunk, logits_to_keep=1)
+        logits = out.logits[:, -1, :].index_select(-1, self.answer_ids.to(out.logits.device)).float()
+        return mask_choices(logits, batch.get("num_choices"))
+
+    def _forward(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None, logits_to_keep: int):
+        """The LM's output on a batch on :attr:`device`, from the trunk's hidden states where there are some."""
         inputs = {"input_ids": batch["input_ids"]}
         window = nullcontext()
         if trunk is None and self.trunk_cache is not None:
@@ -112,10 +122,28 @@ class AnswerScorer:
             start, hidden = trunk
             inputs, window = {"inputs_embeds": hidden.to(self.device)}, above_trunk(self.model, start)
         with attention_kernels(self.device), window:
-            out = self.model(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
-                             position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1)
-        logits = out.logits[:, -1, :].index_select(-1, self.answer_ids.to(out.logits.device)).float()
-        return mask_choices(logits, batch.get("num_choices"))
+            return self.model(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
+                              position_ids=position_ids(batch["attention_mask"]), logits_to_keep=logits_to_keep)
+
+    def target_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A generation batch's target likelihood under the current adapter (with autograd as the caller's
+        context says): the sequence NLL −Σ_t log p(y_t | x, y_<t) over the target's tokens and EOS (B,), and
+        whether every one of them is the argmax (B,) — which is exactly when greedy decoding returns the target."""
+        batch = self.to_device(batch)
+        logits = self._forward(batch, None, logits_to_keep=0).logits[:, :-1].float()  # (B, T-1, V)
+        targets, keep = batch["input_ids"][:, 1:], batch["target_mask"][:, 1:].bool()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        nll = (token_nll * keep).sum(-1)
+        hit = ((logits.argmax(-1) == targets) | ~keep).all(-1)
+        return nll, hit
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean negative log-likelihood of a micro-batch: of the labelled answer among the C choices, or of a
+        generation target's tokens (per sequence, summed over its tokens)."""
+        if self.spec.kind == "generation":
+            return self.target_scores(batch)[0].mean()
+        logits = self.logits(batch)
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
 
     @torch.no_grad()
     def shared_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor] | None:

@@ -172,3 +172,80 @@ def test_families_without_a_generative_form_say_so(trained_members, tiny_data, t
     post = _family("temperature", trained_members, tiny_data, tiny_session_config)
     with pytest.raises(ValueError, match="temperature: .*map"):
         post.generate(FAMILY_PROMPTS)
+
+
+# --- the generation task kind: prompt + target rows, trained by the targets' likelihood ----------------------
+def _addition_file(path, n, seed=0):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"{a} plus {b} is", "target": f" {a + b}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory):
+    from rayblora.config import load_config
+    from rayblora.data import load_task_data
+    from rayblora.workflows.members import train_members_in_process
+
+    root = tmp_path_factory.mktemp("generation")
+    overrides = {"model.name": "tiny-llama", "data.task": str(_addition_file(root / "add.jsonl", 240)),
+                 "data.shift_tasks": "[]", "data.far_ood_tasks": "[]", "data.train_size": "0",
+                 "data.val_size": "40", "data.test_size": "40", "data.max_length": "32", "train.steps": "6",
+                 "train.lr": "5e-3", "train.batch_size": "16", "train.warmup_steps": "1", "posterior.members": "2",
+                 "adapter.layers": "[1]", "output.dir": str(root / "run")}
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    data = load_task_data(cfg.data)
+    scorer, members = train_members_in_process(cfg, log=lambda _m: None, data=data)
+    return cfg, data, scorer, members
+
+
+def test_generation_rows_train_members_scored_by_their_targets(generation_run):
+    cfg, data, scorer, members = generation_run
+    assert data.spec.kind == "generation" and set(data.train.column_names) >= {"prompt", "target"}
+    metrics = members[0].info()["metrics"]
+    assert {"val_nll", "val_accuracy"} <= set(metrics) and metrics["val_nll"] > 0
+    with pytest.raises(ValueError, match="generation task"):
+        scorer.logits(scorer.encode(["1 plus 2 is"]))
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding_exact_match(generation_run):
+    from rayblora.registry import get_posterior_class
+
+    _, data, scorer, members = generation_run
+    post = get_posterior_class("map").build(scorer, [m.adapter for m in members], [m.info() for m in members])
+    prompts = data.test["prompt"][:6]
+    greedy = [a.tokens for a in post.generate(prompts, DecodingSettings(max_new_tokens=3, stop=()))]
+    ids, targets = [], []
+    for i, (prompt, tokens) in enumerate(zip(prompts, greedy)):
+        wrong = tokens[:-1] + [(tokens[-1] + 1) % len(scorer.tokenizer)] if i % 2 else tokens
+        ids.append(scorer.tokenizer(prompt, add_special_tokens=False)["input_ids"] + wrong)
+        targets.append(len(wrong))
+    width = max(len(x) for x in ids)
+    batch = {"input_ids": torch.tensor([[0] * (width - len(x)) + x for x in ids]),
+             "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]),
+             "target_mask": torch.tensor([[0] * (width - n) + [1] * n for n in targets])}
+    set_lora_state(scorer.model, members[0].adapter)
+    with torch.no_grad():
+        nll, hit = scorer.target_scores(batch)
+    assert hit.tolist() == [i % 2 == 0 for i in range(6)]  # greedy continuations hit, a changed last token misses
+    assert bool((nll > 0).all())
+
+
+def test_generation_rows_are_validated(tmp_path):
+    import json
+
+    from rayblora.config import load_config
+    from rayblora.data import DataError, load_task_data
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "1 plus 1 is", "target": t}) for t in [" 2", " 3", ""]))
+    cfg = load_config(None, [f"data.task={path}", "data.shift_tasks=[]", "data.far_ood_tasks=[]",
+                             "data.train_size=0", "data.val_size=1", "data.test_size=1"])
+    with pytest.raises(DataError, match="row 2, column 'target'"):
+        load_task_data(cfg.data)

@@ -1,7 +1,9 @@
 """Tokenised batches and a resumable, deterministic training order.
 
 A batch is a dict of tensors: `input_ids` (B, T) and `attention_mask` (B, T), left-padded so that position
-T-1 is every prompt's last token, `labels` (B,) and `num_choices` (B,).
+T-1 is every prompt's last token, `labels` (B,) and `num_choices` (B,). A generation task's batch
+(rows with a `target`) holds prompt + target + end-of-sequence tokens instead, with `target_mask` (B, T) marking
+the target's tokens and the end-of-sequence token (the positions whose likelihood is trained).
 """
 
 from __future__ import annotations
@@ -21,9 +23,36 @@ def encode(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torc
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def generation_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                     max_length: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt + target + EOS token ids (B, T ≤ max_length), `attention_mask` and `target_mask` (B, T).
+
+    Prompt and target are tokenised apart and joined (as lm-evaluation-harness scores a continuation), so the
+    target's tokens are those the model generates after the prompt; a long prompt loses its first tokens."""
+    eos = tokenizer.eos_token_id
+    rows = []
+    for prompt, target in zip(prompts, targets):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        if len(t) >= max_length:
+            raise ValueError(f"target {target[:40]!r} has {len(t)} tokens with EOS; data.max_length is {max_length}")
+        rows.append((p[max(0, len(p) + len(t) - max_length):], t))
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), eos, dtype=torch.long)
+    mask, target_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, t) in enumerate(rows):
+        ids[i, width - len(p) - len(t):] = torch.tensor(p + t)
+        mask[i, width - len(p) - len(t):] = 1
+        target_mask[i, width - len(t):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "target_mask": target_mask}
+
+
 def make_batch(tokenizer, rows: dict[str, list[Any]], max_length: int) -> dict[str, torch.Tensor]:
-    """Batch from column-oriented rows (`prompt`, `label`, `num_choices`)."""
-    batch = encode(tokenizer, rows["prompt"], max_length)
+    """Batch from column-oriented rows (`prompt`, `label`, `num_choices`, and `target` for generation)."""
+    if "target" in rows:
+        batch = generation_batch(tokenizer, rows["prompt"], rows["target"], max_length)
+    else:
+        batch = encode(tokenizer, rows["prompt"], max_length)
     batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
     batch["num_choices"] = torch.as_tensor(rows["num_choices"], dtype=torch.long)
     return batch

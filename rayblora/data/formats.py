@@ -21,7 +21,9 @@ class DataError(ValueError):
 class TaskSpec:
     """What the model answers: `choices[i]` is the answer string for label i.
 
-    kind: "classification" (text + label) or "multiple_choice" (question + choices + label, lettered options).
+    kind: "classification" (text + label), "multiple_choice" (question + choices + label, lettered options)
+    or "generation" (prompt + target: a free-text answer, trained by its tokens' likelihood and scored by
+    exact match; no answer choices).
     """
 
     kind: str
@@ -51,6 +53,11 @@ def multiple_choice_spec(max_choices: int) -> TaskSpec:
     return TaskSpec("multiple_choice", tuple(" " + c for c in letters), letters, "Question: {question}")
 
 
+def generation_spec() -> TaskSpec:
+    """Spec for a generative task: each row's `prompt` is used as written, its `target` is the answer."""
+    return TaskSpec("generation", (), (), "{prompt}")
+
+
 def format_classification(text: str, template: str) -> str:
     """Prompt for one classification example."""
     return template.replace("{text}", text.strip())
@@ -78,6 +85,14 @@ def _row_label(row: dict[str, Any], label_names: Sequence[str], n: int, where: s
     return value
 
 
+def _generation_example(row: dict[str, Any], where: str) -> dict[str, Any]:
+    for column in ("prompt", "target"):
+        value = row.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}, column {column!r}: expected a non-empty string, got {value!r}")
+    return {"prompt": row["prompt"], "target": row["target"], "label": 0, "num_choices": 0}
+
+
 def rows_to_examples(rows: Sequence[dict[str, Any]], spec: TaskSpec, source: str) -> list[dict[str, Any]]:
     """Validate raw rows and format them as examples `{"prompt", "label", "num_choices"}`.
 
@@ -86,7 +101,9 @@ def rows_to_examples(rows: Sequence[dict[str, Any]], spec: TaskSpec, source: str
     out = []
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"
-        if spec.kind == "classification":
+        if spec.kind == "generation":
+            out.append(_generation_example(row, where))
+        elif spec.kind == "classification":
             text = row.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{where}, column 'text': expected a non-empty string, got {text!r}")

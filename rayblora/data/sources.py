@@ -19,7 +19,8 @@ from datasets.table import InMemoryTable
 
 from rayblora import assets
 from rayblora.config import DataConfig
-from rayblora.data.formats import DataError, TaskSpec, classification_spec, multiple_choice_spec, rows_to_examples
+from rayblora.data.formats import (DataError, TaskSpec, classification_spec, generation_spec, multiple_choice_spec,
+                                   rows_to_examples)
 
 BUILTIN_TASKS = ("movie", "tweets", "amazon", "nyt")
 FAR_OOD_TASKS = ("newsgroups", "reuters")
@@ -126,8 +127,11 @@ def read_rows(task: str) -> list[dict[str, Any]]:
 
 
 def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> TaskSpec:
-    """Classification when rows have `text`, multiple choice when they have `question` + `choices`."""
+    """Classification when rows have `text`, multiple choice when they have `question` + `choices`, generation
+    when they have `prompt` + `target`."""
     columns = set(rows[0])
+    if {"prompt", "target"} <= columns:
+        return generation_spec()
     if "label" not in columns:
         raise DataError(f"{source}: missing column 'label' (columns: {sorted(columns)})")
     if "text" in columns:
@@ -135,8 +139,8 @@ def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> Task
     if {"question", "choices"} <= columns:
         widest = max(len(r["choices"]) if isinstance(r.get("choices"), (list, tuple)) else 0 for r in rows)
         return multiple_choice_spec(max(widest, 2))
-    raise DataError(f"{source}: needs columns 'text' + 'label' (classification) or 'question' + 'choices' "
-                    f"+ 'label' (multiple choice); found {sorted(columns)}")
+    raise DataError(f"{source}: needs columns 'text' + 'label' (classification), 'question' + 'choices' "
+                    f"+ 'label' (multiple choice) or 'prompt' + 'target' (generation); found {sorted(columns)}")
 
 
 def _to_dataset(examples: list[dict[str, Any]]):

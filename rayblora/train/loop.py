@@ -99,16 +99,21 @@ def allreduce_mean_grads(params: Sequence[torch.nn.Parameter]) -> None:
 
 @torch.no_grad()
 def validate(scorer, dataset, batch_size: int) -> dict[str, float]:
-    """Validation NLL and accuracy of the current adapter."""
+    """Validation NLL and accuracy of the current adapter (a generation task: the targets' sequence NLL and
+    exact match of greedy decoding, which teacher forcing decides: every target token is the argmax)."""
     was_training = scorer.model.training
     scorer.model.eval()
     nll, correct, n = 0.0, 0, 0
     for batch in eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length):
-        logits = scorer.logits(batch)
-        labels = batch["labels"].to(logits.device)
-        nll += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        n += len(labels)
+        if "target_mask" in batch:  # generation: the target's NLL and teacher-forced exact match
+            row_nll, hit = scorer.target_scores(batch)
+            nll, correct = nll + row_nll.sum().item(), correct + hit.sum().item()
+        else:
+            logits = scorer.logits(batch)
+            labels = batch["labels"].to(logits.device)
+            nll += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+        n += len(batch["labels"])
     scorer.model.train(was_training)
     return {"val_nll": nll / max(n, 1), "val_accuracy": correct / max(n, 1)}
 
@@ -245,8 +250,11 @@ def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContex
     for micro in range(cfg.grad_accum):
         number = (state.step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
         batch = train_batch(train_ds, scorer.tokenizer, cfg.batch_size, scorer.max_length, ctx.seed, number)
-        logits = objective.logits(scorer, batch) if objective else scorer.logits(batch)
-        loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        if objective:
+            logits = objective.logits(scorer, batch)
+            loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        else:
+            loss = scorer.training_loss(batch)
         if objective:
             loss = loss + objective.regulariser(scorer, state.step, len(train_ds))
         state.stepper.backward(loss)
@@ -260,6 +268,9 @@ def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
 
     The optimizer updates the LoRA parameters, or those of the hooks' :class:`TrainingObjective`."""
     objective = training_objective(hooks)
+    if objective is not None and scorer.spec.kind == "generation":
+        raise ValueError(f"{type(objective).__name__}: this family trains through the C answer logits; a "
+                         "generation task trains plain LoRA members (ensemble, map, swag, multiswag, mc_dropout)")
     params = [p for _, p in (objective.trainable_parameters(scorer) if objective else scorer.lora_parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
