@@ -266,6 +266,27 @@ def aurc(uncertainty, errors) -> float:
     return float(np.mean(np.cumsum(e_sorted) / k))
 
 
+def prediction_rejection_ratio(uncertainty, quality) -> float:
+    """Prediction-rejection ratio (Malinin et al., arXiv 2002.07650, sec. 6; as LM-Polygraph reports it).
+
+    Rejecting the k most uncertain of N predictions (k = 0..N−1) leaves a mean `quality` (N,) (e.g. exact
+    match 0/1); PRR = (A_unc − A_random) / (A_oracle − A_random) of the areas under that curve, with the oracle
+    rejecting the lowest quality first and random rejection keeping the mean. 1 = oracle, 0 = random; NaN when
+    every prediction has the same quality.
+    """
+    u = _check_vector(uncertainty, "uncertainty")
+    q = _check_vector(quality, "quality", u.shape[0]).astype(float)
+
+    def area(order: np.ndarray) -> float:
+        kept = q[order]  # most certain first: rejecting k drops the last k
+        return float(np.mean(np.cumsum(kept)[::-1] / np.arange(len(kept), 0, -1)))
+
+    oracle, random = area(np.argsort(-q, kind="stable")), float(q.mean())
+    if oracle - random <= 0:
+        return float("nan")
+    return (area(_certain_first(u)) - random) / (oracle - random)
+
+
 def risk_coverage_curve(probs, labels, uncertainty):
     """Accuracy of the k most certain examples for k = 1..N.
 

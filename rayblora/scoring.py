@@ -130,8 +130,9 @@ class AnswerScorer:
         context says): the sequence NLL −Σ_t log p(y_t | x, y_<t) over the target's tokens and EOS (B,), and
         whether every one of them is the argmax (B,) — which is exactly when greedy decoding returns the target."""
         batch = self.to_device(batch)
-        logits = self._forward(batch, None, logits_to_keep=0).logits[:, :-1].float()  # (B, T-1, V)
-        targets, keep = batch["input_ids"][:, 1:], batch["target_mask"][:, 1:].bool()
+        span = int(batch["target_mask"].sum(-1).max())  # targets end every row (left padding): the last `span`
+        logits = self._forward(batch, None, logits_to_keep=span + 1).logits[:, :-1].float()  # (B, span, V)
+        targets, keep = batch["input_ids"][:, -span:], batch["target_mask"][:, -span:].bool()
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll = (token_nll * keep).sum(-1)
         hit = ((logits.argmax(-1) == targets) | ~keep).all(-1)

@@ -249,3 +249,24 @@ def test_generation_rows_are_validated(tmp_path):
                              "data.train_size=0", "data.val_size=1", "data.test_size=1"])
     with pytest.raises(DataError, match="row 2, column 'target'"):
         load_task_data(cfg.data)
+
+
+def test_prediction_rejection_ratio_and_answer_evaluation():
+    import numpy as np
+
+    from rayblora.generation.decode import Generation
+    from rayblora.generation.evaluation import evaluate_answers, paired_auroc_difference
+    from rayblora.metrics import prediction_rejection_ratio
+
+    quality = np.array([1, 1, 0, 1, 0, 0], dtype=float)
+    assert prediction_rejection_ratio(1 - quality, quality) == pytest.approx(1.0)  # the oracle's order
+    assert prediction_rejection_ratio(quality, quality) < 0  # the worst order
+    assert np.isnan(prediction_rejection_ratio(np.arange(3.0), np.ones(3)))
+    answers = [Generation(t, [], scores={"mean_token_mi": u, "modal_share": 1 - u})
+               for t, u in [("1", 0.1), ("2", 0.2), ("x", 0.9), ("4", 0.3)]]
+    result = evaluate_answers(answers, ["1", "2", "3", "4"])
+    assert result["exact_match"] == 0.75 and result["scores"]["mean_token_mi"]["auroc"] == 1.0
+    assert result["scores"]["modal_share"]["auroc"] == 1.0  # 1 - share: the same ranking
+    u, c = np.array([0.1, 0.9, 0.2, 0.8]), np.array([True, False, True, False])
+    diff = paired_auroc_difference([(u, c)], [(1 - u, c)], resamples=200)
+    assert diff["delta"] == pytest.approx(1.0) and diff["low"] <= diff["delta"] <= diff["high"]

@@ -1,0 +1,79 @@
+"""How well a posterior's answer-level uncertainty predicts whether a generated answer is right.
+
+For N prompts with exact-match targets, a method's answers are graded 0/1 (:func:`rayblora.generation.answers.
+exact_match`) and each of its sequence scores is judged as a detector of wrong answers: AUROC (wrong above right),
+AURC (area under the risk-coverage curve) and the prediction-rejection ratio (:mod:`rayblora.metrics`), as
+LM-Polygraph reports them (Fadeeva et al., arXiv 2311.07383). Differences between two methods come with a
+paired bootstrap over prompts, stratified by seed (:func:`paired_auroc_difference`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from rayblora import metrics
+from rayblora.generation.answers import exact_match
+from rayblora.generation.decode import Generation
+
+LOWER_IS_CERTAIN = ("mean_token_mi", "max_token_mi", "mean_token_entropy", "max_token_entropy",
+                    "mean_token_aleatoric", "sequence_nll", "mean_token_nll", "group_entropy", "num_groups",
+                    "mean_state_nll")
+"""Sequence scores that grow with uncertainty; `modal_share` shrinks with it (its uncertainty is 1 − share)."""
+
+
+def uncertainty_scores(answers: Sequence[Generation]) -> dict[str, np.ndarray]:
+    """Every sequence score the answers carry, as uncertainties (N,) (higher = less certain)."""
+    names = sorted(set.intersection(*(set(a.scores) for a in answers))) if answers else []
+    out = {}
+    for name in names:
+        values = np.array([a.scores[name] for a in answers], dtype=float)
+        out[name] = 1.0 - values if name == "modal_share" else values
+    return out
+
+
+def correctness(answers: Sequence[Generation], targets: Sequence[str | Sequence[str]]) -> np.ndarray:
+    """Exact match of each answer's text with its target(s) (N,) bool."""
+    if len(answers) != len(targets):
+        raise ValueError(f"{len(answers)} answers but {len(targets)} targets")
+    return np.array([exact_match(a.text, t) for a, t in zip(answers, targets)], dtype=bool)
+
+
+def detection_metrics(uncertainty: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    """AUROC of wrong vs right, AURC and PRR of one uncertainty score."""
+    return {"auroc": metrics.error_auroc(uncertainty, ~correct), "aurc": metrics.aurc(uncertainty, ~correct),
+            "prr": metrics.prediction_rejection_ratio(uncertainty, correct.astype(float))}
+
+
+def evaluate_answers(answers: Sequence[Generation], targets: Sequence[str | Sequence[str]],
+                     extra_scores: dict[str, np.ndarray] | None = None) -> dict:
+    """{"n", "exact_match", "scores": {score: detection metrics}} of one method's answers; `extra_scores`
+    (e.g. the group entropy of the same posterior's per-state answers) are judged against these answers too."""
+    correct = correctness(answers, targets)
+    scores = {**uncertainty_scores(answers), **(extra_scores or {})}
+    return {"n": int(len(correct)), "exact_match": float(correct.mean()),
+            "scores": {name: detection_metrics(u, correct) for name, u in scores.items()}}
+
+
+def paired_auroc_difference(a: Sequence[tuple[np.ndarray, np.ndarray]], b: Sequence[tuple[np.ndarray, np.ndarray]],
+                            resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """AUROC(a) − AUROC(b) averaged over seeds, with a 95 % paired-bootstrap interval.
+
+    a, b: per seed, (uncertainty (N,), correct (N,)) of two methods on the same N prompts. Each resample draws
+    the prompts of every seed with replacement (the same draw for both methods) and averages the seeds'
+    differences. Returns {"delta", "low", "high", "resamples"}."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_auroc_difference needs the same, non-zero number of seeds for both methods")
+    rng = np.random.default_rng(seed)
+
+    def delta(rows: Sequence[np.ndarray | slice]) -> float:
+        diffs = [metrics.error_auroc(ua[r], ~ca[r]) - metrics.error_auroc(ub[r], ~cb[r])
+                 for (ua, ca), (ub, cb), r in zip(a, b, rows)]
+        return float(np.mean(diffs))
+
+    point = delta([slice(None)] * len(a))
+    draws = [delta([rng.integers(0, len(u), len(u)) for u, _ in a]) for _ in range(resamples)]
+    draws = [d for d in draws if np.isfinite(d)]
+    low, high = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+    return {"delta": point, "low": float(low), "high": float(high), "resamples": len(draws)}
