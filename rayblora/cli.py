@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rayblora import assets
+from rayblora.artifact import load_posterior
 from rayblora.assets import AssetError
 from rayblora.config import Config, ConfigError, load_config
 from rayblora.data.formats import DataError
+from rayblora.generation.decode import MODES, DecodingSettings, GenerationSettingsError
 from rayblora.manifest import ArtifactError
 from rayblora.model import ModelError
 from rayblora.report import render_markdown
 from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
 from rayblora.workflows.evaluate import evaluate
+from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
 from rayblora.workflows.fit import LAPLACE_METHODS, POST_HOC_METHODS, fit_posterior
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.runtime import ensure_ray
@@ -32,7 +36,7 @@ from rayblora.workflows.sweeps.prior import SELECT
 from rayblora.workflows.train import train, train_and_evaluate
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
-USER_ERRORS = (ConfigError, DataError, ArtifactError, AssetError, ModelError)
+USER_ERRORS = (ConfigError, DataError, ArtifactError, AssetError, ModelError, GenerationSettingsError)
 """Errors of the user's input: reported as one line with exit code 2, no traceback."""
 
 
@@ -79,7 +83,7 @@ def _run_train(args, cfg: Config) -> int:
     if cfg.hybrid.rounds:  # dynamic fine-tuning: one posterior per round, each the next round's prior
         print(render_rounds_markdown(run_rounds(cfg, in_process=args.in_process)))
     elif args.evaluate:
-        train_and_evaluate(cfg)
+        train_and_evaluate(cfg, in_process=args.in_process)
     else:
         print(train(cfg, in_process=args.in_process))
     return 0
@@ -93,7 +97,36 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args, cfg: Config) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    print(render_markdown(evaluate(args.posterior, cfg, out_dir=args.out, methods=methods)))
+    if is_generation_artifact(args.posterior):  # exact match and answer-level uncertainty; prints its table
+        evaluate_generation_report(args.posterior, cfg, out_dir=args.out, methods=methods)
+    else:
+        print(render_markdown(evaluate(args.posterior, cfg, out_dir=args.out, methods=methods)))
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--posterior", required=True, help="posterior artifact directory")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt, used as written (repeatable)")
+    p.add_argument("--method", default="", help="decode under this view of the artifact (e.g. map, ensemble; "
+                                                "default: the artifact's own family)")
+    p.add_argument("--max-new-tokens", type=int, default=DecodingSettings.max_new_tokens)
+    p.add_argument("--mode", default="bma", choices=list(MODES), help="bma: one answer from the averaged next-"
+                   "token distribution; per_state: one answer per adapter state, grouped")
+    p.add_argument("--sample", action="store_true", help="sample tokens instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default a newline)")
+
+
+def _run_generate(args, _cfg) -> int:
+    settings = DecodingSettings(max_new_tokens=args.max_new_tokens, mode=args.mode, do_sample=args.sample,
+                                temperature=args.temperature, seed=args.seed,
+                                stop=tuple(args.stop) if args.stop is not None else DecodingSettings.stop)
+    posterior = load_posterior(args.posterior)
+    if args.method:
+        posterior = posterior.view(args.method)
+    for prompt, answer in zip(args.prompt, posterior.generate(args.prompt, settings)):
+        print(json.dumps({"prompt": prompt, "method": posterior.method, **answer.to_dict()}))
     return 0
 
 
@@ -176,6 +209,8 @@ VERBS: tuple[Verb, ...] = (
     Verb(("assets",), "fetch or check the registry-shipped model and data", _assets_args, _run_assets, None),
     Verb(("train",), "train a posterior's members on Ray and write the artifact", _train_args, _run_train),
     Verb(("evaluate",), "evaluate a posterior artifact and write the report", _evaluate_args, _run_evaluate),
+    Verb(("generate",), "generate answers under a posterior with per-token entropy / MI and sequence scores "
+         "(JSON lines)", _generate_args, _run_generate, None),
     Verb(("demo",), "K=4 LoRA ensemble of SmolLM2 on VADER movie, evaluated under shift", lambda p: None,
          _run_demo, default_config=DEMO_CONFIG),
     Verb(("fit",), "fit a post-hoc posterior (Laplace-LoRA, TFB) onto a trained artifact (new artifact)", _fit_args,

@@ -270,3 +270,30 @@ def test_prediction_rejection_ratio_and_answer_evaluation():
     u, c = np.array([0.1, 0.9, 0.2, 0.8]), np.array([True, False, True, False])
     diff = paired_auroc_difference([(u, c)], [(1 - u, c)], resamples=200)
     assert diff["delta"] == pytest.approx(1.0) and diff["low"] <= diff["delta"] <= diff["high"]
+
+
+def test_cli_trains_evaluates_and_generates_a_generation_task(tmp_path, capsys):
+    import json
+
+    from rayblora.cli import main
+
+    task = _addition_file(tmp_path / "add.jsonl", 200, seed=1)
+    overrides = ["model.name=tiny-llama", f"data.task={task}", "data.shift_tasks=[]", "data.far_ood_tasks=[]",
+                 "data.train_size=0", "data.val_size=20", "data.test_size=30", "data.max_length=32",
+                 "train.steps=4", "train.batch_size=16", "train.warmup_steps=1", "posterior.members=2",
+                 "posterior.eval_methods=[map,ensemble,temperature]", "adapter.layers=[1]",
+                 f"output.dir={tmp_path / 'run'}"]
+    assert main(["train", "--in-process", "--evaluate", *overrides]) == 0
+    report = json.loads((tmp_path / "run" / "generation_report.json").read_text())
+    assert set(report["methods"]) == {"map", "ensemble"}  # temperature has no generative form: skipped
+    ensemble = report["methods"]["ensemble"]
+    assert ensemble["n"] == 30 and 0 <= ensemble["exact_match"] <= 1
+    assert {"mean_token_mi", "group_entropy", "sequence_nll"} <= set(ensemble["scores"])
+    capsys.readouterr()
+    assert main(["generate", "--posterior", str(tmp_path / "run" / "posterior"), "--prompt", "3 plus 4 is",
+                 "--max-new-tokens", "3"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "3 plus 4 is" and len(line["mutual_information"]) <= 3
+    assert main(["generate", "--posterior", str(tmp_path / "run" / "posterior"), "--prompt", "x",
+                 "--max-new-tokens", "0"]) != 0
+    assert "max_new_tokens" in capsys.readouterr().err

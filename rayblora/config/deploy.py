@@ -49,10 +49,12 @@ class ServeConfig:
     port: int = 8000
     """HTTP port of the proxy."""
     max_inputs_per_request: int = 32
-    """Most inputs one POST /v1/predict may carry."""
+    """Most inputs one POST /v1/predict may carry (and most prompts of one POST /v1/generate)."""
     max_tokens_per_input: int = 256
-    """Most tokens of one formatted prompt, counted with the posterior's tokenizer (a text longer than 16
-    characters per allowed token is refused before tokenising)."""
+    """Most tokens of one formatted prompt (of one raw prompt for POST /v1/generate), counted with the
+    posterior's tokenizer (a text longer than 16 characters per allowed token is refused before tokenising)."""
+    max_new_tokens: int = 64
+    """Most tokens POST /v1/generate may ask for per prompt (its `max_new_tokens`, at most 4096)."""
     max_choices: int = 8
     """Most options of one multiple-choice question (the posterior's task may allow fewer)."""
     max_body_bytes: int = 0
@@ -113,5 +115,7 @@ class ServeConfig:
         check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0")
         check(self.replica_cpus > 0, "serve.replica_cpus", "must be > 0")
         check(self.torch_threads >= 0, "serve.torch_threads", "must be >= 0")
+        check(1 <= self.max_new_tokens <= 4096, "serve.max_new_tokens",
+              f"must be in [1, 4096], got {self.max_new_tokens}")
         check(self.max_body_bytes >= 0, "serve.max_body_bytes", f"must be >= 0, got {self.max_body_bytes}")
 

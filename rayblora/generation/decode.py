@@ -80,6 +80,8 @@ class TokenStep:
 
 
 _STOP_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+STOP_SETS_KEPT = 16
+"""Stop sets whose token ids are kept per tokenizer (each costs one decode of the vocabulary)."""
 
 
 def stop_token_ids(tokenizer, stop: Sequence[str]) -> torch.Tensor:
@@ -87,6 +89,8 @@ def stop_token_ids(tokenizer, stop: Sequence[str]) -> torch.Tensor:
     (decoded once per tokenizer and stop set)."""
     per_tokenizer = _STOP_IDS.setdefault(tokenizer, {})
     key = tuple(stop)
+    if key not in per_tokenizer and len(per_tokenizer) >= STOP_SETS_KEPT:
+        per_tokenizer.pop(next(iter(per_tokenizer)))  # the oldest stop set: a bounded cache for serving
     if key not in per_tokenizer:
         eos = tokenizer.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos]) - {None}

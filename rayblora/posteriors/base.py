@@ -126,6 +126,8 @@ class Posterior(ABC):
         return predictive.concat(parts)
 
     # --- generation ---------------------------------------------------------------------------------
+    generative: ClassVar[bool] = True
+    """Whether the family's samples are adapter states a decoder can run (:meth:`generation_states`)."""
     generation_lora_dropout: ClassVar[bool] = False
     """Whether decoding keeps LoRA dropout on (MC dropout: every state's rows an independent pass per step)."""
 

@@ -128,6 +128,8 @@ class TemperaturePosterior(Posterior):
         mapped.temperature = fit_temperature(torch.cat(logits, 1), torch.cat(labels))
         return mapped
 
+    generative = False
+
     def generation_states(self):
         raise ValueError(f"{self.method}: its temperature rescales the C answer logits and has no meaning for "
                          "generated text; generate from the `map` or `ensemble` view of these members")

@@ -1,4 +1,4 @@
-"""The FastAPI application of the prediction endpoint: routes, uniform error bodies, bearer-token check.
+"""The FastAPI application of the endpoint (predict and generate): routes, uniform error bodies, bearer token.
 
 Built per replica by :func:`make_api` (Serve's late-bound ingress), so the request schema carries the
 configured limits and the token check its token. No Ray here: the routes call a service object
@@ -8,23 +8,27 @@ configured limits and the token check its token. No Ray here: the routes call a 
 
 # No `from __future__ import annotations`: FastAPI reads the body type of a route defined in a function.
 import hmac
-from typing import Any, Protocol, Sequence
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 import rayblora
 from rayblora.config import ServeConfig
 from rayblora.manifest import ArtifactError
 from rayblora.serve.engine import InputError, UnknownPosterior
-from rayblora.serve.schemas import ErrorResponse, Health, PosteriorList, PredictResponse, field_name, request_model
+from rayblora.serve.generate import SSE_HEADERS, server_sent_events
+from rayblora.serve.schemas import (ErrorResponse, GenerateResponse, Health, PosteriorList, PredictResponse,
+                                    field_name, generate_request_model, request_model)
 
 UNAUTHENTICATED_PATHS = ("/healthz",)
 DESCRIPTION = (
     "Predictions of Bayesian LoRA posteriors with calibrated uncertainty: the Bayesian model average of the "
-    "class probabilities, total entropy = aleatoric + mutual information (epistemic), and an abstain flag. "
+    "class probabilities, total entropy = aleatoric + mutual information (epistemic), and an abstain flag; "
+    "and generated answers with the same split per token (POST /v1/generate, optionally streamed as "
+    "server-sent events). "
     "When a bearer token is configured, every route but /healthz needs `Authorization: Bearer <token>`. "
     "Overload is answered 503 by the Serve proxy.")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -34,6 +38,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "invalid request; `fields` names each bad field"},
     503: {"description": "overloaded: the request queue is full (answered at once by the Serve proxy)"},
 }
+STREAM_EXAMPLE = ('data: {"event": "token", "index": 0, "token": 17, "text": " 4", "entropy": 1.2, '
+                  '"aleatoric": 1.1, "mutual_information": 0.1, "log_prob": -0.6}\n\n'
+                  'data: {"event": "done", "text": "4", "tokens": [17, 2], "scores": {"mean_token_mi": 0.1}, '
+                  '"abstained": false}\n\n')
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {"description": 'the answers; with `"stream": true` a `text/event-stream` instead: one `data: <json>` '
+                         'line per token event ({"event": "token", "index", "token", "text", "entropy", '
+                         '"aleatoric", "mutual_information", "log_prob"}; the `text` pieces concatenate to the '
+                         'answer), then {"event": "done", "text", "tokens", "scores", "abstained"}, then the end '
+                         '(a failure after the first event: {"event": "error", "message"})',
+          "content": {"text/event-stream": {"schema": {"type": "string"}, "example": STREAM_EXAMPLE}}},
+    422: {"model": ErrorResponse, "description": "invalid request, a prompt over serve.max_tokens_per_input, or "
+                                                 "a posterior without a generative form; `fields` names each"},
+}
 
 
 class Service(Protocol):
@@ -42,6 +61,10 @@ class Service(Protocol):
     config: ServeConfig
 
     async def predict(self, body: Any) -> dict[str, Any]: ...
+
+    async def generate(self, body: Any) -> dict[str, Any]: ...
+
+    async def generate_stream(self, body: Any) -> AsyncIterator[dict[str, Any]]: ...
 
     def list_posteriors(self) -> dict[str, Any]: ...
 
@@ -149,8 +172,9 @@ class BodyLimit:
 
 
 def make_api(service: Service, auth_token: str = "") -> FastAPI:
-    """The endpoint's FastAPI app: POST /v1/predict, GET /v1/posteriors, GET /healthz, /openapi.json, /docs."""
-    body_model = request_model(service.config)
+    """The endpoint's FastAPI app: POST /v1/predict, POST /v1/generate, GET /v1/posteriors, GET /healthz,
+    /openapi.json, /docs."""
+    body_model, generate_model = request_model(service.config), generate_request_model(service.config)
     app = FastAPI(title="rayblora posterior endpoint", version=rayblora.__version__, description=DESCRIPTION)
     _add_error_handlers(app)
     if auth_token:
@@ -172,5 +196,16 @@ def make_api(service: Service, auth_token: str = "") -> FastAPI:
         """Posterior predictive with uncertainty for each input (posterior from the body, else the
         `serve_multiplexed_model_id` header, else the default)."""
         return await service.predict(body)
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=GENERATE_RESPONSES, tags=["generate"])
+    async def generate(body: generate_model) -> Any:
+        """Answers to raw prompts decoded under the posterior, with per-token entropy / aleatoric / mutual
+        information and sequence scores; `"stream": true` sends one prompt's tokens as server-sent events.
+        Posterior as for /v1/predict. Not batched across requests."""
+        if body.stream:
+            events = await service.generate_stream(body)
+            return StreamingResponse(server_sent_events(events), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await service.generate(body)
 
     return app

@@ -3,11 +3,11 @@
     rayblora serve --posterior runs/demo/posterior                       # one posterior, named "posterior"
     rayblora serve --posterior movie=runs/a --posterior tweets=runs/b --port 8000 serve.num_replicas=2
 
-Routes (see /docs): POST /v1/predict, GET /v1/posteriors, GET /healthz, /openapi.json, /docs. The endpoint
-binds 127.0.0.1 unless `serve.host` says otherwise; a bearer token (`serve.auth_token`, or the variable named by
-`serve.auth_token_env`) guards every route but /healthz. Artifacts are read only by the verified loader.
-The deployment itself is :class:`rayblora.serve.deployment.PosteriorServer` (imported lazily: Ray Serve is
-slow to import and the CLI builds every verb's parser).
+Routes (see /docs): POST /v1/predict, POST /v1/generate, GET /v1/posteriors, GET /healthz, /openapi.json,
+/docs. The endpoint binds 127.0.0.1 unless `serve.host` says otherwise; a bearer token (`serve.auth_token`, or
+the variable named by `serve.auth_token_env`) guards every route but /healthz. Artifacts are read only by the
+verified loader. The deployment itself is :class:`rayblora.serve.deployment.PosteriorServer` (imported
+lazily: Ray Serve is slow to import and the CLI builds every verb's parser).
 """
 
 from __future__ import annotations

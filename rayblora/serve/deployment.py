@@ -3,15 +3,18 @@
 Per request: schema validation (FastAPI + pydantic, 422) -> the posterior by name (404 if unknown) from Serve's
 model multiplexing (an LRU of `serve.max_posteriors_per_replica` loaded posteriors) -> per-posterior checks
 (422) -> dynamic batching across requests (``@serve.batch``, batch size counted in inputs) -> one forward per
-posterior and batch, run on one worker thread so the event loop keeps answering. Overload never reaches a
-replica: beyond `max_ongoing_requests` per replica plus `max_queued_requests`, the proxy answers 503.
+posterior and batch, run on one worker thread so the event loop keeps answering. POST /v1/generate
+(:mod:`rayblora.serve.generate`) resolves its posterior the same way and decodes on that same thread, one
+request at a time (not batched across requests). Overload never reaches a replica: beyond
+`max_ongoing_requests` per replica plus `max_queued_requests` (predict and generate requests together, a stream
+until its last event), the proxy answers 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, AsyncIterator
 
 import torch
 from ray import serve
@@ -19,7 +22,9 @@ from ray import serve
 from rayblora.config import ServeConfig
 from rayblora.predictive import Predictive
 from rayblora.serve.api import make_api
-from rayblora.serve.engine import Job, Loader, PosteriorPool, count_inputs, predict_jobs, predictions
+from rayblora.serve.engine import (Job, LoadedPosterior, Loader, PosteriorPool, count_inputs, predict_jobs,
+                                   predictions)
+from rayblora.serve.generate import Generating
 
 DEPLOYMENT_NAME = "PosteriorServer"
 
@@ -44,6 +49,7 @@ class PosteriorServer:
         self._auth_token = auth_token
         self._pool = PosteriorPool(posteriors, loader)
         self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayblora-forward")
+        self._generating = Generating(self._forward, config.max_tokens_per_input)
 
         async def load_named(name: str):
             return await asyncio.get_running_loop().run_in_executor(self._forward, self._pool.load, name)
@@ -59,11 +65,15 @@ class PosteriorServer:
     def list_posteriors(self) -> dict[str, Any]:
         return self._pool.describe()
 
+    async def _loaded(self, requested: str | None) -> LoadedPosterior:
+        """The posterior named in the body, else by the `serve_multiplexed_model_id` header, else the default."""
+        name = requested or serve.get_multiplexed_model_id() or self._pool.default
+        self._pool.entry(name)  # UnknownPosterior (404) before anything is loaded
+        return await self._posterior(name)
+
     async def predict(self, body: Any) -> dict[str, Any]:
         """The POST /v1/predict answer for a validated body (a `schemas.request_model` instance)."""
-        name = body.posterior or serve.get_multiplexed_model_id() or self._pool.default
-        self._pool.entry(name)  # UnknownPosterior (404) before anything is loaded
-        loaded = await self._posterior(name)
+        loaded = await self._loaded(body.posterior)
         prompts, num_choices = loaded.prompts(body.inputs, self.config.max_tokens_per_input)
         pred = await self._predict_batched(Job(loaded, prompts, num_choices))
         threshold = self.config.abstain_threshold if body.abstain_threshold is None else body.abstain_threshold
@@ -72,6 +82,14 @@ class PosteriorServer:
                 "created": entry.created, "samples": loaded.posterior.num_samples,
                 "abstain_threshold": threshold,
                 "predictions": predictions(loaded.spec, pred, num_choices, threshold)}
+
+    async def generate(self, body: Any) -> dict[str, Any]:
+        """The POST /v1/generate answer for a validated body (a `schemas.generate_request_model` instance)."""
+        return await self._generating.answer(await self._loaded(body.posterior), body)
+
+    async def generate_stream(self, body: Any) -> AsyncIterator[dict[str, Any]]:
+        """The events of a streamed POST /v1/generate answer (`"stream": true`)."""
+        return await self._generating.stream(await self._loaded(body.posterior), body)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=count_inputs)
     async def _predict_batched(self, jobs: list[Job]) -> list[Predictive]:

@@ -119,6 +119,8 @@ class LoadedPosterior:
         """(field suffix, message) when this posterior cannot answer `item`, else None."""
         name, spec = self.entry.name, self.spec
         is_text = getattr(item, "text", None) is not None
+        if spec.kind == "generation":
+            return "", f"posterior {name!r} generates free-text answers: POST /v1/generate with prompts"
         if spec.kind == "classification" and not is_text:
             return "", f'posterior {name!r} classifies text: send {{"text": ...}}, not a question'
         if spec.kind != "classification" and is_text:
@@ -129,8 +131,12 @@ class LoadedPosterior:
                                 f"got {len(item.choices)}")
         return None
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text with the posterior's tokenizer (no special tokens, no truncation)."""
+        return [len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)]
+
     def _over_length(self, inputs: Sequence[Any], prompts: Sequence[str], max_tokens: int) -> list:
-        lengths = [len(e.ids) for e in self._counter.encode_batch(list(prompts), add_special_tokens=False)]
+        lengths = self.token_counts(prompts)
         return [(f"inputs[{i}]." + ("text" if hasattr(inputs[i], "text") else "question"),
                  f"{n} tokens once formatted with the task prompt; the limit is {max_tokens} "
                  "(serve.max_tokens_per_input)") for i, n in enumerate(lengths) if n > max_tokens]

@@ -1,8 +1,9 @@
 """HTTP schemas of the prediction endpoint (pydantic v2; they also make the OpenAPI document).
 
 Request models carry the limits of a :class:`~rayblora.config.ServeConfig` (inputs per request, characters per
-text, options per question), so they are built per configuration by :func:`request_model`. Every model forbids
-unknown fields. Limits that need the posterior (its task kind, its number of answer choices, token counts with
+text, options per question, new tokens per prompt), so they are built per configuration by
+:func:`request_model` (POST /v1/predict) and :func:`generate_request_model` (POST /v1/generate). Every model
+forbids unknown fields. Limits that need the posterior (its task kind, its number of answer choices, token counts with
 its tokenizer) are checked after the posterior is loaded (:mod:`rayblora.serve.engine`).
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictFloat, StrictStr, Tag,
-                      create_model)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat,
+                      StrictInt, StrictStr, Tag, ValidationInfo, create_model, field_validator)
 
 from rayblora.config import ServeConfig
+from rayblora.generation.decode import MODES, DecodingSettings, sequence_scores
 
 FORBID = ConfigDict(extra="forbid")
 CHARS_PER_TOKEN_BOUND = 16
@@ -22,6 +24,14 @@ TEXT_TAG, CHOICE_TAG = "TextInput", "ChoiceInput"
 """Names of the two input shapes (pydantic puts them in error locations; :func:`field_name` drops them)."""
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """Posterior names: letters, digits, '.', '_', '-'; at most 64 characters."""
+BMA_SCORES = tuple(sequence_scores([], [], [], []))
+"""Sequence scores of a BMA answer (:func:`rayblora.generation.decode.sequence_scores`); higher = less certain."""
+PER_STATE_SCORES = ("group_entropy",)
+"""Per-state scores an abstain threshold may apply to (entropy over the states' answer groups)."""
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 32
+"""Most stop strings of one generate request, and most characters of each."""
+MIN_TEMPERATURE = 0.05
+"""Lowest sampling temperature: below it probs^(1/T) can underflow to all zeros for a flat distribution."""
 
 
 def _has_content(text: str) -> str:
@@ -67,6 +77,78 @@ def request_model(cfg: ServeConfig) -> type[BaseModel]:
                                                    f"(default {cfg.abstain_threshold})")))
 
 
+def _text(cfg: ServeConfig):
+    """A non-blank string of at most 16 characters per allowed token."""
+    return Annotated[StrictStr, Field(min_length=1, max_length=cfg.max_tokens_per_input * CHARS_PER_TOKEN_BOUND),
+                     AfterValidator(_has_content)]
+
+
+def _stream_alone(stream: bool, info: ValidationInfo) -> bool:
+    """`stream` decodes one prompt by the model average: not with several prompts or per-state mode."""
+    if stream and len(info.data.get("prompts") or ()) > 1:
+        raise ValueError("streaming answers one prompt; send one prompt or set stream to false")
+    if stream and info.data.get("mode") == "per_state":
+        raise ValueError("streaming decodes by the Bayesian model average; use mode 'bma' or set stream to false")
+    return stream
+
+
+def _score_of_mode(score: str, info: ValidationInfo) -> str:
+    """With a threshold, `abstain_score` must be a score the chosen mode produces."""
+    mode = info.data.get("mode")
+    if info.data.get("abstain_threshold") is None or mode is None:
+        return score
+    known = PER_STATE_SCORES if mode == "per_state" else BMA_SCORES
+    if score not in known:
+        raise ValueError(f"mode {mode!r} scores an answer by {list(known)}, not {score!r}")
+    return score
+
+
+def _decoding_fields(cfg: ServeConfig) -> dict[str, Any]:
+    """The decoding fields of a generate request (defaults of :class:`DecodingSettings`)."""
+    new_tokens = min(DecodingSettings.max_new_tokens, cfg.max_new_tokens)
+    stop = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+    return {
+        "max_new_tokens": (Annotated[StrictInt, Field(ge=1, le=cfg.max_new_tokens)],
+                           Field(new_tokens, description="most tokens generated per prompt, the stop token "
+                                                         f"included (at most {cfg.max_new_tokens})")),
+        "mode": (Literal[MODES], Field("bma", description='"bma": one answer from the averaged next-token '
+                                                          'distribution; "per_state": one answer per state, '
+                                                          "grouped (the modal group's answer)")),
+        "do_sample": (StrictBool, Field(False, description="sample the next token instead of the argmax")),
+        "temperature": (Annotated[StrictFloat, Field(ge=MIN_TEMPERATURE, le=100.0, allow_inf_nan=False)],
+                        Field(1.0, description=f"sampling temperature in [{MIN_TEMPERATURE}, 100] (with do_sample); "
+                                               "uncertainties are always those of the T = 1 model")),
+        "seed": (Annotated[StrictInt, Field(ge=0, lt=2 ** 63)],
+                 Field(0, description="seed of the sampling generator (an answer repeats)")),
+        "stop": (Annotated[list[stop], Field(max_length=MAX_STOP_STRINGS)],
+                 Field(list(DecodingSettings.stop), description="strings that end an answer (besides the "
+                                                                "end-of-sequence token)")),
+    }
+
+
+def generate_request_model(cfg: ServeConfig) -> type[BaseModel]:
+    """The POST /v1/generate body model with `cfg`'s limits (token counts are checked once the posterior is
+    loaded, with its tokenizer)."""
+    return create_model(
+        "GenerateRequest", __config__=FORBID,
+        __validators__={"stream_alone": field_validator("stream")(_stream_alone),
+                        "score_of_mode": field_validator("abstain_score")(_score_of_mode)},
+        posterior=(Optional[Annotated[StrictStr, Field(pattern=NAME_PATTERN)]],
+                   Field(None, description="posterior name (default: the first one served)")),
+        prompts=(Annotated[list[_text(cfg)], Field(min_length=1, max_length=cfg.max_inputs_per_request)],
+                 Field(description="raw prompts, decoded as they are (no task template)")),
+        **_decoding_fields(cfg),
+        stream=(StrictBool, Field(False, description="answer as server-sent events, one per token (one prompt, "
+                                                     'mode "bma")')),
+        abstain_threshold=(Optional[Annotated[StrictFloat, Field(ge=0.0, allow_inf_nan=False)]],
+                           Field(None, description="abstain when the answer's `abstain_score` is above this "
+                                                   "(default: never)")),
+        abstain_score=(Literal[BMA_SCORES + PER_STATE_SCORES],
+                       Field("mean_token_mi", validate_default=True,
+                             description="the sequence score the threshold applies to (per_state mode: "
+                                         "group_entropy)")))
+
+
 def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     """Readable field path of a pydantic error location: ("body", "inputs", 0, "TextInput", "text") ->
     "inputs[0].text"."""
@@ -106,6 +188,31 @@ class PredictResponse(BaseModel):
     predictions: list[InputPrediction]
 
 
+class GenerationOut(BaseModel):
+    """One prompt's generated answer and its uncertainty (nats; per token under the model average in "bma"
+    mode, answer groups of the states in "per_state" mode)."""
+
+    model_config = FORBID
+    text: str = Field(description="the answer (stop token and anything after a stop string removed)")
+    tokens: list[int] = Field(description="token ids of the answer (the stop token included when produced)")
+    entropy: list[float] = Field(description="per token: total entropy of the averaged next-token distribution")
+    aleatoric: list[float] = Field(description="per token: expected entropy of the states")
+    mutual_information: list[float] = Field(description="per token: epistemic part (entropy minus aleatoric)")
+    log_prob: list[float] = Field(description="per token: log-probability under the model average")
+    scores: dict[str, float] = Field(description="sequence scores (mean_token_mi, ...; group_entropy, ...)")
+    samples: list[str] = Field(description="per_state mode: each state's answer")
+    abstained: bool = Field(description="the `abstain_score` is above the request's threshold")
+
+
+class GenerateResponse(BaseModel):
+    """Answers of one posterior to every prompt of a request, in order."""
+
+    model_config = FORBID
+    posterior: str
+    method: str
+    generations: list[GenerationOut]
+
+
 class PosteriorInfo(BaseModel):
     """One served posterior (from its manifest; `samples` once loaded on the answering replica)."""
 
@@ -117,7 +224,7 @@ class PosteriorInfo(BaseModel):
     members: int
     samples: Optional[int]
     loaded: bool
-    task: Literal["classification", "multiple_choice"]
+    task: Literal["classification", "multiple_choice", "generation"]
     labels: list[str]
     base_model: str
 

@@ -161,6 +161,8 @@ class HybridVIPosterior(Posterior):
                                      self.gaussians[:keep], self.hybrid, self.layers, mean_only=True)
         return super().view(method, data=data, config=config)
 
+    generative = False
+
     def generation_states(self):
         raise ValueError(f"{self.method}: its prefix / bottleneck parts are not LoRA states the decoder can "
                          "stack; generation covers the LoRA families (ensemble, swag, laplace, mc_dropout, tfb, blob)")
