@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.2
 export RAY_DASHBOARD_STARTUP_TIMEOUT_S ?= 600
 
-.PHONY: setup install assets demo test test-fast bench clean
+.PHONY: setup install assets assets-bigbench demo test test-fast bench clean
 
 setup: install assets
 
@@ -33,6 +33,10 @@ install: $(STAMP)
 
 assets: $(STAMP)
 	$(BIN)/rayblora assets fetch
+
+# Opt-in, not part of setup: the BIG-bench generative tasks (a 358 MB sdist download, streamed once).
+assets-bigbench: $(STAMP)
+	$(BIN)/rayblora assets fetch --bigbench
 
 demo: setup
 	$(BIN)/rayblora demo --config jobs/configs/demo.yaml

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rayblora import assets
+from rayblora import assets, bigbench
 from rayblora.artifact import load_posterior
 from rayblora.assets import AssetError
 from rayblora.config import Config, ConfigError, load_config
@@ -58,13 +58,22 @@ class Verb:
 # --- the verbs ------------------------------------------------------------------------------------------------
 def _assets_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["fetch", "check"])
+    p.add_argument("--bigbench", action="store_true", help="also fetch / check the BIG-bench generative tasks "
+                   "(a 358 MB download, not part of the default fetch)")
+    p.add_argument("--bigbench-tasks", default=",".join(bigbench.DEFAULT_GENERATIVE_TASKS), metavar="TASKS",
+                   help="comma-separated BIG-bench task names for --bigbench (default: %(default)s)")
 
 
 def _run_assets(args, _cfg) -> int:
+    tasks = [t.strip() for t in args.bigbench_tasks.split(",") if t.strip()]
     if args.action == "fetch":
         assets.fetch_all()
+        if args.bigbench:
+            bigbench.fetch_bigbench(tasks)
     else:
         assets.ensure_assets()
+        if args.bigbench:
+            bigbench.ensure_bigbench(tasks)
         print(f"assets ok under {assets.cache_dir()}")
     return 0
 

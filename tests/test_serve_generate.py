@@ -257,7 +257,7 @@ def test_a_stream_left_early_stops_its_producer():
             closed_on.append(threading.current_thread().name)
 
     loaded = SimpleNamespace(token_counts=lambda prompts: [1] * len(prompts),
-                             posterior=SimpleNamespace(generate_stream=slow))
+                             posterior=SimpleNamespace(generate_stream=slow, generative=True))
     body = generate_request_model(CONFIG).model_validate({"prompts": ["hi"], "stream": True})
 
     async def leave_after_one_event(pool):

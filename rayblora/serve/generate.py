@@ -17,7 +17,7 @@ import contextlib
 import json
 import threading
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Callable, Iterator, NoReturn, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from rayblora.generation.decode import DecodingSettings, Generation, GenerationSettingsError
 from rayblora.serve.engine import InputError, LoadedPosterior
@@ -56,20 +56,9 @@ def abstained(scores: dict[str, float], body: Any) -> bool:
     return body.abstain_threshold is not None and scores[body.abstain_score] > body.abstain_threshold
 
 
-def _reraise(error: BaseException) -> NoReturn:
-    """Raise `error`; a ValueError of the posterior (a family without a generative form says so) as a 422
-    naming `posterior`."""
-    if isinstance(error, ValueError) and not isinstance(error, InputError):
-        raise InputError([("posterior", str(error))]) from error
-    raise error
-
-
 def _decode(posterior, prompts: Sequence[str], settings: DecodingSettings) -> list[Generation]:
     """Runs on the forward thread."""
-    try:
-        return posterior.generate(list(prompts), settings)
-    except Exception as exc:
-        _reraise(exc)
+    return posterior.generate(list(prompts), settings)
 
 
 class ThreadedEvents:
@@ -151,6 +140,9 @@ class Generating:
         self._executor, self._max_tokens = executor, max_tokens
 
     def _settings(self, loaded: LoadedPosterior, body: Any) -> DecodingSettings:
+        if not loaded.posterior.generative:
+            raise InputError([("posterior", f"posterior {loaded.entry.name!r} ({loaded.entry.method}) has no "
+                                            "generative form: its samples are not adapter states a decoder runs")])
         check_prompts(loaded, body.prompts, self._max_tokens)
         return decoding_settings(body)
 
@@ -174,5 +166,5 @@ class Generating:
             source.cancel()
             raise
         if isinstance(first, _Failure):
-            _reraise(first.error)
+            raise first.error
         return _events(first, source, body)
