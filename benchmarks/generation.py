@@ -1,0 +1,179 @@
+"""Generated-answer uncertainty benchmark: does the posterior know when its generated answer is wrong?
+
+    .venv/bin/python benchmarks/generation.py --config jobs/configs/generation.yaml --seeds 0,1,2 \
+        [--out runs/generation-bench] [--n-boot 1000] [--json benchmarks/results/generation.json] [overrides ...]
+
+The config's task is a generation file (`prompt` + `target` rows; `rayblora assets fetch --bigbench` writes the
+BIG-bench ones, `--bigbench-task NAME` turns one into that file under `--out`, never into the repository).
+Each seed s trains the config's K members in this process (`data.seed = train.seed = s`: a new training subset,
+test split, LoRA init and data order) and writes the artifact; then on the test split:
+
+* `map` (member 0 alone) decodes greedily: its answers, graded by exact match, and its token entropy;
+* `ensemble` (the K members, S = K states) decodes greedily by the Bayesian model average: its answers and
+  their token MI / entropy / sequence NLL, plus the group entropy of the K members' own greedy answers.
+
+Reported: exact match of each, and per uncertainty score the AUROC of ranking wrong answers above right ones,
+AURC and PRR (seed means); the paired-bootstrap 95 % interval of AUROC(posterior's best score) − AUROC(map's
+mean token entropy), rows resampled within each seed; decoding throughput of S = K states vs one adapter in
+the same run (tokens/s, prefill included), with the load average. A seed's per-row results are kept in
+`<out>/seed<s>/generation.npz`, so a rerun resumes at the first unfinished seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from record import BenchmarkRecord
+from rayblora.artifact import load_posterior
+from rayblora.config import Config, load_config
+from rayblora.data.trained_splits import artifact_data
+from rayblora.generation.decode import DecodingSettings
+from rayblora.generation.evaluation import detection_metrics, paired_auroc_difference
+from rayblora.manifest import write_json_atomic, write_text_atomic
+from rayblora.workflows.generation import answer_split
+from rayblora.workflows.members import trunk_cache_for
+from rayblora.workflows.train import train
+
+BASELINE = ("map", "mean_token_entropy")
+POSTERIOR_SCORES = ("mean_token_mi", "max_token_mi", "mean_token_entropy", "sequence_nll", "group_entropy")
+TARGET_AUROC_GAIN, TARGET_SPEED_RATIO = 0.05, 2.0
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def bigbench_task_file(name: str, out: Path, template: str) -> Path:
+    """`<out>/<name>.jsonl`: the BIG-bench parquet's rows as {"prompt": template(input), "target": " " + target}."""
+    from rayblora.bigbench import bigbench_path  # only this option needs the BIG-bench asset module
+
+    rows = pq.read_table(bigbench_path(name), columns=["prompt", "target"]).to_pylist()
+    path = out / f"{name}.jsonl"
+    write_text_atomic(path, "".join(json.dumps({"prompt": template.replace("{input}", r["prompt"].strip()),
+                                                "target": " " + r["target"].strip()}) + "\n" for r in rows))
+    return path
+
+
+def seed_config(args, seed: int) -> Config:
+    out = Path(args.out) / f"seed{seed}"
+    task = [f"data.task={args.task_file}"] if args.task_file else []
+    return load_config(args.config, [*args.overrides, *task, f"data.seed={seed}", f"train.seed={seed}",
+                                      f"output.dir={out}", f"output.name=generation-seed{seed}"])
+
+
+def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
+    """Train (unless the artifact exists), decode the test split under map and ensemble; per-row arrays."""
+    artifact = cfg.out_dir / "posterior"
+    if not (artifact / "manifest.json").is_file():
+        train(cfg, log, in_process=True)
+    data = artifact_data(artifact, cfg.data, log)
+    full = load_posterior(artifact)
+    full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
+    prompts, targets = list(data.test["prompt"]), list(data.test["target"])
+    rows: dict[str, np.ndarray] = {}
+    for method in ("map", "ensemble"):
+        log(f"{method}: decoding {len(prompts)} test prompts")
+        result = answer_split(full.view(method), prompts, targets, settings, per_state=method == "ensemble")
+        rows[f"{method}/correct"] = result.correct
+        rows[f"{method}/tokens"], rows[f"{method}/seconds"] = np.array(result.tokens), np.array(result.seconds)
+        for name, values in result.scores.items():
+            rows[f"{method}/{name}"] = values
+        log(f"{method}: exact match {result.summary['exact_match']:.3f}, "
+            f"{result.summary['tokens_per_second']:.1f} tokens/s")
+    return rows
+
+
+def seed_rows(args, seed: int, settings: DecodingSettings) -> dict[str, np.ndarray]:
+    cfg = seed_config(args, seed)
+    path = cfg.out_dir / "generation.npz"
+    if path.is_file():
+        log(f"seed {seed}: kept results {path}")
+        return dict(np.load(path))
+    rows = run_seed(cfg, settings)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **rows)
+    tmp.replace(path)
+    return rows
+
+
+def summarise(per_seed: list[dict[str, np.ndarray]], n_boot: int) -> dict:
+    """Seed means of exact match and of each score's detection metrics; the AUROC gain and the speed ratio."""
+    out: dict = {"methods": {}}
+    for method in ("map", "ensemble"):
+        names = sorted(k.split("/", 1)[1] for k in per_seed[0] if k.startswith(f"{method}/")
+                       and k.split("/", 1)[1] not in ("correct", "tokens", "seconds"))
+        scores = {n: {m: float(np.nanmean([detection_metrics(r[f"{method}/{n}"], r[f"{method}/correct"])[m]
+                                           for r in per_seed])) for m in ("auroc", "aurc", "prr")} for n in names}
+        tps = [float(r[f"{method}/tokens"]) / float(r[f"{method}/seconds"]) for r in per_seed]
+        out["methods"][method] = {"exact_match": float(np.mean([r[f"{method}/correct"].mean() for r in per_seed])),
+                                  "exact_match_per_seed": [float(r[f"{method}/correct"].mean()) for r in per_seed],
+                                  "n_per_seed": int(len(per_seed[0][f"{method}/correct"])),
+                                  "tokens_per_second": float(np.mean(tps)), "scores": scores}
+    base = [(r[f"{BASELINE[0]}/{BASELINE[1]}"], r[f"{BASELINE[0]}/correct"]) for r in per_seed]
+    out["auroc_vs_map_entropy"] = {
+        name: paired_auroc_difference([(r[f"ensemble/{name}"], r["ensemble/correct"]) for r in per_seed], base,
+                                      resamples=n_boot) for name in POSTERIOR_SCORES if f"ensemble/{name}" in per_seed[0]}
+    best = max(out["auroc_vs_map_entropy"].items(), key=lambda kv: kv[1]["delta"])
+    ratio = out["methods"]["map"]["tokens_per_second"] / out["methods"]["ensemble"]["tokens_per_second"]
+    out["targets"] = {"best_posterior_score": best[0], "auroc_gain": best[1]["delta"],
+                      "auroc_gain_interval": [best[1]["low"], best[1]["high"]],
+                      "auroc_gain_met": best[1]["delta"] >= TARGET_AUROC_GAIN,
+                      "slowdown_S_vs_1": ratio, "slowdown_met": ratio <= TARGET_SPEED_RATIO}
+    return out
+
+
+def markdown(task: str, summary: dict, states: int) -> str:
+    lines = [f"### {task}: AUROC of wrong vs right generated answers (seed means)", "",
+             "| method | exact match | score | AUROC | AURC | PRR |", "|---|---|---|---|---|---|"]
+    for method, m in summary["methods"].items():
+        for name, s in m["scores"].items():
+            lines.append(f"| {method} | {m['exact_match']:.3f} | {name} | {s['auroc']:.3f} | {s['aurc']:.3f} | "
+                         f"{s['prr']:.3f} |")
+    lines += ["", "| posterior score | ΔAUROC vs map mean token entropy | 95 % interval |", "|---|---|---|"]
+    for name, d in summary["auroc_vs_map_entropy"].items():
+        lines.append(f"| {name} | {d['delta']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |")
+    t, m = summary["targets"], summary["methods"]
+    lines += ["", f"Decoding: map {m['map']['tokens_per_second']:.1f} tokens/s, ensemble (S = {states}) "
+              f"{m['ensemble']['tokens_per_second']:.1f} tokens/s: {t['slowdown_S_vs_1']:.2f}× slower."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="jobs/configs/generation.yaml")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="runs/generation-bench")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--json", default="benchmarks/results/generation.json")
+    parser.add_argument("--bigbench-task", default="", help="write this BIG-bench task's rows as the task file")
+    parser.add_argument("--template", default="Question: {input}\nAnswer:", help="prompt of a BIG-bench input")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
+    args = parser.parse_args()
+    record = BenchmarkRecord()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    args.task_file = str(bigbench_task_file(args.bigbench_task, Path(args.out), args.template)) \
+        if args.bigbench_task else ""
+    settings = DecodingSettings(max_new_tokens=args.max_new_tokens)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = [seed_rows(args, s, settings) for s in seeds]
+    cfg = seed_config(args, seeds[0])
+    summary = summarise(per_seed, args.n_boot)
+    task = args.bigbench_task or Path(cfg.data.task).stem
+    write_json_atomic(Path(args.json), {"meta": {**record.meta(), "seeds": seeds, "config": args.config,
+                                                 "overrides": args.overrides, "task": task,
+                                                 "members": cfg.posterior.members}, **summary}, allow_nan=True)
+    text = markdown(task, summary, cfg.posterior.members)
+    write_text_atomic(Path(args.json).with_suffix(".md"), text)
+    print(text)
+    print(json.dumps(summary["targets"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
