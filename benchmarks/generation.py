@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from record import BenchmarkRecord
 from rayblora.artifact import load_posterior
+from rayblora.bigbench import bigbench_path
 from rayblora.config import Config, load_config
 from rayblora.data.trained_splits import artifact_data
 from rayblora.generation.decode import DecodingSettings
@@ -49,14 +50,16 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def bigbench_task_file(name: str, out: Path, template: str) -> Path:
-    """`<out>/<name>.jsonl`: the BIG-bench parquet's rows as {"prompt": template(input), "target": " " + target}."""
-    from rayblora.bigbench import bigbench_path  # only this option needs the BIG-bench asset module
-
-    rows = pq.read_table(bigbench_path(name), columns=["prompt", "target"]).to_pylist()
+def bigbench_task_file(name: str, out: Path, template: str, subtasks: str = "") -> Path:
+    """`<out>/<name>.jsonl`: the BIG-bench parquet's rows (of `subtasks`, comma-separated, if given) as
+    {"prompt": template with BIG-bench's own rendering as {query}, "target": " " + target, "targets": [...]}."""
+    rows = pq.read_table(bigbench_path(name), columns=["query", "target", "targets", "subtask"]).to_pylist()
+    keep = {s.strip() for s in subtasks.split(",") if s.strip()}
+    rows = [r for r in rows if not keep or r["subtask"] in keep]
     path = out / f"{name}.jsonl"
-    write_text_atomic(path, "".join(json.dumps({"prompt": template.replace("{input}", r["prompt"].strip()),
-                                                "target": " " + r["target"].strip()}) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps({"prompt": template.replace("{query}", r["query"].strip()),
+                                                "target": " " + r["target"].strip(), "targets": r["targets"]})
+                                    + "\n" for r in rows))
     return path
 
 
@@ -75,7 +78,7 @@ def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
     data = artifact_data(artifact, cfg.data, log)
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
-    prompts, targets = list(data.test["prompt"]), list(data.test["target"])
+    prompts, targets = list(data.test["prompt"]), list(data.test["targets"])
     rows: dict[str, np.ndarray] = {}
     for method in ("map", "ensemble"):
         log(f"{method}: decoding {len(prompts)} test prompts")
@@ -152,13 +155,14 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--json", default="benchmarks/results/generation.json")
     parser.add_argument("--bigbench-task", default="", help="write this BIG-bench task's rows as the task file")
-    parser.add_argument("--template", default="Question: {input}\nAnswer:", help="prompt of a BIG-bench input")
+    parser.add_argument("--template", default="{query}", help="prompt around BIG-bench's rendering {query}")
+    parser.add_argument("--subtasks", default="", help="only these BIG-bench subtasks (comma-separated)")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()
     record = BenchmarkRecord()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    args.task_file = str(bigbench_task_file(args.bigbench_task, Path(args.out), args.template)) \
+    args.task_file = str(bigbench_task_file(args.bigbench_task, Path(args.out), args.template, args.subtasks)) \
         if args.bigbench_task else ""
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens)
     seeds = [int(s) for s in args.seeds.split(",")]

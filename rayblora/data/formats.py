@@ -54,7 +54,8 @@ def multiple_choice_spec(max_choices: int) -> TaskSpec:
 
 
 def generation_spec() -> TaskSpec:
-    """Spec for a generative task: each row's `prompt` is used as written, its `target` is the answer."""
+    """Spec for a generative task: each row's `prompt` is used as written, its `target` is the answer trained
+    on; an optional `targets` column lists every answer graded correct (default: the target alone)."""
     return TaskSpec("generation", (), (), "{prompt}")
 
 
@@ -90,7 +91,15 @@ def _generation_example(row: dict[str, Any], where: str) -> dict[str, Any]:
         value = row.get(column)
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}, column {column!r}: expected a non-empty string, got {value!r}")
-    return {"prompt": row["prompt"], "target": row["target"], "label": 0, "num_choices": 0}
+    targets = row.get("targets")
+    if targets is None:
+        targets = [row["target"]]
+    elif not isinstance(targets, (list, tuple)) or not targets or any(
+            not isinstance(t, str) or not t.strip() for t in targets):
+        raise DataError(f"{where}, column 'targets': expected a non-empty list of non-empty strings (every "
+                        f"accepted answer), got {targets!r}")
+    return {"prompt": row["prompt"], "target": row["target"], "targets": list(targets), "label": 0,
+            "num_choices": 0}
 
 
 def rows_to_examples(rows: Sequence[dict[str, Any]], spec: TaskSpec, source: str) -> list[dict[str, Any]]:

@@ -68,7 +68,7 @@ def evaluate_generation(artifact: str | Path, cfg: Config, methods: Sequence[str
     data = data or artifact_data(artifact, cfg.data, log)
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
-    prompts, targets = list(data.test["prompt"]), list(data.test["target"])
+    prompts, targets = list(data.test["prompt"]), list(data.test["targets"])
     results = {}
     for method in methods or cfg.posterior.eval_methods:
         if not get_posterior_class(method).generative:
