@@ -249,6 +249,10 @@ def test_generation_rows_are_validated(tmp_path):
                              "data.train_size=0", "data.val_size=1", "data.test_size=1"])
     with pytest.raises(DataError, match="row 2, column 'target'"):
         load_task_data(cfg.data)
+    path.write_text("\n".join(json.dumps({"prompt": "1 plus 1 is", "target": " 2", "targets": t})
+                              for t in [[" 2", "two"], [], ["2"]]))
+    with pytest.raises(DataError, match="row 1, column 'targets'"):
+        load_task_data(cfg.data)
 
 
 def test_prediction_rejection_ratio_and_answer_evaluation():
