@@ -8,13 +8,15 @@ BIG-bench ones, `--bigbench-task NAME` turns one into that file under `--out`, n
 Each seed s trains the config's K members in this process (`data.seed = train.seed = s`: a new training subset,
 test split, LoRA init and data order) and writes the artifact; then on the test split:
 
-* `map` (member 0 alone) decodes greedily: its answers, graded by exact match, and its token entropy;
 * `ensemble` (the K members, S = K states) decodes greedily by the Bayesian model average: its answers and
-  their token MI / entropy / sequence NLL, plus the group entropy of the K members' own greedy answers.
+  their token MI / entropy / sequence NLL; the K members' own greedy answers (one per-state pass) give its
+  group entropy and modal share, and each member alone (`member<k>`: a single adapter's answers with its own
+  token entropy and sequence NLL);
+* `map` (member 0, S = 1) decodes by the same BMA path, timed against the ensemble.
 
 Reported: exact match of each, and per uncertainty score the AUROC of ranking wrong answers above right ones,
-AURC and PRR (seed means); the paired-bootstrap 95 % interval of AUROC(posterior's best score) − AUROC(map's
-mean token entropy), rows resampled within each seed; decoding throughput of S = K states vs one adapter in
+AURC and PRR (seed means); the paired-bootstrap 95 % interval of AUROC(posterior's score) − AUROC(single
+adapter's mean token entropy, averaged over the K members alone), rows resampled within each seed; throughput of S = K states vs one adapter in
 the same run (tokens/s, prefill included), with the load average. A seed's per-row results are kept in
 `<out>/seed<s>/generation.npz`, so a rerun resumes at the first unfinished seed.
 """
@@ -22,6 +24,7 @@ the same run (tokens/s, prefill included), with the load average. A seed's per-r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -34,14 +37,13 @@ from rayblora.artifact import load_posterior
 from rayblora.bigbench import bigbench_path
 from rayblora.config import Config, load_config
 from rayblora.data.trained_splits import artifact_data
+from rayblora.generation.answers import exact_match
 from rayblora.generation.decode import DecodingSettings
-from rayblora.generation.evaluation import detection_metrics, paired_auroc_difference
+from rayblora.generation.evaluation import correctness, detection_metrics, paired_auroc_difference, uncertainty_scores
 from rayblora.manifest import write_json_atomic, write_text_atomic
-from rayblora.workflows.generation import answer_split
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.train import train
 
-BASELINE = ("map", "mean_token_entropy")
 POSTERIOR_SCORES = ("mean_token_mi", "max_token_mi", "mean_token_entropy", "sequence_nll", "group_entropy")
 TARGET_AUROC_GAIN, TARGET_SPEED_RATIO = 0.05, 2.0
 
@@ -70,8 +72,21 @@ def seed_config(args, seed: int) -> Config:
                                       f"output.dir={out}", f"output.name=generation-seed{seed}"])
 
 
+def _scored(rows: dict, prefix: str, answers, targets) -> None:
+    rows[f"{prefix}/correct"] = correctness(answers, targets)
+    for name, values in uncertainty_scores(answers).items():
+        rows[f"{prefix}/{name}"] = values
+
+
+def _timed(post, prompts, settings):
+    t0 = time.time()
+    answers = post.generate(prompts, settings, batch_size=16)
+    return answers, time.time() - t0, sum(len(a.tokens) for a in answers)
+
+
 def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
-    """Train (unless the artifact exists), decode the test split under map and ensemble; per-row arrays."""
+    """Train (unless the artifact exists), decode the test split; per-row arrays: "<method>/correct" and
+    "<method>/<score>" for map, ensemble and member<k> (each member alone, from the per-state pass)."""
     artifact = cfg.out_dir / "posterior"
     if not (artifact / "manifest.json").is_file():
         train(cfg, log, in_process=True)
@@ -80,15 +95,19 @@ def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     prompts, targets = list(data.test["prompt"]), list(data.test["targets"])
     rows: dict[str, np.ndarray] = {}
-    for method in ("map", "ensemble"):
-        log(f"{method}: decoding {len(prompts)} test prompts")
-        result = answer_split(full.view(method), prompts, targets, settings, per_state=method == "ensemble")
-        rows[f"{method}/correct"] = result.correct
-        rows[f"{method}/tokens"], rows[f"{method}/seconds"] = np.array(result.tokens), np.array(result.seconds)
-        for name, values in result.scores.items():
-            rows[f"{method}/{name}"] = values
-        log(f"{method}: exact match {result.summary['exact_match']:.3f}, "
-            f"{result.summary['tokens_per_second']:.1f} tokens/s")
+    for method in ("map", "ensemble"):  # BMA decoding of S = 1 and S = K states: the timed pair
+        answers, seconds, tokens = _timed(full.view(method), prompts, settings)
+        _scored(rows, method, answers, targets)
+        rows[f"{method}/tokens"], rows[f"{method}/seconds"] = np.array(tokens), np.array(seconds)
+        log(f"{method}: exact match {rows[f'{method}/correct'].mean():.3f}, {tokens / seconds:.1f} tokens/s")
+    states = full.view("ensemble").generate(prompts, dataclasses.replace(settings, mode="per_state"), 16)
+    for name in ("group_entropy", "modal_share"):
+        rows[f"ensemble/{name}"] = uncertainty_scores(states)[name]
+    for k in range(len(full.members)):
+        rows[f"member{k}/correct"] = np.array([exact_match(g.samples[k], t) for g, t in zip(states, targets)])
+        for name in ("mean_token_entropy", "sequence_nll"):
+            rows[f"member{k}/{name}"] = np.array([g.state_scores[k][name] for g in states])
+    log(f"members alone: exact match {np.mean([rows[f'member{k}/correct'].mean() for k in range(len(full.members))]):.3f}")
     return rows
 
 
@@ -105,24 +124,31 @@ def seed_rows(args, seed: int, settings: DecodingSettings) -> dict[str, np.ndarr
     return rows
 
 
+def _methods(rows: dict) -> list[str]:
+    return sorted({k.split("/", 1)[0] for k in rows}, key=lambda m: (m.startswith("member"), m))
+
+
 def summarise(per_seed: list[dict[str, np.ndarray]], n_boot: int) -> dict:
-    """Seed means of exact match and of each score's detection metrics; the AUROC gain and the speed ratio."""
+    """Seed means of exact match and of each score's detection metrics; the AUROC gain over the single adapter
+    (each member alone, its mean token entropy) and the speed ratio."""
     out: dict = {"methods": {}}
-    for method in ("map", "ensemble"):
+    for method in _methods(per_seed[0]):
         names = sorted(k.split("/", 1)[1] for k in per_seed[0] if k.startswith(f"{method}/")
                        and k.split("/", 1)[1] not in ("correct", "tokens", "seconds"))
         scores = {n: {m: float(np.nanmean([detection_metrics(r[f"{method}/{n}"], r[f"{method}/correct"])[m]
                                            for r in per_seed])) for m in ("auroc", "aurc", "prr")} for n in names}
-        tps = [float(r[f"{method}/tokens"]) / float(r[f"{method}/seconds"]) for r in per_seed]
         out["methods"][method] = {"exact_match": float(np.mean([r[f"{method}/correct"].mean() for r in per_seed])),
                                   "exact_match_per_seed": [float(r[f"{method}/correct"].mean()) for r in per_seed],
-                                  "n_per_seed": int(len(per_seed[0][f"{method}/correct"])),
-                                  "tokens_per_second": float(np.mean(tps)), "scores": scores}
-    base = [(r[f"{BASELINE[0]}/{BASELINE[1]}"], r[f"{BASELINE[0]}/correct"]) for r in per_seed]
-    out["auroc_vs_map_entropy"] = {
-        name: paired_auroc_difference([(r[f"ensemble/{name}"], r["ensemble/correct"]) for r in per_seed], base,
+                                  "n_per_seed": int(len(per_seed[0][f"{method}/correct"])), "scores": scores}
+        if f"{method}/tokens" in per_seed[0]:
+            out["methods"][method]["tokens_per_second"] = float(np.mean(
+                [float(r[f"{method}/tokens"]) / float(r[f"{method}/seconds"]) for r in per_seed]))
+    members = [m for m in _methods(per_seed[0]) if m.startswith("member")]
+    single = [[(r[f"{m}/mean_token_entropy"], r[f"{m}/correct"]) for m in members] for r in per_seed]
+    out["auroc_vs_single_adapter_entropy"] = {
+        name: paired_auroc_difference([(r[f"ensemble/{name}"], r["ensemble/correct"]) for r in per_seed], single,
                                       resamples=n_boot) for name in POSTERIOR_SCORES if f"ensemble/{name}" in per_seed[0]}
-    best = max(out["auroc_vs_map_entropy"].items(), key=lambda kv: kv[1]["delta"])
+    best = max(out["auroc_vs_single_adapter_entropy"].items(), key=lambda kv: kv[1]["delta"])
     ratio = out["methods"]["map"]["tokens_per_second"] / out["methods"]["ensemble"]["tokens_per_second"]
     out["targets"] = {"best_posterior_score": best[0], "auroc_gain": best[1]["delta"],
                       "auroc_gain_interval": [best[1]["low"], best[1]["high"]],
@@ -138,8 +164,9 @@ def markdown(task: str, summary: dict, states: int) -> str:
         for name, s in m["scores"].items():
             lines.append(f"| {method} | {m['exact_match']:.3f} | {name} | {s['auroc']:.3f} | {s['aurc']:.3f} | "
                          f"{s['prr']:.3f} |")
-    lines += ["", "| posterior score | ΔAUROC vs map mean token entropy | 95 % interval |", "|---|---|---|"]
-    for name, d in summary["auroc_vs_map_entropy"].items():
+    lines += ["", "| posterior score | ΔAUROC vs the single adapter's mean token entropy | 95 % interval |",
+              "|---|---|---|"]
+    for name, d in summary["auroc_vs_single_adapter_entropy"].items():
         lines.append(f"| {name} | {d['delta']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |")
     t, m = summary["targets"], summary["methods"]
     lines += ["", f"Decoding: map {m['map']['tokens_per_second']:.1f} tokens/s, ensemble (S = {states}) "

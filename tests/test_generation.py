@@ -83,6 +83,12 @@ def test_each_state_alone_gives_its_per_state_answer(scorer, states):
         for s, state in enumerate(states):
             alone = generate(StateSet(scorer.model, scorer.tokenizer, [state], max_length=64), PROMPTS, settings)
             assert [g.samples[s] for g in together] == [g.text for g in alone]
+            single = generate(StateSet(scorer.model, scorer.tokenizer, [state], max_length=64), PROMPTS,
+                              DecodingSettings(max_new_tokens=6, stop=()))  # one state: BMA = its own decoding
+            assert [g.state_scores[s]["mean_token_entropy"] for g in together] == pytest.approx(
+                [g.scores["mean_token_entropy"] for g in single], abs=1e-5)
+            assert [g.state_scores[s]["sequence_nll"] for g in together] == pytest.approx(
+                [g.scores["sequence_nll"] for g in single], abs=1e-4)
 
 
 def test_streamed_pieces_concatenate_to_the_answer(scorer, states):

@@ -139,24 +139,26 @@ def bma_steps(decoder: StackedDecoder, batch: dict[str, torch.Tensor], settings:
 
 @torch.no_grad()
 def per_state_tokens(decoder: StackedDecoder, batch: dict[str, torch.Tensor], settings: DecodingSettings,
-                     stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each state decodes its own answer. Returns tokens (S, B, L), their log-probabilities under their own
-    state (S, B, L) and `valid` (S, B, L): the steps before and including each answer's stop token."""
+                     stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each state decodes its own answer. Returns tokens (S, B, L), their log-probabilities and the entropy of
+    the next-token distribution under their own state (S, B, L), and `valid` (S, B, L): the steps before and
+    including each answer's stop token."""
     logits = decoder.prefill(batch["input_ids"], batch["attention_mask"])
     generator = _generator(settings)
     active = torch.ones(logits.shape[:2], dtype=torch.bool)
-    tokens, log_probs, valid = [], [], []
+    tokens, log_probs, entropies, valid = [], [], [], []
     for step in range(settings.max_new_tokens):
         probs = torch.softmax(logits, -1)
         token = choose(probs, settings, generator).cpu()
         log_probs.append(torch.log(probs.gather(-1, token[..., None].to(probs.device))[..., 0]).cpu())
+        entropies.append(predictive.entropy(probs).cpu())
         tokens.append(token)
         valid.append(active.clone())
         active &= ~torch.isin(token, stop_ids)
         if not active.any() or step == settings.max_new_tokens - 1:
             break
         logits = decoder.step(token)
-    return torch.stack(tokens, -1), torch.stack(log_probs, -1), torch.stack(valid, -1)
+    return tuple(torch.stack(x, -1) for x in (tokens, log_probs, entropies, valid))
 
 
 @dataclass
@@ -167,7 +169,8 @@ class Generation:
     (the stop token included when one was produced); entropy / aleatoric / mutual_information / log_prob: per
     token (lists of floats, nats) under the BMA (BMA mode only); scores: sequence-level scores
     (:func:`sequence_scores`, :func:`rayblora.generation.answers.group_scores`); samples: the per-state answers
-    (per-state mode only).
+    and state_scores: each one's own "mean_token_entropy" and "sequence_nll" under its state (per-state mode
+    only: each state alone is a single adapter's answer).
     """
 
     text: str
@@ -178,11 +181,12 @@ class Generation:
     log_prob: list[float] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
+    state_scores: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "entropy": self.entropy, "aleatoric": self.aleatoric,
                 "mutual_information": self.mutual_information, "log_prob": self.log_prob,
-                "scores": self.scores, "samples": self.samples}
+                "scores": self.scores, "samples": self.samples, "state_scores": self.state_scores}
 
 
 def sequence_scores(entropy: Sequence[float], aleatoric: Sequence[float], mutual_information: Sequence[float],

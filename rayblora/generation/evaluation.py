@@ -56,24 +56,34 @@ def evaluate_answers(answers: Sequence[Generation], targets: Sequence[str | Sequ
             "scores": {name: detection_metrics(u, correct) for name, u in scores.items()}}
 
 
-def paired_auroc_difference(a: Sequence[tuple[np.ndarray, np.ndarray]], b: Sequence[tuple[np.ndarray, np.ndarray]],
+Scored = tuple[np.ndarray, np.ndarray]
+"""(uncertainty (N,), correct (N,)) of one method's answers."""
+
+
+def _mean_auroc(entry: Scored | Sequence[Scored], rows) -> float:
+    """AUROC (wrong vs right) of one scored method, or the mean over several (e.g. each member alone)."""
+    group = [entry] if isinstance(entry, tuple) else entry
+    return float(np.mean([metrics.error_auroc(u[rows], ~c[rows]) for u, c in group]))
+
+
+def paired_auroc_difference(a: Sequence[Scored | Sequence[Scored]], b: Sequence[Scored | Sequence[Scored]],
                             resamples: int = 2000, seed: int = 0) -> dict[str, float]:
     """AUROC(a) − AUROC(b) averaged over seeds, with a 95 % paired-bootstrap interval.
 
-    a, b: per seed, (uncertainty (N,), correct (N,)) of two methods on the same N prompts. Each resample draws
-    the prompts of every seed with replacement (the same draw for both methods) and averages the seeds'
+    a, b: per seed, the (uncertainty (N,), correct (N,)) of a method on that seed's N prompts, or a list of
+    them whose AUROCs are averaged (e.g. the K members each alone: the expected single adapter). Each resample
+    draws the prompts of every seed with replacement (the same draw for both sides) and averages the seeds'
     differences. Returns {"delta", "low", "high", "resamples"}."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_auroc_difference needs the same, non-zero number of seeds for both methods")
     rng = np.random.default_rng(seed)
+    sizes = [len((x if isinstance(x, tuple) else x[0])[0]) for x in a]
 
     def delta(rows: Sequence[np.ndarray | slice]) -> float:
-        diffs = [metrics.error_auroc(ua[r], ~ca[r]) - metrics.error_auroc(ub[r], ~cb[r])
-                 for (ua, ca), (ub, cb), r in zip(a, b, rows)]
-        return float(np.mean(diffs))
+        return float(np.mean([_mean_auroc(x, r) - _mean_auroc(y, r) for x, y, r in zip(a, b, rows)]))
 
     point = delta([slice(None)] * len(a))
-    draws = [delta([rng.integers(0, len(u), len(u)) for u, _ in a]) for _ in range(resamples)]
+    draws = [delta([rng.integers(0, n, n) for n in sizes]) for _ in range(resamples)]
     draws = [d for d in draws if np.isfinite(d)]
     low, high = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
     return {"delta": point, "low": float(low), "high": float(high), "resamples": len(draws)}

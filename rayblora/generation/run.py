@@ -64,15 +64,16 @@ def _bma_batch(states: StateSet, decoder, batch, settings, stop_ids) -> list[Gen
 
 
 def _per_state_batch(states: StateSet, decoder, batch, settings, stop_ids) -> list[Generation]:
-    tokens, log_probs, valid = per_state_tokens(decoder, batch, settings, stop_ids)
+    tokens, log_probs, entropies, valid = per_state_tokens(decoder, batch, settings, stop_ids)
     out = []
     for b in range(tokens.shape[1]):
         kept = [tokens[s, b][valid[s, b]].tolist() for s in range(tokens.shape[0])]
         answers = [answer_text(states.tokenizer, t, stop_ids, settings.stop) for t in kept]
         modal, scores = group_scores(answers)
-        nlls = [-float(log_probs[s, b][valid[s, b]].sum()) for s in range(tokens.shape[0])]
-        scores["mean_state_nll"] = sum(nlls) / len(nlls)
-        out.append(Generation(modal, kept[answers.index(modal)], scores=scores, samples=answers))
+        own = [{"mean_token_entropy": float(entropies[s, b][valid[s, b]].mean()),
+                "sequence_nll": -float(log_probs[s, b][valid[s, b]].sum())} for s in range(tokens.shape[0])]
+        scores["mean_state_nll"] = sum(o["sequence_nll"] for o in own) / len(own)
+        out.append(Generation(modal, kept[answers.index(modal)], scores=scores, samples=answers, state_scores=own))
     return out
 
 
