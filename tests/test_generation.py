@@ -307,3 +307,13 @@ def test_cli_trains_evaluates_and_generates_a_generation_task(tmp_path, capsys):
     assert main(["generate", "--posterior", str(tmp_path / "run" / "posterior"), "--prompt", "x",
                  "--max-new-tokens", "0"]) != 0
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_per_state_sampling_draws_several_answers_per_state(scorer, states):
+    settings = DecodingSettings(max_new_tokens=4, mode="per_state", do_sample=True, samples_per_state=3, stop=())
+    with scorer.restoring_adapter():
+        out = generate(StateSet(scorer.model, scorer.tokenizer, states, max_length=64), PROMPTS, settings)
+    assert all(len(g.samples) == 9 and len(g.state_scores) == 9 for g in out)
+    assert all(1 <= g.scores["num_groups"] <= 9 for g in out)
+    with pytest.raises(GenerationSettingsError, match="samples_per_state"):
+        DecodingSettings(mode="per_state", samples_per_state=2)  # greedy: the copies would agree

@@ -51,6 +51,9 @@ class DecodingSettings:
     """Seed of the sampling generator (a prompt's sampled answer repeats)."""
     stop: tuple[str, ...] = ("\n",)
     """Strings that end an answer (besides the tokenizer's end-of-sequence token)."""
+    samples_per_state: int = 1
+    """Answers each state samples in "per_state" mode (> 1 needs `do_sample`): S · this many answers are
+    grouped, a finer group entropy (Kuhn et al. sample 10 answers from one model)."""
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 4096:
@@ -60,6 +63,12 @@ class DecodingSettings:
             raise GenerationSettingsError(f"mode: must be one of {list(MODES)}, got {self.mode!r}")
         if not self.temperature > 0:
             raise GenerationSettingsError(f"temperature: must be > 0, got {self.temperature!r}")
+        if not isinstance(self.samples_per_state, int) or not 1 <= self.samples_per_state <= 64:
+            raise GenerationSettingsError(f"samples_per_state: must be an integer in [1, 64], "
+                                          f"got {self.samples_per_state!r}")
+        if self.samples_per_state > 1 and not (self.do_sample and self.mode == "per_state"):
+            raise GenerationSettingsError("samples_per_state: more than one answer per state needs mode "
+                                          "'per_state' and do_sample (greedy answers of one state are equal)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationSettingsError(f"stop: must be non-empty strings, got {list(self.stop)!r}")
 

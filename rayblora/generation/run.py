@@ -28,8 +28,9 @@ class StateSet:
         self.model, self.tokenizer, self.states = model, tokenizer, list(states)
         self.lora_dropout, self.max_length = lora_dropout, max_length
 
-    def decoder(self, batched: bool | None = None) -> StackedDecoder:
-        return StackedDecoder(self.model, self.states, self.lora_dropout, batched)
+    def decoder(self, batched: bool | None = None, repeats: int = 1) -> StackedDecoder:
+        """A decoder of the states, each `repeats` times (state-major blocks: s_0..s_{S-1}, s_0.., ...)."""
+        return StackedDecoder(self.model, self.states * repeats, self.lora_dropout, batched)
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         return encode(self.tokenizer, prompts, self.max_length)
@@ -37,13 +38,17 @@ class StateSet:
 
 def generate(states: StateSet, prompts: Sequence[str], settings: DecodingSettings, batch_size: int = 8,
              batched: bool | None = None) -> list[Generation]:
-    """One :class:`Generation` per prompt, in order, decoded `batch_size` prompts at a time."""
+    """One :class:`Generation` per prompt, in order, decoded `batch_size` prompts at a time. In "per_state"
+    mode its `samples` / `state_scores` are S · `samples_per_state` answers, state s's r-th at index r·S + s."""
     stop_ids = stop_token_ids(states.tokenizer, settings.stop)
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         batch = states.encode(prompts[start:start + batch_size])
-        decode = _bma_batch if settings.mode == "bma" else _per_state_batch
-        out += decode(states, states.decoder(batched), batch, settings, stop_ids)
+        if settings.mode == "bma":
+            out += _bma_batch(states, states.decoder(batched), batch, settings, stop_ids)
+        else:
+            decoder = states.decoder(batched, settings.samples_per_state)
+            out += _per_state_batch(states, decoder, batch, settings, stop_ids)
     return out
 
 
