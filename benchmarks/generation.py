@@ -39,7 +39,7 @@ from rayblora.config import Config, load_config
 from rayblora.data.trained_splits import artifact_data
 from rayblora.generation.answers import exact_match
 from rayblora.generation.decode import DecodingSettings
-from rayblora.generation.evaluation import correctness, detection_metrics, paired_auroc_difference, uncertainty_scores
+from rayblora.generation.evaluation import correctness, detection_metrics, paired_difference, uncertainty_scores
 from rayblora.manifest import write_json_atomic, write_text_atomic
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.train import train
@@ -146,8 +146,10 @@ def summarise(per_seed: list[dict[str, np.ndarray]], n_boot: int) -> dict:
     members = [m for m in _methods(per_seed[0]) if m.startswith("member")]
     single = [[(r[f"{m}/mean_token_entropy"], r[f"{m}/correct"]) for m in members] for r in per_seed]
     out["auroc_vs_single_adapter_entropy"] = {
-        name: paired_auroc_difference([(r[f"ensemble/{name}"], r["ensemble/correct"]) for r in per_seed], single,
-                                      resamples=n_boot) for name in POSTERIOR_SCORES if f"ensemble/{name}" in per_seed[0]}
+        name: paired_difference([(r[f"ensemble/{name}"], r["ensemble/correct"]) for r in per_seed], single,
+                                resamples=n_boot) for name in POSTERIOR_SCORES if f"ensemble/{name}" in per_seed[0]}
+    out["exact_match_vs_single_adapter"] = paired_difference(
+        [(r["ensemble/sequence_nll"], r["ensemble/correct"]) for r in per_seed], single, "exact_match", n_boot)
     best = max(out["auroc_vs_single_adapter_entropy"].items(), key=lambda kv: kv[1]["delta"])
     ratio = out["methods"]["map"]["tokens_per_second"] / out["methods"]["ensemble"]["tokens_per_second"]
     out["targets"] = {"best_posterior_score": best[0], "auroc_gain": best[1]["delta"],
@@ -168,6 +170,8 @@ def markdown(task: str, summary: dict, states: int) -> str:
               "|---|---|---|"]
     for name, d in summary["auroc_vs_single_adapter_entropy"].items():
         lines.append(f"| {name} | {d['delta']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |")
+    g = summary["exact_match_vs_single_adapter"]
+    lines += ["", f"Exact match, ensemble − each member alone: {g['delta']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]."]
     t, m = summary["targets"], summary["methods"]
     lines += ["", f"Decoding: map {m['map']['tokens_per_second']:.1f} tokens/s, ensemble (S = {states}) "
               f"{m['ensemble']['tokens_per_second']:.1f} tokens/s: {t['slowdown_S_vs_1']:.2f}× slower."]

@@ -130,6 +130,15 @@ def test_bad_settings_name_the_field(field, value):
         DecodingSettings(**{field: value})
 
 
+def test_blank_prompts_are_refused_by_index(scorer, states):
+    set_ = StateSet(scorer.model, scorer.tokenizer, states, max_length=64)
+    with pytest.raises(GenerationSettingsError, match=r"prompts\[1\]"):
+        generate(set_, ["fine", "  "], DecodingSettings(max_new_tokens=2))
+    with pytest.raises(GenerationSettingsError, match=r"prompts\[0\]"):
+        list(stream(set_, "", DecodingSettings(max_new_tokens=2)))
+    assert generate(set_, [], DecodingSettings(max_new_tokens=2)) == []
+
+
 def test_answer_normalisation_and_groups():
     assert normalise_answer("  The  Answer. ") == "the answer"
     assert normalise_answer("-12") == "-12"
@@ -265,7 +274,7 @@ def test_prediction_rejection_ratio_and_answer_evaluation():
     import numpy as np
 
     from rayblora.generation.decode import Generation
-    from rayblora.generation.evaluation import evaluate_answers, paired_auroc_difference
+    from rayblora.generation.evaluation import evaluate_answers, paired_difference
     from rayblora.metrics import prediction_rejection_ratio
 
     quality = np.array([1, 1, 0, 1, 0, 0], dtype=float)
@@ -278,8 +287,11 @@ def test_prediction_rejection_ratio_and_answer_evaluation():
     assert result["exact_match"] == 0.75 and result["scores"]["mean_token_mi"]["auroc"] == 1.0
     assert result["scores"]["modal_share"]["auroc"] == 1.0  # 1 - share: the same ranking
     u, c = np.array([0.1, 0.9, 0.2, 0.8]), np.array([True, False, True, False])
-    diff = paired_auroc_difference([(u, c)], [(1 - u, c)], resamples=200)
+    diff = paired_difference([(u, c)], [(1 - u, c)], resamples=200)
     assert diff["delta"] == pytest.approx(1.0) and diff["low"] <= diff["delta"] <= diff["high"]
+    members = [(u, np.array([True, True, True, False])), (u, np.array([True, False, False, False]))]
+    gain = paired_difference([(u, c)], [members], statistic="exact_match", resamples=200)
+    assert gain["delta"] == pytest.approx(0.5 - 0.5)  # (0.75 + 0.25) / 2 for the members alone
 
 
 def test_cli_trains_evaluates_and_generates_a_generation_task(tmp_path, capsys):

@@ -41,5 +41,5 @@ def group_scores(answers: Sequence[str]) -> tuple[str, dict[str, float]]:
     modal = next(a for a, k in zip(answers, keys) if counts[k] == top)
     shares = [c / len(keys) for c in counts.values()]
     entropy = -sum(q * math.log(q) for q in shares)
-    return modal, {"modal_share": top / len(keys), "group_entropy": max(entropy, 0.0),
+    return modal, {"modal_share": top / len(keys), "group_entropy": max(0.0, entropy),
                    "num_groups": float(len(counts))}

@@ -31,7 +31,7 @@ MODES = ("bma", "per_state")
 
 
 class GenerationSettingsError(ValueError):
-    """A decoding setting is out of range; the message names it."""
+    """A decoding setting or a prompt is invalid; the message starts with its name (e.g. `prompts[2]: ...`)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ For N prompts with exact-match targets, a method's answers are graded 0/1 (:func
 exact_match`) and each of its sequence scores is judged as a detector of wrong answers: AUROC (wrong above right),
 AURC (area under the risk-coverage curve) and the prediction-rejection ratio (:mod:`rayblora.metrics`), as
 LM-Polygraph reports them (Fadeeva et al., arXiv 2311.07383). Differences between two methods come with a
-paired bootstrap over prompts, stratified by seed (:func:`paired_auroc_difference`).
+paired bootstrap over prompts, stratified by seed (:func:`paired_difference`).
 """
 
 from __future__ import annotations
@@ -60,27 +60,33 @@ Scored = tuple[np.ndarray, np.ndarray]
 """(uncertainty (N,), correct (N,)) of one method's answers."""
 
 
-def _mean_auroc(entry: Scored | Sequence[Scored], rows) -> float:
-    """AUROC (wrong vs right) of one scored method, or the mean over several (e.g. each member alone)."""
+STATISTICS = {"auroc": lambda u, c: metrics.error_auroc(u, ~c), "exact_match": lambda u, c: float(c.mean())}
+"""Per-method statistics a paired difference can compare: AUROC of wrong vs right by the uncertainty, and
+exact match (the uncertainty unused)."""
+
+
+def _mean_statistic(entry: Scored | Sequence[Scored], rows, statistic) -> float:
+    """The statistic of one scored method, or its mean over several (e.g. each member alone)."""
     group = [entry] if isinstance(entry, tuple) else entry
-    return float(np.mean([metrics.error_auroc(u[rows], ~c[rows]) for u, c in group]))
+    return float(np.mean([statistic(u[rows], c[rows]) for u, c in group]))
 
 
-def paired_auroc_difference(a: Sequence[Scored | Sequence[Scored]], b: Sequence[Scored | Sequence[Scored]],
-                            resamples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """AUROC(a) − AUROC(b) averaged over seeds, with a 95 % paired-bootstrap interval.
+def paired_difference(a: Sequence[Scored | Sequence[Scored]], b: Sequence[Scored | Sequence[Scored]],
+                      statistic: str = "auroc", resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """statistic(a) − statistic(b) (:data:`STATISTICS`) averaged over seeds, with a 95 % paired-bootstrap interval.
 
     a, b: per seed, the (uncertainty (N,), correct (N,)) of a method on that seed's N prompts, or a list of
-    them whose AUROCs are averaged (e.g. the K members each alone: the expected single adapter). Each resample
-    draws the prompts of every seed with replacement (the same draw for both sides) and averages the seeds'
-    differences. Returns {"delta", "low", "high", "resamples"}."""
+    them whose statistics are averaged (e.g. the K members each alone: the expected single adapter). Each
+    resample draws the prompts of every seed with replacement (the same draw for both sides) and averages the
+    seeds' differences. Returns {"delta", "low", "high", "resamples"}."""
     if len(a) != len(b) or not a:
-        raise ValueError("paired_auroc_difference needs the same, non-zero number of seeds for both methods")
-    rng = np.random.default_rng(seed)
+        raise ValueError("paired_difference needs the same, non-zero number of seeds for both methods")
+    stat, rng = STATISTICS[statistic], np.random.default_rng(seed)
     sizes = [len((x if isinstance(x, tuple) else x[0])[0]) for x in a]
 
     def delta(rows: Sequence[np.ndarray | slice]) -> float:
-        return float(np.mean([_mean_auroc(x, r) - _mean_auroc(y, r) for x, y, r in zip(a, b, rows)]))
+        return float(np.mean([_mean_statistic(x, r, stat) - _mean_statistic(y, r, stat)
+                              for x, y, r in zip(a, b, rows)]))
 
     point = delta([slice(None)] * len(a))
     draws = [delta([rng.integers(0, n, n) for n in sizes]) for _ in range(resamples)]

@@ -12,8 +12,8 @@ import torch
 
 from rayblora.data.batches import encode
 from rayblora.generation.answers import group_scores
-from rayblora.generation.decode import (DecodingSettings, Generation, answer_text, bma_steps, per_state_tokens,
-                                        sequence_scores, stop_token_ids)
+from rayblora.generation.decode import (DecodingSettings, Generation, GenerationSettingsError, answer_text,
+                                        bma_steps, per_state_tokens, sequence_scores, stop_token_ids)
 from rayblora.generation.decoder import StackedDecoder
 
 AdapterState = dict[str, torch.Tensor]
@@ -36,10 +36,18 @@ class StateSet:
         return encode(self.tokenizer, prompts, self.max_length)
 
 
+def check_prompts(prompts: Sequence[str]) -> None:
+    """GenerationSettingsError naming `prompts[i]` for the first prompt that is not a non-blank string."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise GenerationSettingsError(f"prompts[{i}]: expected a non-blank string, got {prompt!r}")
+
+
 def generate(states: StateSet, prompts: Sequence[str], settings: DecodingSettings, batch_size: int = 8,
              batched: bool | None = None) -> list[Generation]:
     """One :class:`Generation` per prompt, in order, decoded `batch_size` prompts at a time. In "per_state"
     mode its `samples` / `state_scores` are S · `samples_per_state` answers, state s's r-th at index r·S + s."""
+    check_prompts(prompts)
     stop_ids = stop_token_ids(states.tokenizer, settings.stop)
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
@@ -87,7 +95,8 @@ def stream(states: StateSet, prompt: str, settings: DecodingSettings) -> Iterato
     empty), "entropy", "aleatoric", "mutual_information", "log_prob"} per token, then {"event": "done",
     "text", "tokens", "scores"}. The "text" pieces of the token events concatenate to the final text."""
     if settings.mode != "bma":
-        raise ValueError("mode: streaming decodes by the Bayesian model average; use mode 'bma'")
+        raise GenerationSettingsError("mode: streaming decodes by the Bayesian model average; use mode 'bma'")
+    check_prompts([prompt])
     stop_ids = stop_token_ids(states.tokenizer, settings.stop)
     tokens: list[int] = []
     values: dict[str, list[float]] = {k: [] for k in ("entropy", "aleatoric", "mutual_information", "log_prob")}
