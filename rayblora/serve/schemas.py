@@ -201,6 +201,9 @@ class GenerationOut(BaseModel):
     log_prob: list[float] = Field(description="per token: log-probability under the model average")
     scores: dict[str, float] = Field(description="sequence scores (mean_token_mi, ...; group_entropy, ...)")
     samples: list[str] = Field(description="per_state mode: each state's answer")
+    state_scores: list[dict[str, float]] = Field(
+        default_factory=list, description="per_state mode: each answer's mean_token_entropy and sequence_nll "
+                                          "under its own state (each state alone is a single adapter)")
     abstained: bool = Field(description="the `abstain_score` is above the request's threshold")
 
 
