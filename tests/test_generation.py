@@ -329,3 +329,13 @@ def test_per_state_sampling_draws_several_answers_per_state(scorer, states):
     assert all(1 <= g.scores["num_groups"] <= 9 for g in out)
     with pytest.raises(GenerationSettingsError, match="samples_per_state"):
         DecodingSettings(mode="per_state", samples_per_state=2)  # greedy: the copies would agree
+
+
+def test_mc_dropout_decodes_seeded_dropout_passes(scorer, states):
+    from rayblora.posteriors.baselines import McDropoutPosterior
+
+    post = McDropoutPosterior(scorer, [states[0]], samples=3, seed=5)
+    settings = DecodingSettings(max_new_tokens=4, stop=())
+    first, again = post.generate(PROMPTS, settings), post.generate(PROMPTS, settings)
+    assert [a.mutual_information for a in first] == [a.mutual_information for a in again]  # masks are seeded
+    assert max(a.scores["max_token_mi"] for a in first) > 1e-4  # the 3 passes differ: dropout stayed on
