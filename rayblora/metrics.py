@@ -267,7 +267,7 @@ def aurc(uncertainty, errors) -> float:
 
 
 def prediction_rejection_ratio(uncertainty, quality) -> float:
-    """Prediction-rejection ratio (Malinin et al., arXiv 2002.07650, sec. 6; as LM-Polygraph reports it).
+    """Prediction-rejection ratio (Malinin & Gales, arXiv 2002.07650; as LM-Polygraph reports it).
 
     Rejecting the k most uncertain of N predictions (k = 0..N−1) leaves a mean `quality` (N,) (e.g. exact
     match 0/1); PRR = (A_unc − A_random) / (A_oracle − A_random) of the areas under that curve, with the oracle

@@ -7,7 +7,7 @@ Given S adapter states θ_1..θ_S (a posterior's samples), two decoders:
   carries the uncertainty split of :mod:`rayblora.predictive` over the vocabulary: total entropy H[p],
   aleatoric 1/S Σ_s H[p_θs] and the mutual information between y_t and θ (their difference); the prefix is
   the BMA's, so these are the posterior's next-token uncertainty along its own answer (Wang et al., arXiv
-  2310.00035, sec. 3 for the split; Malinin & Gales, arXiv 2002.07650, sec. 3 for token-level scores).
+  2310.00035, sec. 3 for the split; Malinin & Gales, arXiv 2002.07650, for token-level scores).
 * **Per-state decoding** (:func:`per_state_tokens`): each state continues its own answer; answers are
   normalised and grouped (:mod:`rayblora.generation.answers`), giving the modal answer's share and the entropy
   over groups (a semantic-entropy-style score: Kuhn et al., arXiv 2302.09664, with exact-match grouping).
