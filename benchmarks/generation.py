@@ -24,7 +24,6 @@ the same run (tokens/s, prefill included), with the load average. A seed's per-r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -39,8 +38,9 @@ from rayblora.config import Config, load_config
 from rayblora.data.trained_splits import artifact_data
 from rayblora.generation.answers import exact_match
 from rayblora.generation.decode import DecodingSettings
-from rayblora.generation.evaluation import correctness, detection_metrics, paired_difference, uncertainty_scores
+from rayblora.generation.evaluation import detection_metrics, paired_difference
 from rayblora.manifest import write_json_atomic, write_text_atomic
+from rayblora.workflows.generation import answer_split
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.train import train
 
@@ -72,18 +72,6 @@ def seed_config(args, seed: int) -> Config:
                                       f"output.dir={out}", f"output.name=generation-seed{seed}"])
 
 
-def _scored(rows: dict, prefix: str, answers, targets) -> None:
-    rows[f"{prefix}/correct"] = correctness(answers, targets)
-    for name, values in uncertainty_scores(answers).items():
-        rows[f"{prefix}/{name}"] = values
-
-
-def _timed(post, prompts, settings):
-    t0 = time.time()
-    answers = post.generate(prompts, settings, batch_size=16)
-    return answers, time.time() - t0, sum(len(a.tokens) for a in answers)
-
-
 def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
     """Train (unless the artifact exists), decode the test split; per-row arrays: "<method>/correct" and
     "<method>/<score>" for map, ensemble and member<k> (each member alone, from the per-state pass)."""
@@ -96,13 +84,13 @@ def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
     prompts, targets = list(data.test["prompt"]), list(data.test["targets"])
     rows: dict[str, np.ndarray] = {}
     for method in ("map", "ensemble"):  # BMA decoding of S = 1 and S = K states: the timed pair
-        answers, seconds, tokens = _timed(full.view(method), prompts, settings)
-        _scored(rows, method, answers, targets)
-        rows[f"{method}/tokens"], rows[f"{method}/seconds"] = np.array(tokens), np.array(seconds)
-        log(f"{method}: exact match {rows[f'{method}/correct'].mean():.3f}, {tokens / seconds:.1f} tokens/s")
-    states = full.view("ensemble").generate(prompts, dataclasses.replace(settings, mode="per_state"), 16)
-    for name in ("group_entropy", "modal_share"):
-        rows[f"ensemble/{name}"] = uncertainty_scores(states)[name]
+        result = answer_split(full.view(method), prompts, targets, settings, per_state=method == "ensemble")
+        rows[f"{method}/correct"] = result.correct
+        rows.update({f"{method}/{name}": values for name, values in result.scores.items()})
+        rows[f"{method}/tokens"], rows[f"{method}/seconds"] = np.array(result.tokens), np.array(result.seconds)
+        log(f"{method}: exact match {result.summary['exact_match']:.3f}, "
+            f"{result.summary['tokens_per_second']:.1f} tokens/s")
+    states = result.per_state  # the ensemble's: each member's own greedy answer
     for k in range(len(full.members)):
         rows[f"member{k}/correct"] = np.array([exact_match(g.samples[k], t) for g, t in zip(states, targets)])
         for name in ("mean_token_entropy", "sequence_nll"):

@@ -267,14 +267,14 @@ def write_coverage_png(path, results: dict, in_domain: str) -> None:
 # --------------------------------------------------------------------------- #
 # writing
 # --------------------------------------------------------------------------- #
-def _to_jsonable(obj):
+def to_jsonable(obj):
     """Recursively convert numpy types to python and NaN/inf floats to None."""
     if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _to_jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -311,7 +311,7 @@ def write_report(out_dir, results: dict, in_domain: str, meta: dict,
     results = {m: {s: r for s, r in splits.items() if s not in far_ood} for m, splits in results.items()}
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    text = json.dumps(_to_jsonable(report), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n"
     _atomic_write(os.path.join(out_dir, "report.json"), lambda f: f.write(text.encode()))
     md = render_markdown(report).encode()
     _atomic_write(os.path.join(out_dir, "report.md"), lambda f: f.write(md))

@@ -93,6 +93,12 @@ STOP_SETS_KEPT = 16
 """Stop sets whose token ids are kept per tokenizer (each costs one decode of the vocabulary)."""
 
 
+def eos_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's end-of-sequence id(s)."""
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 def stop_token_ids(tokenizer, stop: Sequence[str]) -> torch.Tensor:
     """Ids of the end-of-sequence token(s) and of every vocabulary token whose text contains a stop string
     (decoded once per tokenizer and stop set)."""
@@ -101,8 +107,7 @@ def stop_token_ids(tokenizer, stop: Sequence[str]) -> torch.Tensor:
     if key not in per_tokenizer and len(per_tokenizer) >= STOP_SETS_KEPT:
         per_tokenizer.pop(next(iter(per_tokenizer)))  # the oldest stop set: a bounded cache for serving
     if key not in per_tokenizer:
-        eos = tokenizer.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        ids = eos_token_ids(tokenizer)
         if key:
             texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
             ids |= {i for i, text in enumerate(texts) if any(s in text for s in key)}
@@ -208,10 +213,9 @@ def sequence_scores(entropy: Sequence[float], aleatoric: Sequence[float], mutual
             "mean_token_nll": -sum(log_prob) / n}
 
 
-def answer_text(tokenizer, tokens: Sequence[int], stop_ids: torch.Tensor, stop: Sequence[str]) -> str:
+def answer_text(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> str:
     """The text of generated `tokens`: end-of-sequence ids dropped, cut at the first stop string."""
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    eos_ids = eos_token_ids(tokenizer)
     text = tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
     for s in stop:
         text = text.split(s, 1)[0]

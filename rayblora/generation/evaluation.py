@@ -46,14 +46,18 @@ def detection_metrics(uncertainty: np.ndarray, correct: np.ndarray) -> dict[str,
             "prr": metrics.prediction_rejection_ratio(uncertainty, correct.astype(float))}
 
 
-def evaluate_answers(answers: Sequence[Generation], targets: Sequence[str | Sequence[str]],
-                     extra_scores: dict[str, np.ndarray] | None = None) -> dict:
-    """{"n", "exact_match", "scores": {score: detection metrics}} of one method's answers; `extra_scores`
-    (e.g. the group entropy of the same posterior's per-state answers) are judged against these answers too."""
-    correct = correctness(answers, targets)
-    scores = {**uncertainty_scores(answers), **(extra_scores or {})}
+def summarise(correct: np.ndarray, scores: dict[str, np.ndarray]) -> dict:
+    """{"n", "exact_match", "scores": {score: detection metrics}} of one method's graded answers (N,) and its
+    uncertainty scores {name: (N,)}."""
     return {"n": int(len(correct)), "exact_match": float(correct.mean()),
             "scores": {name: detection_metrics(u, correct) for name, u in scores.items()}}
+
+
+def evaluate_answers(answers: Sequence[Generation], targets: Sequence[str | Sequence[str]],
+                     extra_scores: dict[str, np.ndarray] | None = None) -> dict:
+    """:func:`summarise` of one method's answers; `extra_scores` (e.g. the group entropy of the same
+    posterior's per-state answers) are judged against these answers too."""
+    return summarise(correctness(answers, targets), {**uncertainty_scores(answers), **(extra_scores or {})})
 
 
 Scored = tuple[np.ndarray, np.ndarray]

@@ -70,7 +70,7 @@ def _bma_batch(states: StateSet, decoder, batch, settings, stop_ids) -> list[Gen
             row["tokens"].append(int(step.token[b]))
             for name in ("entropy", "aleatoric", "mutual_information", "log_prob"):
                 row[name].append(float(getattr(step, name)[b]))
-    return [Generation(answer_text(states.tokenizer, v["tokens"], stop_ids, settings.stop), v["tokens"],
+    return [Generation(answer_text(states.tokenizer, v["tokens"], settings.stop), v["tokens"],
                        v["entropy"], v["aleatoric"], v["mutual_information"], v["log_prob"],
                        sequence_scores(v["entropy"], v["aleatoric"], v["mutual_information"], v["log_prob"]))
             for v in values]
@@ -81,7 +81,7 @@ def _per_state_batch(states: StateSet, decoder, batch, settings, stop_ids) -> li
     out = []
     for b in range(tokens.shape[1]):
         kept = [tokens[s, b][valid[s, b]].tolist() for s in range(tokens.shape[0])]
-        answers = [answer_text(states.tokenizer, t, stop_ids, settings.stop) for t in kept]
+        answers = [answer_text(states.tokenizer, t, settings.stop) for t in kept]
         modal, scores = group_scores(answers)
         own = [{"mean_token_entropy": float(entropies[s, b][valid[s, b]].mean()),
                 "sequence_nll": -float(log_probs[s, b][valid[s, b]].sum())} for s in range(tokens.shape[0])]
@@ -103,7 +103,7 @@ def stream(states: StateSet, prompt: str, settings: DecodingSettings) -> Iterato
     sent, pending = "", None
     for step in bma_steps(states.decoder(), states.encode([prompt]), settings, stop_ids):
         tokens.append(int(step.token[0]))
-        text = answer_text(states.tokenizer, tokens, stop_ids, settings.stop)
+        text = answer_text(states.tokenizer, tokens, settings.stop)
         piece = ""
         if text.startswith(sent) and not text.endswith("\ufffd"):
             piece, sent = text[len(sent):], text
@@ -113,7 +113,7 @@ def stream(states: StateSet, prompt: str, settings: DecodingSettings) -> Iterato
         for name in values:
             values[name].append(float(getattr(step, name)[0]))
             pending[name] = values[name][-1]
-    final = answer_text(states.tokenizer, tokens, stop_ids, settings.stop)
+    final = answer_text(states.tokenizer, tokens, settings.stop)
     if pending is not None:  # sent one step late, so it can carry a piece held back (an incomplete character)
         pending["text"] += final[len(sent):] if final.startswith(sent) else ""
         yield pending

@@ -43,7 +43,7 @@ def decoding_settings(body: Any) -> DecodingSettings:
         raise InputError([(str(exc).split(":", 1)[0], str(exc))]) from exc
 
 
-def check_prompts(loaded: LoadedPosterior, prompts: Sequence[str], max_tokens: int) -> None:
+def check_prompt_lengths(loaded: LoadedPosterior, prompts: Sequence[str], max_tokens: int) -> None:
     """InputError naming `prompts[i]` for every prompt over `max_tokens` tokens with the posterior's tokenizer."""
     over = [(f"prompts[{i}]", f"{n} tokens; the limit is {max_tokens} (serve.max_tokens_per_input)")
             for i, n in enumerate(loaded.token_counts(prompts)) if n > max_tokens]
@@ -143,7 +143,7 @@ class Generating:
         if not loaded.posterior.generative:
             raise InputError([("posterior", f"posterior {loaded.entry.name!r} ({loaded.entry.method}) has no "
                                             "generative form: its samples are not adapter states a decoder runs")])
-        check_prompts(loaded, body.prompts, self._max_tokens)
+        check_prompt_lengths(loaded, body.prompts, self._max_tokens)
         return decoding_settings(body)
 
     async def answer(self, loaded: LoadedPosterior, body: Any) -> dict[str, Any]:

@@ -253,10 +253,9 @@ def _accumulate(state: TrainerState, train_ds, cfg: TrainConfig, ctx: LoopContex
         if objective:
             logits = objective.logits(scorer, batch)
             loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+            loss = loss + objective.regulariser(scorer, state.step, len(train_ds))
         else:
             loss = scorer.training_loss(batch)
-        if objective:
-            loss = loss + objective.regulariser(scorer, state.step, len(train_ds))
         state.stepper.backward(loss)
         total += loss.item() / cfg.grad_accum
     return total

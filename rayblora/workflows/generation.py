@@ -15,11 +15,12 @@ from rayblora.artifact import load_posterior, read_manifest
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
-from rayblora.generation.decode import DecodingSettings
-from rayblora.generation.evaluation import correctness, evaluate_answers, uncertainty_scores
+from rayblora.generation.decode import DecodingSettings, Generation
+from rayblora.generation.evaluation import correctness, summarise, uncertainty_scores
 from rayblora.manifest import write_json_atomic, write_text_atomic
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
+from rayblora.report import to_jsonable
 from rayblora.workflows.members import trunk_cache_for
 
 GROUP_SCORES = ("group_entropy", "modal_share", "num_groups")
@@ -27,13 +28,15 @@ GROUP_SCORES = ("group_entropy", "modal_share", "num_groups")
 
 @dataclasses.dataclass
 class MethodAnswers:
-    """One method's answers on a split: correct (N,), uncertainty scores {name: (N,)}, decoding cost."""
+    """One method's answers on a split: correct (N,), uncertainty scores {name: (N,)}, decoding cost, and the
+    per-state answers behind its group scores (empty without a per-state pass)."""
 
     correct: np.ndarray
     scores: dict[str, np.ndarray]
     summary: dict
     tokens: int
     seconds: float
+    per_state: list[Generation] = dataclasses.field(default_factory=list)
 
 
 def is_generation_artifact(artifact: str | Path) -> bool:
@@ -42,20 +45,20 @@ def is_generation_artifact(artifact: str | Path) -> bool:
 
 def answer_split(post: Posterior, prompts: Sequence[str], targets: Sequence[str], settings: DecodingSettings,
                  per_state: bool, batch_size: int = 16) -> MethodAnswers:
-    """BMA answers of `post` (graded, with their token scores) and, with `per_state` and S > 1, the group
-    scores of its per-state answers judged against the BMA answers' correctness."""
+    """BMA answers of `post` (graded, with their token scores; the BMA decoding timed) and, with `per_state`
+    and S > 1, the group scores of its per-state answers judged against the BMA answers' correctness."""
     t0 = time.time()
     answers = post.generate(prompts, settings, batch_size)
     seconds = time.time() - t0
-    extra = {}
+    states = []
     if per_state and len(post.generation_states()) > 1:
         states = post.generate(prompts, dataclasses.replace(settings, mode="per_state"), batch_size)
-        extra = {k: v for k, v in uncertainty_scores(states).items() if k in GROUP_SCORES}
-    summary = evaluate_answers(answers, targets, extra)
-    summary.update(tokens_per_second=sum(len(a.tokens) for a in answers) / max(seconds, 1e-9),
-                   decode_seconds=round(seconds, 2))
-    return MethodAnswers(correctness(answers, targets), {**uncertainty_scores(answers), **extra}, summary,
-                         sum(len(a.tokens) for a in answers), seconds)
+    correct, tokens = correctness(answers, targets), sum(len(a.tokens) for a in answers)
+    scores = {**uncertainty_scores(answers),
+              **{k: v for k, v in uncertainty_scores(states).items() if k in GROUP_SCORES}}
+    summary = summarise(correct, scores)
+    summary.update(tokens_per_second=tokens / max(seconds, 1e-9), decode_seconds=round(seconds, 2))
+    return MethodAnswers(correct, scores, summary, tokens, seconds, states)
 
 
 def evaluate_generation(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
@@ -75,23 +78,11 @@ def evaluate_generation(artifact: str | Path, cfg: Config, methods: Sequence[str
             log(f"[evaluate] skipping {method}: its samples are not adapter states a decoder can run")
             continue
         post = full.view(method, data=data, config=cfg)
-        log(f"[evaluate] {method}: decoding {len(prompts)} test prompts ({len(post.generation_states())} states)")
+        log(f"[evaluate] {method}: decoding {len(prompts)} test prompts")
         results[method] = answer_split(post, prompts, targets, settings, per_state=True)
         s = results[method].summary
         log(f"[evaluate] {method}: exact match {s['exact_match']:.3f}, {s['tokens_per_second']:.1f} tokens/s")
     return results
-
-
-def finite_or_none(value):
-    """`value` with every NaN / infinite float replaced by None (strict JSON: an AUROC undefined when every
-    answer is right is null)."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def markdown_table(results: dict[str, MethodAnswers], task: str) -> str:
@@ -116,7 +107,8 @@ def evaluate_generation_report(artifact: str | Path, cfg: Config, out_dir: str |
               "methods": {m: r.summary for m, r in results.items()}}
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "generation_report.json", finite_or_none(report))
-    write_text_atomic(out / "generation_report.md", markdown_table(results, split_name(cfg.data.task)))
-    log(markdown_table(results, split_name(cfg.data.task)))
+    table = markdown_table(results, split_name(cfg.data.task))
+    write_json_atomic(out / "generation_report.json", to_jsonable(report))
+    write_text_atomic(out / "generation_report.md", table)
+    log(table)
     return report
