@@ -66,6 +66,13 @@ def from_logits(sample_logits: torch.Tensor) -> Predictive:
     return from_sample_probs(torch.softmax(sample_logits.float(), dim=-1))
 
 
+def in_row_order(pred: Predictive, rows: torch.Tensor) -> Predictive:
+    """The predictive of B inputs given in the order `rows` (B,) (input i is row rows[i]), in row order."""
+    back = torch.argsort(rows)
+    return Predictive(pred.probs[back], pred.sample_probs[:, back], pred.entropy[back], pred.aleatoric[back],
+                      pred.mutual_information[back])
+
+
 def concat(parts: Sequence[Predictive]) -> Predictive:
     """Join predictives over consecutive batches along B."""
     if not parts:

@@ -18,7 +18,7 @@ from rayblora.data.batches import encode
 from rayblora.data.formats import TaskSpec
 from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters, lora_state,
                             set_lora_state)
-from rayblora.trunk import above_trunk, first_adapted_layer, trunk_hidden
+from rayblora.trunk import above_trunk, first_adapted_layer, tail_hidden, tail_ready, trunk_hidden
 from rayblora.trunk_cache import TrunkCache
 
 
@@ -63,6 +63,9 @@ class AnswerScorer:
         on a CPU, rows beyond ~64 no longer raise throughput and spill out of cache."""
         self.trunk_cache: TrunkCache | None = None
         """Set by :meth:`use_trunk_cache`: the frozen layers' output per prompt (:mod:`rayblora.trunk_cache`)."""
+        self.tail_only = True
+        """Run the last decoder layer only at the positions the logits read, where that is exact
+        (:func:`rayblora.trunk.tail_hidden`); False runs every position of every layer."""
 
     def use_trunk_cache(self, cache: TrunkCache | None) -> None:
         """Read the frozen trunk's hidden states from `cache` from now on (None: compute them every time); every
@@ -107,23 +110,32 @@ class AnswerScorer:
         if self.spec.kind == "generation":
             raise ValueError("answer logits need a task with answer choices; a generation task is scored by its "
                              "targets' likelihood (AnswerScorer.target_scores) and decoded with Posterior.generate")
-        batch = self.to_device(batch)
-        out = self._forward(batch, trunk, logits_to_keep=1)
-        logits = out.logits[:, -1, :].index_select(-1, self.answer_ids.to(out.logits.device)).float()
+        logits = self._head_logits(self.to_device(batch), trunk, 1, self.answer_ids.to(self.device))[:, -1].float()
         return mask_choices(logits, batch.get("num_choices"))
 
-    def _forward(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None, logits_to_keep: int):
-        """The LM's output on a batch on :attr:`device`, from the trunk's hidden states where there are some."""
-        inputs = {"input_ids": batch["input_ids"]}
-        window = nullcontext()
+    def _head_logits(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None, keep: int,
+                     vocab_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head's logits (B, keep, V) at the last `keep` positions of a batch on :attr:`device` — only the
+        columns `vocab_rows` (R,) of the vocabulary when given (B, keep, R) — from the trunk's hidden states where
+        there are some, and through :func:`~rayblora.trunk.tail_hidden` where that is exact."""
         if trunk is None and self.trunk_cache is not None:
             trunk = self.shared_trunk(batch)
+        trunk = None if trunk is None else (trunk[0], trunk[1].to(self.device))
+        mask, length = batch["attention_mask"], batch["input_ids"].shape[-1]
+        if self.tail_only and keep < length and tail_ready(self.model, length):
+            with attention_kernels(self.device):
+                hidden = tail_hidden(self.model, mask, position_ids(mask), keep, batch["input_ids"], trunk)
+            head = self.model.get_output_embeddings()
+            weight = head.weight if vocab_rows is None else head.weight.index_select(0, vocab_rows)
+            bias = head.bias if head.bias is None or vocab_rows is None else head.bias.index_select(0, vocab_rows)
+            return torch.nn.functional.linear(hidden, weight, bias)
+        inputs, window = {"input_ids": batch["input_ids"]}, nullcontext()
         if trunk is not None:
-            start, hidden = trunk
-            inputs, window = {"inputs_embeds": hidden.to(self.device)}, above_trunk(self.model, start)
+            inputs, window = {"inputs_embeds": trunk[1]}, above_trunk(self.model, trunk[0])
         with attention_kernels(self.device), window:
-            return self.model(**inputs, attention_mask=batch["attention_mask"], use_cache=False,
-                              position_ids=position_ids(batch["attention_mask"]), logits_to_keep=logits_to_keep)
+            logits = self.model(**inputs, attention_mask=mask, use_cache=False, position_ids=position_ids(mask),
+                                logits_to_keep=keep).logits
+        return logits if vocab_rows is None else logits.index_select(-1, vocab_rows)
 
     def target_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A generation batch's target likelihood under the current adapter (with autograd as the caller's
@@ -131,7 +143,7 @@ class AnswerScorer:
         whether every one of them is the argmax (B,) — which is exactly when greedy decoding returns the target."""
         batch = self.to_device(batch)
         span = int(batch["target_mask"].sum(-1).max())  # targets end every row (left padding): the last `span`
-        logits = self._forward(batch, None, logits_to_keep=span + 1).logits[:, :-1].float()  # (B, span, V)
+        logits = self._head_logits(batch, None, span + 1)[:, :-1].float()  # (B, span, V)
         targets, keep = batch["input_ids"][:, -span:], batch["target_mask"][:, -span:].bool()
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll = (token_nll * keep).sum(-1)

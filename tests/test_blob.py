@@ -60,7 +60,9 @@ def test_flipout_at_zero_std_is_the_deterministic_forward_and_noisy_otherwise(bl
         plain = scorer.logits(batch)
         for g in objective.g:
             g.zero_()
-        torch.testing.assert_close(objective.logits(scorer, batch), plain, rtol=0, atol=0)
+        # the flipout hooks make the last layer's queries run at every position (rayblora.trunk.tail_ready): the
+        # same values as the plain forward's answer-position queries, through other matmul shapes (float32 ulps)
+        torch.testing.assert_close(objective.logits(scorer, batch), plain, rtol=1e-6, atol=1e-6)
         for g in objective.g:
             g.fill_(0.5)
         noisy = objective.logits(scorer, batch)

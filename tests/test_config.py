@@ -27,6 +27,7 @@ def test_defaults_and_overrides():
     ("train.steps", "train.steps"),
     ("cluster.use_gpu=maybe", "cluster.use_gpu"),
     ("posterior.min_members=9", "posterior.min_members"),
+    ("cluster.max_concurrent_members=-1", "cluster.max_concurrent_members"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

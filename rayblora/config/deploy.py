@@ -21,6 +21,11 @@ class ClusterConfig:
     """Give each worker one GPU."""
     max_failures: int = 1
     """Ray Train restarts of a member after a worker failure."""
+    max_concurrent_members: int = 0
+    """Member runs in flight at once; the next starts when one finishes. 0 = as many as the cluster's resources
+    hold side by side when training starts (its CPUs, and GPUs with use_gpu, over one member's share), so no run
+    waits for a placement; N = N at once whatever the cluster holds now: for a cluster that autoscales, where
+    waiting runs make the autoscaler add nodes. (A train sweep's trials have `--max-concurrent` instead.)"""
     storage_path: str = ""
     """RunConfig storage for member checkpoints ("" = <output.dir>/ray_runs)."""
 
@@ -29,6 +34,8 @@ class ClusterConfig:
         check(self.workers_per_member >= 1, "cluster.workers_per_member", "must be >= 1")
         check(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
         check(self.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1 = unlimited)")
+        check(self.max_concurrent_members >= 0, "cluster.max_concurrent_members",
+              "must be >= 0 (0 = as many as the cluster holds)")
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,33 @@ def make_batch(tokenizer, rows: dict[str, list[Any]], max_length: int) -> dict[s
     return batch
 
 
-def eval_batches(dataset, tokenizer, batch_size: int, max_length: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches over a split in order (no shuffling, last batch may be short)."""
+def token_lengths(tokenizer, rows: dict[str, list[Any]], max_length: int) -> np.ndarray:
+    """Each row's token count as batched (N,): its prompt's tokens (with a generation target's and EOS), at most
+    `max_length`."""
+    prompts = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
+    lengths = np.array([len(p) for p in prompts])
+    if "target" in rows:
+        targets = tokenizer(list(rows["target"]), add_special_tokens=False)["input_ids"]
+        lengths += np.array([len(t) + 1 for t in targets])
+    return np.minimum(lengths, max_length)
+
+
+def eval_batches(dataset, tokenizer, batch_size: int, max_length: int,
+                 by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches over a split (no shuffling, last batch may be short), in row order; with `by_length`, rows of
+    similar token length together (shortest first, ties in row order), each batch carrying `rows` (B,), its rows'
+    indices in the split. A left-padded batch runs every row at its longest row's length: on VADER's test
+    splits, batches of 16 in row order are 63-69 % real tokens, by length 98-99 %."""
+    order = np.arange(len(dataset))
+    if by_length and len(dataset):
+        order = np.argsort(token_lengths(tokenizer, dataset[:], max_length), kind="stable")
     for start in range(0, len(dataset), batch_size):
-        yield make_batch(tokenizer, dataset[start:start + batch_size], max_length)
+        rows = order[start:start + batch_size]
+        batch = make_batch(tokenizer, dataset[rows.tolist()] if by_length else dataset[start:start + batch_size],
+                           max_length)
+        if by_length:
+            batch["rows"] = torch.as_tensor(rows, dtype=torch.long)
+        yield batch
 
 
 def train_batch_indices(n: int, batch_size: int, seed: int, batch_number: int) -> np.ndarray:

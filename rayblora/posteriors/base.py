@@ -180,15 +180,18 @@ class Posterior(ABC):
         return self._over_dataset(dataset, batch_size, progress, self.predict_views)
 
     def _over_dataset(self, dataset, batch_size, progress, predict) -> dict[str, Predictive]:
+        """`predict`'s views over a split, in row order; its batches group rows of similar length (little padding)."""
         parts: dict[str, list[Predictive]] = {}
-        done = 0
-        for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
+        rows, done = [], 0
+        for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length, by_length=True):
             for name, pred in predict(batch).items():
                 parts.setdefault(name, []).append(pred)
+            rows.append(batch["rows"])
             done += len(batch["labels"])
             if progress is not None:
                 progress(done, len(dataset))
-        return {name: predictive.concat(p) for name, p in parts.items()}
+        order = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        return {name: predictive.in_row_order(predictive.concat(p), order) for name, p in parts.items()}
 
 
 @contextlib.contextmanager

@@ -122,7 +122,7 @@ class TemperaturePosterior(Posterior):
             raise ValueError(f"{cls.method}: needs data (its validation split) to fit the temperature")
         mapped = cls(scorer, members, member_info)
         logits, labels = [], []
-        for batch in eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length):
+        for batch in eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length, by_length=True):
             logits.append(mapped.sample_logits(batch))
             labels.append(batch["labels"])
         mapped.temperature = fit_temperature(torch.cat(logits, 1), torch.cat(labels))

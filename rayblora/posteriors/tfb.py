@@ -164,7 +164,8 @@ class TfbPosterior(SampledStatesPosterior):
         tcfg = config.tfb if config is not None else TfbConfig()
         swag = config.swag if config is not None else SwagConfig()
         used = list(members) if cls.all_members else list(members)[:1]
-        batches = list(eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length))
+        batches = list(eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length,
+                                    by_length=True))
         sigmas, search = [], []
         for i, member in enumerate(used):
             sigma, record = search_sigma(scorer, LowRankFactors.from_state(member), batches, tcfg,

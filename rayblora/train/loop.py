@@ -104,7 +104,7 @@ def validate(scorer, dataset, batch_size: int) -> dict[str, float]:
     was_training = scorer.model.training
     scorer.model.eval()
     nll, correct, n = 0.0, 0, 0
-    for batch in eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length):
+    for batch in eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length, by_length=True):
         if "target_mask" in batch:  # generation: the target's NLL and teacher-forced exact match
             row_nll, hit = scorer.target_scores(batch)
             nll, correct = nll + row_nll.sum().item(), correct + hit.sum().item()

@@ -1,8 +1,10 @@
 """The coordinator: one Ray Train run per member, launched concurrently, gathered into a posterior's members.
 
 Ray Train is SPMD (its workers share one model), so K independent members are K TorchTrainer runs
-(docs/ARCHITECTURE.md, "members are independent runs"). They are started together from driver threads; Ray
-schedules as many at once as the cluster's resources allow and queues the rest. Each worker runs
+(docs/ARCHITECTURE.md, "members are independent runs"). They run from driver threads, as many at once as the
+cluster's resources hold side by side (:func:`member_slots`; `cluster.max_concurrent_members` overrides it), the
+next starting when one finishes: a run launched beyond that would only wait in Ray Train's worker-group startup,
+which retries (and logs a traceback) every time its start timeout expires. Each worker runs
 :func:`member_train_loop`, which trains through :func:`rayblora.workflows.members.train_one_member` and reports
 checkpoints (adapter, optimizer, scheduler, step, hook state) so a restarted worker resumes where the last one
 left off. Finished members are kept under `<output.dir>/members/<i>/`, so a resubmitted job skips them.
@@ -18,7 +20,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import ray.train
@@ -27,7 +29,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rayblora.config import Config, config_from_dict
+from rayblora.config import ClusterConfig, Config, ConfigError, config_from_dict
 from rayblora.train.faults import injected_hooks
 from rayblora.train.loop import TrainerState, nan_safe
 from rayblora.workflows.members import (MemberResult, config_digest, keep_finished, load_finished,
@@ -35,7 +37,8 @@ from rayblora.workflows.members import (MemberResult, config_digest, keep_finish
 from rayblora.workflows.runtime import RAY_ENV, ensure_ray
 
 __all__ = ["EnsembleOutcome", "MemberResult", "RAY_ENV", "TrainingError", "config_digest", "ensure_ray",
-           "member_train_loop", "member_trainer", "run_members", "train_members"]
+           "member_resources", "member_slots", "member_train_loop", "member_trainer", "run_members", "runs_that_fit",
+           "train_members"]
 
 
 class TrainingError(RuntimeError):
@@ -110,8 +113,44 @@ def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | No
     )
 
 
-def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any],
-                log: Callable[[str], None]) -> MemberResult | BaseException:
+def member_resources(cluster: ClusterConfig, driver_cpus: float = 0.0) -> dict[str, float]:
+    """The Ray resources one member run holds: its workers' CPUs (plus `driver_cpus`, e.g. a Tune trial's own),
+    and one GPU per worker with `cluster.use_gpu`."""
+    need = {"CPU": cluster.workers_per_member * cluster.cpus_per_worker + driver_cpus}
+    if cluster.use_gpu:
+        need["GPU"] = float(cluster.workers_per_member)
+    return need
+
+
+def runs_that_fit(need: Mapping[str, float], resources: Mapping[str, float]) -> int:
+    """How many runs that each hold `need` fit side by side in `resources` (a resource absent there counts as 0;
+    a quotient a rounding error short of a whole number counts as that number)."""
+    return min(int(resources.get(key, 0.0) / amount + 1e-6) for key, amount in need.items())
+
+
+def member_slots(cluster: ClusterConfig, total: Mapping[str, float]) -> int:
+    """Member runs to keep in flight at once on a cluster whose resources are `total` (`ray.cluster_resources()`).
+
+    `cluster.max_concurrent_members` when set; else as many as `total` holds side by side, so that no run waits
+    for a placement while the others train. Raises ConfigError when not even one member run fits (Ray Train would
+    wait for it forever)."""
+    if cluster.max_concurrent_members:
+        return cluster.max_concurrent_members
+    need = member_resources(cluster)
+    slots = runs_that_fit(need, total)
+    if slots < 1:
+        raise ConfigError(f"cluster: one member run needs {need} but the whole cluster has "
+                          f"{ {k: total.get(k, 0.0) for k in need} }; lower cluster.workers_per_member / "
+                          "cpus_per_worker, add nodes, or, on a cluster that autoscales, set "
+                          "cluster.max_concurrent_members")
+    return slots
+
+
+def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any], log: Callable[[str], None],
+                queued: bool = False) -> MemberResult | BaseException:
+    """Member `i`'s Ray Train run to its kept folder, or the exception it failed with for good."""
+    if queued:
+        log(f"[coordinator] member {i} starting: a run slot is free")
     t0 = time.time()
     try:
         result = member_trainer(cfg, i, run_tag, extra).fit()
@@ -159,13 +198,38 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def _launch_line(cluster: ClusterConfig, total: Mapping[str, float], todo: Sequence[int], slots: int) -> str:
+    """The coordinator's launch line: how many member runs, how many at once and which wait for a slot."""
+    line = f"[coordinator] launching {len(todo)} member run(s) of {cluster.workers_per_member} worker(s) each"
+    if slots >= len(todo):
+        return line
+    need = member_resources(cluster)
+    why = (f"cluster.max_concurrent_members = {slots}" if cluster.max_concurrent_members else
+           f"the cluster's { {k: total.get(k, 0.0) for k in need} } hold {slots} run(s) of {need}")
+    return f"{line}, {slots} at a time ({why}); members {list(todo[slots:])} wait for a free slot"
+
+
+def _fit_members(cfg: Config, todo: Sequence[int], extra: dict[str, Any],
+                 log: Callable[[str], None]) -> list[MemberResult | BaseException]:
+    """Run the members `todo` from driver threads, at most :func:`member_slots` at once, started in index order;
+    each one's :class:`MemberResult` or the exception it failed with, in the order of `todo`."""
+    run_tag = config_digest(cfg)  # same config + output dir -> same run name -> Ray Train resumes it
+    total = ray.cluster_resources()
+    slots = min(len(todo), member_slots(cfg.cluster, total))
+    log(_launch_line(cfg.cluster, total, todo, slots))
+    queued = set(todo[slots:])
+    with ThreadPoolExecutor(max_workers=slots) as pool:  # the next member starts when a thread is free
+        return list(pool.map(lambda i: _fit_member(cfg, i, run_tag, extra, log, i in queued), todo))
+
+
 def run_members(cfg: Config, log: Callable[[str], None] = print,
                 extra: dict[str, Any] | None = None) -> EnsembleOutcome:
-    """Train `posterior.members` members as concurrent Ray Train runs; skip members already finished.
+    """Train `posterior.members` members as Ray Train runs, as many at once as the cluster holds
+    (:func:`member_slots`); skip members already finished.
 
-    A member whose run fails for good does not stop the others. Raises TrainingError (before anything is
-    written besides the finished members' folders) if fewer than `posterior.min_members` (or, when that is 0,
-    not all) members finish.
+    A member whose run fails for good does not stop the others. Raises ConfigError before any run when not even
+    one member run fits the cluster, and TrainingError (before anything is written besides the finished members'
+    folders) if fewer than `posterior.min_members` (or, when that is 0, not all) members finish.
     """
     ensure_ray(cfg.cluster)
     k = cfg.posterior.members
@@ -174,13 +238,12 @@ def run_members(cfg: Config, log: Callable[[str], None] = print,
         log(f"[coordinator] reusing finished members {sorted(done)} from {cfg.out_dir / 'members'}")
     outcome = EnsembleOutcome(k, [], sorted(done), {})
     todo = [i for i in range(k) if i not in done]
-    run_tag = config_digest(cfg)  # same config + output dir -> same run name -> Ray Train resumes it
-    log(f"[coordinator] launching {len(todo)} member run(s) of {cfg.cluster.workers_per_member} worker(s) each")
     if todo:
-        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-            results = list(pool.map(lambda i: _fit_member(cfg, i, run_tag, extra or {}, log), todo))
+        results = _fit_members(cfg, todo, extra or {}, log)
         done.update({i: r for i, r in zip(todo, results) if isinstance(r, MemberResult)})
         outcome.failed = {i: _failure_reason(r) for i, r in zip(todo, results) if not isinstance(r, MemberResult)}
+    else:
+        log(_launch_line(cfg.cluster, {}, todo, 0))
     outcome.members = [done[i] for i in sorted(done)]
     need = cfg.posterior.min_members or k
     if len(done) < need:

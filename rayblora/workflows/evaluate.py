@@ -80,36 +80,48 @@ def _build_views(full, methods: Sequence[str], data: TaskData, cfg: Config, log:
     return built
 
 
+def _temperature_views(full, member_views: Sequence[str], data: TaskData, cfg: Config,
+                       timings: dict[str, float]) -> dict:
+    """The fitted temperature rows among the member views (each one's fit seconds into `timings`)."""
+    scaled = {}
+    for m in (m for m in member_views if m.startswith("temperature")):
+        t0 = time.time()
+        scaled[m] = full.view(m, data=data, config=cfg)
+        timings[m] = time.time() - t0
+    return scaled
+
+
 def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
                      data: TaskData | None = None, log: Callable[[str], None] = print,
                      batch_size: int = 16, timings: dict[str, float] | None = None
                      ) -> dict[str, dict[str, SplitResult]]:
     """Predictions of each method on every evaluation split: results[method][split]. `timings`, if given,
-    receives each built family's preparation seconds (its post-hoc fit; 0 for families that only load)."""
+    receives seconds: each built family's preparation under its name (its post-hoc fit; 0 for families that only
+    load), and its passes over the splits under `predict:<name>` (`predict:members` for the member views)."""
     methods = list(methods or cfg.posterior.eval_methods)
     for m in methods:
         get_posterior_class(m)  # unknown names fail before any model work
+    timings = timings if timings is not None else {}
     data = data or artifact_data(artifact, cfg.data, log)
     splits = data.eval_splits(split_name(cfg.data.task))
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
     member_views = [m for m in methods if m in MEMBER_VIEWS]
-    built = _build_views(full, [m for m in methods if m not in MEMBER_VIEWS], data, cfg, log,
-                         timings if timings is not None else {})
-    ensemble = full.view("ensemble")
-    scaled = {m: full.view(m, data=data, config=cfg) for m in member_views if m.startswith("temperature")}
+    built = _build_views(full, [m for m in methods if m not in MEMBER_VIEWS], data, cfg, log, timings)
+    scaled = _temperature_views(full, member_views, data, cfg, timings)
+    if member_views:
+        built = {"members": full.view("ensemble"), **built}
     for name, ds in splits.items():
-        labels = ds["label"]
-        if member_views:
-            pred = ensemble.predict_dataset(ds, batch_size, _progress(log, f"members on {name}"))
-            for m, result in member_view_results(pred, labels, member_views, scaled).items():
-                results[m][name] = result
         for m, post in built.items():
+            t0 = time.time()
             views = post.predict_dataset_views(ds, batch_size, _progress(log, f"{m} on {name}"))
+            if m == "members":
+                views = member_view_results(views["ensemble"], ds["label"], member_views, scaled)
             for view, pred in views.items():
                 if view in results:
-                    results[view][name] = _split_result(pred, labels)
+                    results[view][name] = pred if m == "members" else _split_result(pred, ds["label"])
+            timings[f"predict:{m}"] = timings.get(f"predict:{m}", 0.0) + time.time() - t0
     if full.scorer.trunk_cache is not None:
         log(f"[evaluate] {full.scorer.trunk_cache.summary()}")
     return results

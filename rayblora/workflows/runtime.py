@@ -13,10 +13,16 @@ import ray
 from rayblora.config import ClusterConfig
 
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600"}
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800"}
 """Environment defaults for every rayblora Ray process (unset keys only). The dashboard (which the State API and
 Ray Train's placement-group cleaner need) gets 10 minutes to come up instead of Ray's 60 s: on a loaded
-machine it has taken longer, and `ray.init` then failed."""
+machine it has taken longer, and `ray.init` then failed. A Ray Train run waiting for its workers' resources (a
+busy shared cluster, nodes an autoscaler is still adding, a lost node's replacement) waits 30 minutes between
+start attempts instead of Ray's 60 s: every expiry is logged by Ray Train's controller as a failure with a full
+traceback, and retried without limit, so the short default only fills the log while nothing has failed (the
+coordinator itself launches no more member runs than the cluster holds). Ray Train passes it from the driver
+to its controllers."""
 
 
 def ensure_ray(cluster: ClusterConfig) -> None:

@@ -207,12 +207,15 @@ class Factor:
             self.basis = truncate(torch.cat([self.basis.to(x.device), x.T], 1), self.rank)
 
     def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (k,) ≥ 0 and orthonormal eigenvectors (d, k) on the CPU; k = d for dense factors."""
+        """Eigenvalues (k,) ≥ 0 and orthonormal eigenvectors (d, k) on the CPU; k = d for dense factors.
+
+        The eigenvectors are made row-major (LAPACK returns them column-major): the layout an artifact stores and
+        loads, so a fitted and a reloaded posterior run the same matmul kernels and predict bit for bit alike."""
         if self.dense is not None:
             vals, vecs = torch.linalg.eigh(self.dense.double().cpu())
-            return vals.clamp_min(0).float(), vecs.float()
+            return vals.clamp_min(0).float(), vecs.float().contiguous()
         u, s, _ = torch.linalg.svd(self.basis.double().cpu(), full_matrices=False)
-        return (s ** 2).float(), u.float()
+        return (s ** 2).float(), u.float().contiguous()
 
     def sum_(self, all_reduce: AllReduceFn, rank: int, world: int) -> None:
         """Sum this factor over workers: dense by all-reduce; low-rank by gathering every worker's U √s

@@ -103,8 +103,10 @@ def grads_only_for(model: torch.nn.Module, modules: dict[str, torch.nn.Linear]) 
 
 
 def fit_batches(dataset, scorer, batch_size: int, limit: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The curvature's batches of a split, in order (the first `limit`, 0 = all)."""
-    for i, batch in enumerate(eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length)):
+    """The curvature's batches of a split: the first `limit` in row order, or (0) the whole split, a sum over its
+    examples, with rows of similar length batched together (:func:`~rayblora.data.batches.eval_batches`)."""
+    for i, batch in enumerate(eval_batches(dataset, scorer.tokenizer, batch_size, scorer.max_length,
+                                           by_length=not limit)):
         if limit and i >= limit:
             return
         yield batch
@@ -256,7 +258,8 @@ class LaplacePosterior(Posterior):
     def select_prior_by_val_nll(self, dataset, batch_size: int, grid: Sequence[float] = PRIOR_GRID) -> None:
         """Set each fitted member's scalar δ to the grid value with the lowest validation NLL of its probit GLM
         predictive (one forward and C backward passes per validation batch; the grid reuses them)."""
-        batches = list(eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length))
+        batches = list(eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length,
+                                    by_length=True))
         labels = torch.cat([b["labels"] for b in batches])
         for index, fit in enumerate(self.fits):
             moments = [self.glm_batch(index, b) for b in batches]

@@ -28,7 +28,7 @@ from rayblora.config import Config, ConfigError, config_from_dict, dump_config, 
 from rayblora.data.sources import load_task_data
 from rayblora.manifest import write_text_atomic
 from rayblora.scoring import build_scorer
-from rayblora.workflows.coordinator import member_trainer
+from rayblora.workflows.coordinator import member_resources, member_trainer, runs_that_fit
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
                                                tune_run_config, write_table)
@@ -101,23 +101,16 @@ def _trial_slots(cfg: Config, log: Callable[[str], None] = print) -> int:
 
     Raises ConfigError when even the whole cluster cannot hold one member run (the trials would wait forever);
     warns when it could but the resources are held by something else right now."""
-    per = cfg.cluster.workers_per_member
-    need = {"CPU": per * cfg.cluster.cpus_per_worker + TRIAL_DRIVER_CPUS}
-    if cfg.cluster.use_gpu:
-        need["GPU"] = per
-
-    def fits(resources: dict[str, float]) -> int:
-        return min(int(resources.get(k, 0) // v) for k, v in need.items())
-
+    need = member_resources(cfg.cluster, driver_cpus=TRIAL_DRIVER_CPUS)
     total, free = ray.cluster_resources(), ray.available_resources()
-    if fits(total) < 1:
+    if runs_that_fit(need, total) < 1:
         raise ConfigError(f"cluster: one trial's member run needs {need} but the whole cluster has "
                           f"{ {k: total.get(k, 0) for k in need} }; lower cluster.workers_per_member / "
                           "cpus_per_worker or add nodes")
-    if fits(free) < 1:
+    if runs_that_fit(need, free) < 1:
         log(f"[sweep] warning: only { {k: free.get(k, 0) for k in need} } free of {need} per trial; trials wait "
             "until other work on the cluster releases resources")
-    return fits(total)
+    return runs_that_fit(need, total)
 
 
 def _train_status(status: str, steps: int, step: int | None) -> str:
