@@ -136,7 +136,8 @@ def fast_path_ratios(scorer, cfg, rows: int = 256, repeats: int = 5) -> dict[str
     `rows` test prompts in length-grouped batches over batches in row order."""
     from rayblora.data.batches import eval_batches
 
-    test = load_task_data(cfg.data).test.select(range(rows))
+    test = load_task_data(cfg.data).test
+    test = test.select(range(min(rows, len(test))))
     step_batch = next(eval_batches(test, scorer.tokenizer, cfg.train.batch_size, scorer.max_length))
     times: dict[str, list[float]] = {}
 
@@ -168,19 +169,32 @@ def fast_path_ratios(scorer, cfg, rows: int = 256, repeats: int = 5) -> dict[str
             "seconds": {k: round(v, 3) for k, v in med.items()}}
 
 
-def _peak_rss_child(cfg_dict: dict, steps: int) -> float:
+def _peak_rss_child(cfg_dict: dict, steps: int) -> tuple[float, float]:
     from rayblora.config import config_from_dict
+    from rayblora.scoring import build_scorer
+    from rayblora.workflows.members import member_seed
+
+    def vm_hwm() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
     cfg = config_from_dict(cfg_dict)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0, keep_best=False))
-    train_one_member(cfg, 0, log=lambda _m: None)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0, keep_best=False),
+                              posterior=dataclasses.replace(cfg.posterior, method="ensemble"))
+    data = load_task_data(cfg.data)
+    scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=member_seed(cfg, 0))
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM: the peak of training, not of the model load
+        f.write("5")
+    train_one_member(cfg, 0, data=data, scorer=scorer, log=lambda _m: None)
+    return round(vm_hwm(), 1), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def peak_rss_mib(cfg, steps: int = 10) -> float:
-    """Peak resident MiB of a fresh process training member 0 of `cfg` for `steps` steps."""
+def peak_rss_mib(cfg, steps: int = 10) -> dict[str, float]:
+    """A fresh process training member 0 of `cfg` for `steps` steps: its peak resident MiB while training (after
+    the base model is loaded) and over its whole life (model load included)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return round(pool.apply(_peak_rss_child, (cfg.to_dict(), steps)), 1)
+        training, lifetime = pool.apply(_peak_rss_child, (cfg.to_dict(), steps))
+    return {"training": training, "process": lifetime}
 
 
 def single_adapter_pass(artifact, cfg) -> float:

@@ -54,3 +54,11 @@ def test_a_driver_share_counts_against_the_cluster():
     assert need == {"CPU": 1.01}
     assert runs_that_fit(need, {"CPU": 2.0}) == 1 and runs_that_fit(need, {"CPU": 2.02}) == 2
     assert runs_that_fit(need, {}) == 0
+
+
+def test_a_member_worker_uses_no_more_torch_threads_than_the_cpus_it_holds():
+    from rayblora.workflows.coordinator import worker_threads
+
+    assert worker_threads(2, 1, 8) == 1  # the calibration config on a 1-CPU worker: no oversubscription
+    assert worker_threads(0, 4, 1) == 1  # torch's default (Ray sets it to the worker's CPUs)
+    assert worker_threads(2, 4, 1) == 2 and worker_threads(0, 0.5, 1) == 1

@@ -129,7 +129,8 @@ class TrainConfig:
     seed: int = 0
     """Base seed; member i uses seed + 1000 * i for LoRA init and data order."""
     torch_threads: int = 0
-    """torch intra-op threads per worker (0 = leave torch's default)."""
+    """torch intra-op threads of a training process (0 = leave torch's default); a member's Ray Train worker uses
+    at most its `cluster.cpus_per_worker` of them, so concurrent members never oversubscribe the cores."""
     strategy: str = "ddp"
     """How a member is distributed over its workers: ddp | deepspeed."""
     zero_stage: int = 2
