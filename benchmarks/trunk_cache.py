@@ -101,21 +101,25 @@ def gemm_flops(rows: int, hidden: int, inner: int, repeats: int = 20) -> float:
     return 2 * rows * hidden * inner / best
 
 
-def member_step(cfg, steps: int = 20, warmup: int = 5):
-    """(median seconds of a training step, the trained member) of member 0 of `cfg` in this process."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0, keep_best=False),
-                              posterior=dataclasses.replace(cfg.posterior, method="ensemble"))
+def one_member(cfg, steps: int):
+    """`cfg` as one plain member trained for `steps` steps, without validation passes."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0, keep_best=False),
+                               posterior=dataclasses.replace(cfg.posterior, method="ensemble"))
+
+
+def member_step(cfg, data, steps: int = 20, warmup: int = 5):
+    """(median seconds of a training step, the trained member) of member 0 of `cfg` on `data`, in this process."""
     clock = StepClock()
-    trained = train_one_member(cfg, 0, log=lambda _m: None, extra_hooks=[clock])
+    trained = train_one_member(one_member(cfg, steps), 0, data=data, log=lambda _m: None, extra_hooks=[clock])
     return statistics.median(b - a for a, b in zip(clock.times[warmup:], clock.times[warmup + 1:])), trained
 
 
-def adapted_flops(cfg, scorer) -> tuple[float, float, float]:
+def adapted_flops(cfg, scorer, data) -> tuple[float, float, float]:
     """(FLOPs a training step needs, FLOPs of every position of every adapted layer, mean real tokens of a step):
     4 per token and parameter
     (forward 2, input gradients 2), the last decoder layer's attention output and MLP (and its queries, without
     LoRA dropout) at one position."""
-    prompts = scorer.tokenizer(list(load_task_data(cfg.data).train["prompt"]), truncation=True,
+    prompts = scorer.tokenizer(list(data.train["prompt"]), truncation=True,
                                max_length=cfg.data.max_length, add_special_tokens=False)["input_ids"]
     tokens = cfg.train.batch_size * statistics.mean(len(p) for p in prompts)
     layers, last = cfg.adapter.layers, max(cfg.adapter.layers)
@@ -130,13 +134,13 @@ def adapted_flops(cfg, scorer) -> tuple[float, float, float]:
             tokens)
 
 
-def fast_path_ratios(scorer, cfg, rows: int = 256, repeats: int = 5) -> dict[str, float]:
+def fast_path_ratios(scorer, cfg, data, rows: int = 256, repeats: int = 5) -> dict[str, float]:
     """Same process, same member, alternating paths (medians of `repeats`): a cached training step (forward +
     backward on a batch of test prompts, LoRA dropout on) with the exact tail over without it; a no-grad pass over
     `rows` test prompts in length-grouped batches over batches in row order."""
     from rayblora.data.batches import eval_batches
 
-    test = load_task_data(cfg.data).test
+    test = data.test
     test = test.select(range(min(rows, len(test))))
     step_batch = next(eval_batches(test, scorer.tokenizer, cfg.train.batch_size, scorer.max_length))
     times: dict[str, list[float]] = {}
@@ -178,10 +182,8 @@ def _peak_rss_child(cfg_dict: dict, steps: int) -> tuple[float, float]:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
-    cfg = config_from_dict(cfg_dict)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0, keep_best=False),
-                              posterior=dataclasses.replace(cfg.posterior, method="ensemble"))
-    data = load_task_data(cfg.data)
+    cfg = one_member(config_from_dict(cfg_dict), steps)
+    data = load_task_data(cfg.data)  # a fresh process: its own copy, as a member's worker has
     scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=member_seed(cfg, 0))
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM: the peak of training, not of the model load
         f.write("5")
@@ -197,11 +199,10 @@ def peak_rss_mib(cfg, steps: int = 10) -> dict[str, float]:
     return {"training": training, "process": lifetime}
 
 
-def single_adapter_pass(artifact, cfg) -> float:
+def single_adapter_pass(artifact, cfg, data) -> float:
     """Seconds of one uncached forward pass of member 0 alone over every evaluation row of `cfg`."""
     from rayblora.artifact import load_posterior
 
-    data = load_task_data(cfg.data)
     full = load_posterior(artifact)
     one = full.view("map")
     one.scorer.use_trunk_cache(None)
@@ -239,12 +240,13 @@ def main() -> None:
         ensure_ray(runs["cached"].cluster)
         train_s, artifact = _timed(lambda: train(runs["cached"], log=print))
         note(train_s={"cached": round(train_s, 1)})
-        cached_step, trained = member_step(runs["cached"])
-        needed, full_count, tokens = adapted_flops(runs["cached"], trained.scorer)
+        data = load_task_data(runs["cached"].data)  # both runs' data section: the same splits
+        cached_step, trained = member_step(runs["cached"], data)
+        needed, full_count, tokens = adapted_flops(runs["cached"], trained.scorer, data)
         peak = gemm_flops(int(tokens), 576, 1536)
         note(p8_fraction=round(needed / cached_step / peak, 3), p8_fraction_full_count=round(full_count / cached_step
              / peak, 3), adapted_flops=needed / cached_step, gemm_flops=peak, cached_step_s=round(cached_step, 3))
-        note(fast_paths=fast_path_ratios(trained.scorer, runs["cached"]))
+        note(fast_paths=fast_path_ratios(trained.scorer, runs["cached"], data))
         timings: dict[str, float] = {}
         seed_eval, _ = _timed(lambda: evaluate_methods(artifact, runs["cached"], log=print, timings=timings))
         note(seed_minutes=round((train_s + seed_eval) / 60, 2), seed_eval_s=round(seed_eval, 1),
@@ -252,12 +254,12 @@ def main() -> None:
         pass_timings: dict[str, float] = {}
         passes, _ = _timed(lambda: evaluate_methods(artifact, runs["cached"], PASS_METHODS, log=print,
                                                     timings=pass_timings))
-        one_pass = single_adapter_pass(artifact, runs["cached"])
+        one_pass = single_adapter_pass(artifact, runs["cached"], data)
         note(eval_passes=round(passes / one_pass, 2), eval_s={"pass_methods": round(passes, 1),
              "single_adapter_uncached_pass": round(one_pass, 1)},
              pass_timings={k: round(v, 1) for k, v in pass_timings.items()})
         if args.skip_uncached_training:
-            uncached_step, _ = member_step(runs["uncached"], steps=12, warmup=3)
+            uncached_step, _ = member_step(runs["uncached"], data, steps=12, warmup=3)
             note(p9_ratio=None, p9_step_ratio=round(cached_step / uncached_step, 3),
                  uncached_step_s=round(uncached_step, 3))
         else:
