@@ -1,13 +1,16 @@
-"""Offline BIG-bench generative tasks with exact-match answers, read from the ``bigbench==1.0.0`` source package.
+"""Offline BIG-bench tasks, generative (exact-match answers) and multiple choice, read from the ``bigbench==1.0.0``
+source package.
 
 Where from: the PyPI sdist ``bigbench-1.0.0.tar.gz`` (358 MB), ``pip download``-ed (``--no-deps --no-binary
 :all:``) into ``assets.cache_dir()/"downloads"`` like the VADER sdist. It is never installed (its dependencies pull
 tensorflow) nor imported: the tarball is streamed once and only the ``.../benchmark_tasks/<task>/task.json`` and
-``.../benchmark_tasks/<task>/<subtask>/task.json`` files of the chosen tasks are parsed.
+``.../benchmark_tasks/<task>/<subtask>/task.json`` files of the chosen tasks are parsed, each kind's rows built from
+the same parsed file.
 
-What: one parquet file per task, ``assets.cache_dir()/"data"/"bigbench"/<task>.parquet``, with one row per example
-that has a string ``target`` (or a non-empty list of them; multiple-choice-only examples are skipped), the
-subtasks of a task pooled, each row keeping its subtask name. Columns:
+What: one parquet file per task and kind, the subtasks of a task pooled (sorted by subtask name, file order within
+one), each row keeping its subtask name. Kind "generative": ``assets.cache_dir()/"data"/"bigbench"/<task>.parquet``,
+one row per example that has a string ``target`` (or a non-empty list of them; multiple-choice-only examples are
+skipped). Columns:
 
 * ``prompt`` (str): the example's ``input``, verbatim;
 * ``target`` (str): its first target, the canonical answer for exact-match scoring;
@@ -18,9 +21,26 @@ subtasks of a task pooled, each row keeping its subtask name. Columns:
   linguistic_mappings carry their template only in these prefixes (input ``"abandon"``, query ``"Today I abandon.
   Yesterday I"``, target ``"abandoned"``).
 
+Kind "choice" (multiple choice): ``.../bigbench/choice/<task>.parquet``, one row per example with ``target_scores``
+(option text -> score; or the list form ``multiple_choice_targets`` / ``multiple_choice_scores``) of at least two
+string options with numeric scores and a single best one; examples with a tie for the best score, with fewer than two
+options, or malformed are skipped and counted. Columns, read by rayblora's user-file multiple-choice format
+(``question`` + ``choices`` + ``label``; the others are extra):
+
+* ``question`` (str): ``example_input_prefix + input``, stripped: the zero-shot query without the output prefix and
+  without the options (BIG-bench's ``append_choices_to_input`` is ignored), e.g. ``"Q: Is the sky blue?"``;
+* ``choices`` (list of str): the option texts, verbatim, in task.json order;
+* ``label`` (int64): the index in ``choices`` of the option with the highest score;
+* ``subtask`` (str): as above;
+* ``answer_prefix`` (str): ``example_output_prefix`` stripped, e.g. ``"A:"``;
+* ``task_prefix`` (str): the task.json's ``task_prefix`` (instructions BIG-bench puts before every prompt, e.g.
+  multiemo's "Determine whether given opinion is positive, ..."), stripped; "" where absent. BIG-bench's zero-shot
+  prompt is ``task_prefix``, ``question``, ``answer_prefix`` joined (up to whitespace).
+
 Subtasks may overlap (linguistic_mappings' ``past_tense_json`` is ``past_tense_regular_json`` plus
 ``past_tense_irregular_json``): pick subtasks before splitting into train and test. The folder's
-``rayblora_asset.json`` records the sdist and the sha256 of every parquet file, so a re-run verifies instead of
+``rayblora_asset.json`` (one for both kinds) records the sdist and the sha256 of every parquet file by its path
+relative to the folder (``qa_wikidata.parquet``, ``choice/social_iqa.parquet``), so a re-run verifies instead of
 rebuilding; every file is written to a temporary sibling and renamed into place.
 
 Licence: BIG-bench is Apache-2.0. Canary: every task.json carries the BIG-bench canary string, which asks that the
@@ -33,7 +53,7 @@ import json
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,16 +71,31 @@ after 300 LoRA steps (r = 8, q/v of the top 4 layers, batch 8, lr 1e-3): qa_wiki
 0 / 51 / 78 %. arithmetic (2-digit addition) stays at 0 / 6 / 1 %: the top layers cannot learn to add."""
 EXPECTED_ROWS = {"qa_wikidata": 20442, "linguistic_mappings": 15527}
 """Row counts of bigbench==1.0.0, checked after extraction (tasks not listed are not checked)."""
+DEFAULT_CHOICE_TASKS: tuple[str, ...] = ()
+"""TODO after the survey."""
+EXPECTED_CHOICE_ROWS: dict[str, int] = {}
+"""Multiple-choice row counts of bigbench==1.0.0 (after skips), checked after extraction like ``EXPECTED_ROWS``."""
 DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX = "\nQ: ", "\nA: "
 """BIG-bench's JSON-task defaults for ``example_input_prefix`` / ``example_output_prefix``."""
 SCHEMA = pa.schema([("prompt", pa.string()), ("target", pa.string()), ("subtask", pa.string()),
                     ("targets", pa.list_(pa.string())), ("query", pa.string())])
+CHOICE_SCHEMA = pa.schema([("question", pa.string()), ("choices", pa.list_(pa.string())), ("label", pa.int64()),
+                           ("subtask", pa.string()), ("answer_prefix", pa.string()), ("task_prefix", pa.string())])
+GENERATIVE, CHOICE = "generative", "choice"
+SCHEMAS = {GENERATIVE: SCHEMA, CHOICE: CHOICE_SCHEMA}
+"""The parquet schema of each kind."""
 
 _TASK_JSON = re.compile(r"(?:^|/)benchmark_tasks/([^/]+)/(?:([^/]+)/)?task\.json$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _FETCH_HINT = "run `make assets-bigbench` or `rayblora assets fetch --bigbench`"
+_EMPTY = {GENERATIVE: "no example with a string `target` (multiple-choice only?); it cannot be scored by exact match",
+          CHOICE: "no example with `target_scores` of two or more options and a single best one (generative only?)"}
 
 Row = dict[str, object]
+Skips = dict[str, int]
+"""Skipped examples by reason, e.g. ``{"tie": 3, "few_options": 1}``."""
+Key = tuple[str, str]
+"""``(kind, task)``."""
 
 
 def bigbench_dir() -> Path:
@@ -68,12 +103,28 @@ def bigbench_dir() -> Path:
     return assets.cache_dir() / "data" / "bigbench"
 
 
-def bigbench_path(name: str) -> Path:
-    """Parquet file of BIG-bench task ``name``; a name that cannot be a task folder raises ``AssetError``."""
+def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise AssetError(f"bad BIG-bench task name {name!r}: expected a benchmark_tasks folder name such as "
                          f"{DEFAULT_GENERATIVE_TASKS[0]!r}")
-    return bigbench_dir() / f"{name}.parquet"
+    return name
+
+
+def bigbench_path(name: str) -> Path:
+    """Parquet file of BIG-bench generative task ``name``; a name that cannot be a task folder raises
+    ``AssetError``."""
+    return bigbench_dir() / f"{_check_name(name)}.parquet"
+
+
+def choice_task_path(name: str) -> Path:
+    """Parquet file of BIG-bench multiple-choice task ``name`` (``.../bigbench/choice/<name>.parquet``); a name
+    that cannot be a task folder raises ``AssetError``."""
+    return bigbench_dir() / CHOICE / f"{_check_name(name)}.parquet"
+
+
+def task_key(kind: str, task: str) -> str:
+    """How results and messages name a task of a kind: ``"<task>"`` (generative) or ``"choice/<task>"``."""
+    return task if kind == GENERATIVE else f"{kind}/{task}"
 
 
 def _targets(example: dict) -> list[str]:
@@ -87,8 +138,8 @@ def _targets(example: dict) -> list[str]:
 
 
 def task_rows(task_json: dict, subtask: str) -> tuple[list[Row], int]:
-    """Rows of one task.json (see the module docstring for the columns) and how many examples were skipped
-    (no string target or no string input)."""
+    """Generative rows of one task.json (see the module docstring for the columns) and how many examples were
+    skipped (no string target or no string input)."""
     in_prefix = task_json.get("example_input_prefix", DEFAULT_INPUT_PREFIX)
     out_prefix = task_json.get("example_output_prefix", DEFAULT_OUTPUT_PREFIX)
     rows, skipped = [], 0
@@ -103,6 +154,61 @@ def task_rows(task_json: dict, subtask: str) -> tuple[list[Row], int]:
     return rows, skipped
 
 
+def _is_score(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def choice_options(example: dict) -> tuple[list[str], int] | str:
+    """``(options, label)`` of one example, or why it is skipped: ``"no_options"`` (neither ``target_scores`` nor
+    ``multiple_choice_targets``), ``"malformed"`` (a non-string option, a non-numeric score, lists of unequal
+    length), ``"few_options"`` (fewer than two), ``"tie"`` (several options share the best score)."""
+    scores = example.get("target_scores")
+    if isinstance(scores, dict):
+        options, values = list(scores), list(scores.values())
+    elif "multiple_choice_targets" in example:
+        options, values = example.get("multiple_choice_targets"), example.get("multiple_choice_scores")
+    else:
+        return "no_options"
+    if (not isinstance(options, list) or not isinstance(values, list) or len(options) != len(values)
+            or not all(isinstance(o, str) for o in options) or not all(_is_score(v) for v in values)):
+        return "malformed"
+    if len(options) < 2:
+        return "few_options"
+    best = max(values)
+    if values.count(best) > 1:
+        return "tie"
+    return options, values.index(best)
+
+
+def choice_rows(task_json: dict, subtask: str) -> tuple[list[Row], Skips]:
+    """Multiple-choice rows of one task.json (see the module docstring for the columns) and the skipped examples
+    by reason (``choice_options``'s, and ``"malformed"`` for an example without a string ``input``)."""
+    in_prefix = task_json.get("example_input_prefix", DEFAULT_INPUT_PREFIX)
+    answer_prefix = str(task_json.get("example_output_prefix", DEFAULT_OUTPUT_PREFIX)).strip()
+    task_prefix = str(task_json.get("task_prefix") or "").strip()
+    rows, skips = [], {}
+    for example in task_json.get("examples") or []:
+        found = choice_options(example) if isinstance(example, dict) else "malformed"
+        if isinstance(found, tuple) and not isinstance(example.get("input"), str):
+            found = "malformed"
+        if isinstance(found, str):
+            skips[found] = skips.get(found, 0) + 1
+            continue
+        rows.append({"question": f"{in_prefix}{example['input']}".strip(), "choices": found[0], "label": found[1],
+                     "subtask": subtask, "answer_prefix": answer_prefix, "task_prefix": task_prefix})
+    return rows, skips
+
+
+def _generative_rows(task_json: dict, subtask: str) -> tuple[list[Row], Skips]:
+    rows, skipped = task_rows(task_json, subtask)
+    return rows, ({"no_target": skipped} if skipped else {})
+
+
+ROW_BUILDERS: dict[str, Callable[[dict, str], tuple[list[Row], Skips]]] = {
+    GENERATIVE: _generative_rows, CHOICE: choice_rows}
+"""Per kind: task.json -> (rows, skipped examples by reason)."""
+
+
 def _load_member(tar: tarfile.TarFile, member: tarfile.TarInfo, sdist: Path) -> dict:
     """The JSON object of one task.json member; unreadable or non-object content raises ``AssetError``."""
     try:
@@ -114,85 +220,142 @@ def _load_member(tar: tarfile.TarFile, member: tarfile.TarInfo, sdist: Path) -> 
     return data
 
 
-def read_tasks(sdist: Path, tasks: Sequence[str]) -> dict[str, tuple[list[Row], int]]:
-    """Stream ``sdist`` once and return, per task, its rows (sorted by subtask, file order within one) and the
-    number of skipped examples. A task without any task.json, or without any exact-match row, raises
-    ``AssetError`` naming it."""
-    found: dict[str, dict[str, tuple[list[Row], int]]] = {t: {} for t in tasks}
+def _stream(sdist: Path, kinds_of: Mapping[str, Sequence[str]]) -> dict[Key, dict[str, tuple[list[Row], Skips]]]:
+    """One pass over ``sdist``: ``{(kind, task): {subtask: (rows, skips)}}`` for every task.json of the tasks in
+    ``kinds_of`` (task -> its kinds)."""
+    found: dict[Key, dict] = {(kind, t): {} for t, kinds in kinds_of.items() for kind in kinds}
     try:
         with tarfile.open(sdist, "r|*") as tar:
             for member in tar:
                 match = _TASK_JSON.search(member.name)
-                if match and match.group(1) in found and member.isfile():
-                    subtask = match.group(2) or ""
-                    found[match.group(1)][subtask] = task_rows(_load_member(tar, member, sdist), subtask)
+                if match and match.group(1) in kinds_of and member.isfile():
+                    task, subtask = match.group(1), match.group(2) or ""
+                    data = _load_member(tar, member, sdist)
+                    for kind in kinds_of[task]:
+                        found[(kind, task)][subtask] = ROW_BUILDERS[kind](data, subtask)
     except (OSError, EOFError, tarfile.TarError) as exc:
         raise AssetError(f"cannot read the BIG-bench sdist {sdist}: {exc}") from exc
-    missing = [t for t, subs in found.items() if not subs]
+    return found
+
+
+def read_selection(sdist: Path, selection: Mapping[str, Sequence[str]]) -> dict[Key, tuple[list[Row], Skips]]:
+    """Stream ``sdist`` once for ``selection`` (kind -> task names) and return, per ``(kind, task)``, its rows
+    (sorted by subtask, file order within one) and its skipped examples by reason. A task without any task.json,
+    or without any row of a kind asked of it, raises ``AssetError`` naming it."""
+    kinds_of: dict[str, list[str]] = {}
+    for kind, tasks in selection.items():
+        if kind not in ROW_BUILDERS:
+            raise AssetError(f"unknown BIG-bench task kind {kind!r}; known: {', '.join(ROW_BUILDERS)}")
+        for task in tasks:
+            kinds_of.setdefault(task, []).append(kind)
+    found = _stream(sdist, kinds_of)
+    missing = list(dict.fromkeys(t for (_, t), subs in found.items() if not subs))
     if missing:
         raise AssetError(f"BIG-bench task(s) not found in {sdist.name}: {', '.join(missing)} (no "
                          f"benchmark_tasks/<task>/task.json); task names are the benchmark_tasks folder names")
     out = {}
-    for task, subs in found.items():
+    for (kind, task), subs in found.items():
         rows = [row for sub in sorted(subs) for row in subs[sub][0]]
         if not rows:
-            raise AssetError(f"BIG-bench task {task!r} has no example with a string `target` (multiple-choice "
-                             f"only?); it cannot be scored by exact match")
-        out[task] = (rows, sum(skipped for _, skipped in subs.values()))
+            raise AssetError(f"BIG-bench task {task!r} has {_EMPTY[kind]}")
+        skips: Skips = {}
+        for _, sub_skips in subs.values():
+            for reason, n in sub_skips.items():
+                skips[reason] = skips.get(reason, 0) + n
+        out[(kind, task)] = (rows, skips)
     return out
 
 
-def write_task_parquet(rows: Iterable[Row], path: Path) -> None:
-    """Write rows as parquet with ``SCHEMA``'s columns, atomically (temporary sibling + rename)."""
+def read_tasks(sdist: Path, tasks: Sequence[str]) -> dict[str, tuple[list[Row], int]]:
+    """Stream ``sdist`` once and return, per generative task, its rows (sorted by subtask, file order within one)
+    and the number of skipped examples (see ``read_selection``)."""
+    found = read_selection(sdist, {GENERATIVE: tasks})
+    return {task: (rows, sum(skips.values())) for (_, task), (rows, skips) in found.items()}
+
+
+def write_task_parquet(rows: Iterable[Row], path: Path, schema: pa.Schema = SCHEMA) -> None:
+    """Write rows as parquet with ``schema``'s columns (``SCHEMA``: generative; ``CHOICE_SCHEMA``), atomically
+    (temporary sibling + rename)."""
     rows = list(rows)
-    table = pa.table({name: [row[name] for row in rows] for name in SCHEMA.names}, schema=SCHEMA)
+    table = pa.table({name: [row[name] for row in rows] for name in schema.names}, schema=schema)
     write_atomic(path, lambda tmp: pq.write_table(table, tmp), mode=0o644)
 
 
-def _unique_tasks(tasks: Iterable[str]) -> list[str]:
-    """The task names in order without repeats; an empty selection or a bad name raises ``AssetError``."""
-    names = list(dict.fromkeys(tasks))
-    if not names:
+_PATHS = {GENERATIVE: bigbench_path, CHOICE: choice_task_path}
+_EXPECTED = {GENERATIVE: EXPECTED_ROWS, CHOICE: EXPECTED_CHOICE_ROWS}
+
+
+def _selected_paths(tasks: Iterable[str], choice_tasks: Iterable[str]) -> dict[Key, Path]:
+    """``{(kind, task): path}`` of the named tasks, in order without repeats; an empty selection or a bad name
+    raises ``AssetError``."""
+    paths = {(kind, t): _PATHS[kind](t) for kind, names in ((GENERATIVE, tasks), (CHOICE, choice_tasks))
+             for t in dict.fromkeys(names)}
+    if not paths:
         raise AssetError("no BIG-bench task named")
-    for name in names:
-        bigbench_path(name)
-    return names
+    return paths
 
 
-def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Progress = print) -> dict[str, Path]:
-    """Build (once) ``<task>.parquet`` for each task from the ``bigbench`` sdist (downloaded once, never
-    installed); tasks whose file matches the manifest are verified, not rebuilt. Returns ``{task: path}``."""
-    paths = {t: bigbench_path(t) for t in _unique_tasks(tasks)}
+def _describe(kind: str, rows: list[Row], skips: Skips) -> str:
+    """Row and skip counts of one extracted task, for the progress message."""
+    if kind == GENERATIVE:
+        return f"{len(rows)} rows ({sum(skips.values())} examples without a string target skipped)"
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(skips.items())) or "none"
+    return f"{len(rows)} rows (skipped: {skipped})"
+
+
+def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Progress = print,
+                   choice_tasks: Iterable[str] = ()) -> dict[str, Path]:
+    """Build (once) the parquet file of each generative task in ``tasks`` and each multiple-choice task in
+    ``choice_tasks`` from the ``bigbench`` sdist (downloaded once, never installed; one pass for both kinds); files
+    that match the manifest are verified, not rebuilt. Returns ``{task_key(kind, task): path}``."""
+    paths = _selected_paths(tasks, choice_tasks)
     folder = bigbench_dir()
     recorded = assets._read_manifest(folder).get("files") or {}
-    todo = [t for t, p in paths.items() if not (p.is_file() and recorded.get(p.name) == sha256_file(p))]
+    rel = {key: p.relative_to(folder).as_posix() for key, p in paths.items()}
+    todo = [key for key, p in paths.items() if not (p.is_file() and recorded.get(rel[key]) == sha256_file(p))]
+    keyed = {task_key(*key): p for key, p in paths.items()}
     if not todo:
-        progress(f"bigbench ok ({', '.join(paths)})")
-        return paths
+        progress(f"bigbench ok ({', '.join(keyed)})")
+        return keyed
     sdist = assets._download(BIGBENCH_PACKAGE, BIGBENCH_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
-    extracted = read_tasks(sdist, todo)
-    for task in todo:
-        rows, skipped = extracted[task]
-        expected = EXPECTED_ROWS.get(task)
-        if expected is not None and len(rows) != expected:
-            raise AssetError(f"BIG-bench {task}: extracted {len(rows)} rows, expected {expected}")
-        write_task_parquet(rows, paths[task])
-        progress(f"bigbench {task}: {len(rows)} rows ({skipped} examples without a string target skipped) "
-                 f"-> {paths[task]}")
-    files = {k: v for k, v in recorded.items() if k not in {paths[t].name for t in todo}}
-    files.update({paths[t].name: sha256_file(paths[t]) for t in todo})
+    selection: dict[str, list[str]] = {}
+    for kind, task in todo:
+        selection.setdefault(kind, []).append(task)
+    extracted = read_selection(sdist, selection)
+    for kind, task in todo:
+        expected, got = _EXPECTED[kind].get(task), len(extracted[(kind, task)][0])
+        if expected is not None and got != expected:
+            raise AssetError(f"BIG-bench {task_key(kind, task)}: extracted {got} rows, expected {expected}")
+    for kind, task in todo:
+        rows, skips = extracted[(kind, task)]
+        write_task_parquet(rows, paths[(kind, task)], SCHEMAS[kind])
+        progress(f"bigbench {task_key(kind, task)}: {_describe(kind, rows, skips)} -> {paths[(kind, task)]}")
+    files = {k: v for k, v in recorded.items() if k not in {rel[key] for key in todo}}
+    files.update({rel[key]: sha256_file(paths[key]) for key in todo})
     source = {"package": BIGBENCH_PACKAGE, "version": BIGBENCH_VERSION, "file": sdist.name,
               "sha256": sha256_file(sdist)}
     assets._write_manifest(folder, source, files)
-    return paths
+    return keyed
 
 
-def ensure_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS) -> dict[str, Path]:
-    """Return ``{task: path}`` without downloading; a missing parquet file raises ``AssetError`` naming it."""
-    paths = {t: bigbench_path(t) for t in _unique_tasks(tasks)}
-    missing = [t for t, p in paths.items() if not p.is_file()]
+def _fetch_hint(missing: Sequence[Key]) -> str:
+    """The command that fetches the ``missing`` ``(kind, task)`` files."""
+    generative = [t for kind, t in missing if kind == GENERATIVE]
+    choice = [t for kind, t in missing if kind == CHOICE]
+    if not choice and set(generative) <= set(DEFAULT_GENERATIVE_TASKS):
+        return _FETCH_HINT
+    flags = [f"--bigbench --bigbench-tasks {','.join(generative)}"] if generative else []
+    flags += [f"--bigbench-choice --bigbench-choice-tasks {','.join(choice)}"] if choice else []
+    return f"run `rayblora assets fetch {' '.join(flags)}`"
+
+
+def ensure_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS,
+                    choice_tasks: Iterable[str] = ()) -> dict[str, Path]:
+    """Return ``{task_key(kind, task): path}`` without downloading; a missing parquet file raises ``AssetError``
+    naming it and the command that fetches it."""
+    paths = _selected_paths(tasks, choice_tasks)
+    missing = [key for key, p in paths.items() if not p.is_file()]
     if missing:
-        hint = (_FETCH_HINT if set(missing) <= set(DEFAULT_GENERATIVE_TASKS) else
-                f"run `rayblora assets fetch --bigbench --bigbench-tasks {','.join(missing)}`")
-        raise AssetError(f"BIG-bench data missing: {', '.join(str(paths[t]) for t in missing)}; {hint}")
-    return paths
+        raise AssetError(f"BIG-bench data missing: {', '.join(str(paths[key]) for key in missing)}; "
+                         f"{_fetch_hint(missing)}")
+    return {task_key(*key): p for key, p in paths.items()}

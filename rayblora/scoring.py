@@ -1,7 +1,10 @@
 """Answer scoring: one PEFT model + tokenizer + answer tokens -> C-way logits, under any adapter state.
 
 Every posterior family evaluates the same function f_θ(x) ∈ R^C for different LoRA parameters θ; the
-:class:`AnswerScorer` owns the single shared base model and swaps adapter tensors in and out.
+:class:`AnswerScorer` owns the single shared base model and swaps adapter tensors in and out. f_θ(x)_c is the
+next-token logit of answer c's first token, or, for a multiple-choice row scored by option likelihood, option c's
+log-likelihood log p_θ(option c | prompt) (summed or averaged over its tokens), so every family's predictive,
+curvature and GLM Jacobian is over the option scores.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rayblora.batched import batched_logits, lora_dropout_active
 from rayblora.config import AdapterConfig, ModelConfig
-from rayblora.data.batches import encode
+from rayblora.data.batches import choice_batch, encode, model_attention, position_ids
 from rayblora.data.formats import TaskSpec
 from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters, lora_state,
                             set_lora_state)
@@ -30,11 +33,6 @@ def attention_kernels(device: torch.device):
         return nullcontext()
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (B, T), so left padding does not shift a prompt's score."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class AnswerScorer:
@@ -81,10 +79,19 @@ class AnswerScorer:
     def num_choices(self) -> int:
         return len(self.spec.choices)
 
-    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise prompts into a left-padded batch (all choices valid)."""
-        batch = encode(self.tokenizer, prompts, self.max_length)
-        batch["num_choices"] = torch.full((len(prompts),), self.num_choices, dtype=torch.long)
+    def encode(self, prompts: Sequence[str],
+               choices: Sequence[Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise prompts into a left-padded batch, all the spec's choices valid; a task scored by option
+        likelihood needs each row's option continuations `choices` (:func:`~rayblora.data.formats.choice_example`),
+        and only those are valid."""
+        if not self.spec.by_likelihood:
+            batch = encode(self.tokenizer, prompts, self.max_length)
+            batch["num_choices"] = torch.full((len(prompts),), self.num_choices, dtype=torch.long)
+            return batch
+        if choices is None or len(choices) != len(prompts):
+            raise ValueError("a multiple-choice task scored by option likelihood needs every row's choices")
+        batch = choice_batch(self.tokenizer, prompts, choices, self.max_length)
+        batch["num_choices"] = torch.as_tensor([len(c) for c in choices], dtype=torch.long)
         return batch
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,8 +102,8 @@ class AnswerScorer:
         """Final-layer hidden state at the last prompt position, (B, H)."""
         batch = self.to_device(batch)
         with attention_kernels(self.device):
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True,
+            out = self.model(input_ids=batch["input_ids"], attention_mask=self.attention(batch),
+                             position_ids=position_ids(batch), output_hidden_states=True,
                              logits_to_keep=1)
         return out.hidden_states[-1][:, -1]
 
@@ -110,8 +117,35 @@ class AnswerScorer:
         if self.spec.kind == "generation":
             raise ValueError("answer logits need a task with answer choices; a generation task is scored by its "
                              "targets' likelihood (AnswerScorer.target_scores) and decoded with Posterior.generate")
+        if self.spec.by_likelihood:
+            return mask_choices(self._option_scores(self.to_device(batch), trunk), batch.get("num_choices"))
         logits = self._head_logits(self.to_device(batch), trunk, 1, self.answer_ids.to(self.device))[:, -1].float()
         return mask_choices(logits, batch.get("num_choices"))
+
+    def attention(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The attention mask the model takes for `batch` (:func:`~rayblora.data.batches.model_attention`)."""
+        return model_attention(batch, self.model.get_input_embeddings().weight.dtype)
+
+    def _option_scores(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+        """Option scores (B, C) of a packed batch on :attr:`device`: s_c = Σ_t log p(o_c,t | prompt, o_c,<t), or
+        its mean over o_c's tokens (`likelihood_per_token`); 0 for options a row does not have (masked later).
+
+        Every option's first token is read at the prompt's last position, its later tokens at their predecessor:
+        the logits are needed only at the last `span + 1` positions (span: the most option tokens of a row)."""
+        segments = batch["segments"]
+        option_tokens = (segments > 0).sum(-1)  # (B,)
+        span = int(option_tokens.max())
+        logp = torch.log_softmax(self._head_logits(batch, trunk, span + 1).float(), -1)  # (B, span + 1, V)
+        window = segments[:, -span - 1:]
+        targets, parts = batch["input_ids"][:, -span:], window[:, 1:]  # each read token and its option (0: none)
+        previous = torch.arange(span, device=self.device)[None, :]
+        source = torch.where(window[:, :-1] == parts, previous, (span - option_tokens)[:, None])
+        token_logp = logp[torch.arange(len(logp), device=self.device)[:, None], source, targets] * (parts > 0)
+        scores = torch.zeros(len(logp), self.num_choices + 1, device=self.device).scatter_add(1, parts, token_logp)
+        if self.spec.scoring == "likelihood_per_token":
+            counts = torch.zeros_like(scores).scatter_add(1, parts, (parts > 0).float())
+            scores = scores / counts.clamp(min=1)
+        return scores[:, 1:]
 
     def _head_logits(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None, keep: int,
                      vocab_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,10 +155,10 @@ class AnswerScorer:
         if trunk is None and self.trunk_cache is not None:
             trunk = self.shared_trunk(batch)
         trunk = None if trunk is None else (trunk[0], trunk[1].to(self.device))
-        mask, length = batch["attention_mask"], batch["input_ids"].shape[-1]
+        mask, positions, length = self.attention(batch), position_ids(batch), batch["input_ids"].shape[-1]
         if self.tail_only and keep < length and tail_ready(self.model, length):
             with attention_kernels(self.device):
-                hidden = tail_hidden(self.model, mask, position_ids(mask), keep, batch["input_ids"], trunk)
+                hidden = tail_hidden(self.model, mask, positions, keep, batch["input_ids"], trunk)
             head = self.model.get_output_embeddings()
             weight = head.weight if vocab_rows is None else head.weight.index_select(0, vocab_rows)
             bias = head.bias if head.bias is None or vocab_rows is None else head.bias.index_select(0, vocab_rows)
@@ -133,7 +167,7 @@ class AnswerScorer:
         if trunk is not None:
             inputs, window = {"inputs_embeds": trunk[1]}, above_trunk(self.model, trunk[0])
         with attention_kernels(self.device), window:
-            logits = self.model(**inputs, attention_mask=mask, use_cache=False, position_ids=position_ids(mask),
+            logits = self.model(**inputs, attention_mask=mask, use_cache=False, position_ids=positions,
                                 logits_to_keep=keep).logits
         return logits if vocab_rows is None else logits.index_select(-1, vocab_rows)
 
@@ -172,7 +206,8 @@ class AnswerScorer:
 
         def compute(rows: dict[str, torch.Tensor]) -> torch.Tensor:
             with attention_kernels(self.device):
-                return trunk_hidden(self.model, rows, position_ids(rows["attention_mask"]), start)
+                inputs = {"input_ids": rows["input_ids"], "attention_mask": self.attention(rows)}
+                return trunk_hidden(self.model, inputs, position_ids(rows), start)
 
         if self.trunk_cache is not None and self.trunk_cache.start == start:
             return start, self.trunk_cache.hidden(batch, compute).to(self.device)

@@ -158,7 +158,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _tail_mask(attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
     """Boolean (N, 1, keep, T): query i (position T − keep + i) sees real keys at or before it, and itself (so a
-    padded query row is never fully masked)."""
+    padded query row is never fully masked); from an additive (N, 1, T, T) mask, its last `keep` query rows."""
+    if attention_mask.dim() == 4:
+        return attention_mask[:, :, -keep:] == 0
     length = attention_mask.shape[-1]
     queries = torch.arange(length - keep, length, device=attention_mask.device)
     keys = torch.arange(length, device=attention_mask.device)

@@ -2,12 +2,13 @@
 
 With LoRA on the top layers only (`adapter.layers`), the hidden states h_{L₀} (T, H) that enter the first
 adapted layer L₀ depend on nothing but the frozen base, L₀ and the prompt's real token ids (positions count
-real tokens only and left padding is masked, :func:`rayblora.scoring.position_ids`). They are the same for every
+real tokens only and left padding is masked, :func:`rayblora.data.batches.position_ids`). They are the same for every
 member, epoch, sample and evaluation method, so this cache computes them once per prompt and every later forward
 starts at L₀ (:meth:`rayblora.scoring.AnswerScorer.shared_trunk`).
 
-* An entry's key is the sha256 of the prompt's real token ids after truncation: another tokenizer, another
-  `max_length` or another example gives other ids and misses; equal ids have equal hidden states.
+* An entry's key is the sha256 of the prompt's real token ids after truncation (and, for a packed multiple-choice
+  row, of which option each token belongs to): another tokenizer, another `max_length` or another example gives
+  other ids and misses; equal ids (and parts) have equal hidden states.
 * A cache belongs to one identity: the base model's fingerprint, L₀ and the hidden dtype. Its file is
   `<dir>/<identity digest>.safetensors` (hidden states of every entry concatenated, offsets, key digests; the
   identity in the safetensors metadata) beside a JSON sidecar holding the file's sha256: a truncated or altered
@@ -35,12 +36,16 @@ from safetensors.torch import load_file, save_file
 from rayblora.manifest import sha256_file, write_atomic, write_text_atomic
 
 TrunkFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-"""Computes the trunk hidden states (B, T, H) of a left-padded batch (input_ids, attention_mask)."""
+"""Computes the trunk hidden states (B, T, H) of a left-padded batch (input_ids, attention_mask[, segments])."""
 
 
-def token_key(ids: torch.Tensor) -> bytes:
-    """Digest (32 bytes) of one prompt's real token ids (T,)."""
-    return hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes()).digest()
+def token_key(ids: torch.Tensor, segments: torch.Tensor | None = None) -> bytes:
+    """Digest (32 bytes) of one prompt's real token ids (T,), and of a packed multiple-choice row's `segments` (T,)
+    (which option each token belongs to: the same ids split into other options attend otherwise)."""
+    digest = hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes())
+    if segments is not None:
+        digest.update(b"segments" + segments.to(torch.int64).cpu().numpy().tobytes())
+    return digest.digest()
 
 
 class TrunkCache:
@@ -91,20 +96,22 @@ class TrunkCache:
         """Trunk hidden states (B, T, H) of a left-padded batch: cached rows copied, missing prompts computed once
         with `compute` on a sub-batch of their own (trimmed to its longest prompt) and stored; pad positions 0.
         A row counts as a miss when it was computed, as a hit otherwise."""
-        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        keys = [token_key(ids[b][mask[b]]) for b in range(ids.shape[0])]
+        ids, mask, segments = batch["input_ids"], batch["attention_mask"].bool(), batch.get("segments")
+        keys = [token_key(ids[b][mask[b]], None if segments is None else segments[b][mask[b]])
+                for b in range(ids.shape[0])]
         first_rows = {key: b for b, key in reversed(list(enumerate(keys)))}
         missing = sorted(b for key, b in first_rows.items() if key not in self.entries)
         if missing:
-            self._fill(ids[missing], mask[missing], [keys[b] for b in missing], compute)
+            self._fill({name: batch[name][missing] for name in ("input_ids", "attention_mask", "segments")
+                        if name in batch}, [keys[b] for b in missing], compute)
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         return self._assemble(keys, mask)
 
-    def _fill(self, ids: torch.Tensor, mask: torch.Tensor, keys: list[bytes], compute: TrunkFn) -> None:
-        lengths = mask.sum(-1)
+    def _fill(self, rows: dict[str, torch.Tensor], keys: list[bytes], compute: TrunkFn) -> None:
+        lengths = rows["attention_mask"].sum(-1)
         width = int(lengths.max())
-        hidden = compute({"input_ids": ids[:, -width:], "attention_mask": mask[:, -width:].long()})
+        hidden = compute({name: tensor[:, -width:] for name, tensor in rows.items()})
         for row, (key, n) in enumerate(zip(keys, lengths.tolist())):
             self.entries[key] = hidden[row, hidden.shape[1] - n:].detach().to("cpu", self.dtype).clone()
 

@@ -34,6 +34,29 @@ def write_sentiment_jsonl(path: Path, n: int, seed: int, noise: float = 0.1) -> 
     return path
 
 
+def write_choice_jsonl(path: Path, n: int, seed: int, widths: tuple[int, ...] = (2, 3, 5)) -> Path:
+    """`n` multiple-choice rows {"question", "choices", "label"}: pick the positive word (or phrase) among negative
+    ones, the number of options cycling through `widths` (ragged rows)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            width = widths[i % len(widths)]
+            options = rng.sample(NEGATIVE, width - 1)
+            label = rng.randrange(width)
+            options.insert(label, rng.choice(POSITIVE) + (" " + rng.choice(FILLER) if rng.random() < 0.5 else ""))
+            question = "Which one is " + rng.choice(["good", "nice", "positive"]) + "? " + " ".join(
+                rng.choices(FILLER, k=rng.randint(1, 4)))
+            f.write(json.dumps({"question": question, "choices": options, "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def choice_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("choice-data")
+    return {"train": write_choice_jsonl(root / "train.jsonl", 300, seed=0),
+            "shift": write_choice_jsonl(root / "shift.jsonl", 60, seed=1, widths=(4,))}
+
+
 @pytest.fixture(scope="session")
 def sentiment_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")

@@ -52,7 +52,7 @@ def test_members_load_with_peft_and_reproduce_member_probs(saved, tiny_session_c
     from peft import PeftModel
 
     from rayblora.data.batches import eval_batches
-    from rayblora.scoring import position_ids
+    from rayblora.data.batches import position_ids
 
     post, path = saved
     batch = next(eval_batches(tiny_data.test, post.scorer.tokenizer, 16, post.scorer.max_length))
@@ -62,7 +62,7 @@ def test_members_load_with_peft_and_reproduce_member_probs(saved, tiny_session_c
         model = PeftModel.from_pretrained(base, str(path / "members" / str(i))).eval()
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=position_ids(batch["attention_mask"])).logits[:, -1]
+                           position_ids=position_ids(batch)).logits[:, -1]
         probs = torch.softmax(logits[:, post.scorer.answer_ids], -1)
         assert torch.allclose(probs, expected[i], atol=1e-5)
 

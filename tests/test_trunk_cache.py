@@ -99,10 +99,10 @@ def scorer_and_batch(sentiment_files, tmp_path, tiny_data):
 
 
 def _trunk_fn(scorer):
-    from rayblora.scoring import position_ids
+    from rayblora.data.batches import position_ids
     from rayblora.trunk import trunk_hidden
 
-    return lambda rows: trunk_hidden(scorer.model, rows, position_ids(rows["attention_mask"]), 2)
+    return lambda rows: trunk_hidden(scorer.model, rows, position_ids(rows), 2)
 
 
 def test_another_base_layer_or_dtype_is_another_cache_file(scorer_and_batch, tmp_path):

@@ -63,6 +63,10 @@ class AdapterConfig:
         check(self.init_b_std >= 0, "adapter.init_b_std", f"must be >= 0, got {self.init_b_std}")
 
 
+CHOICE_SCORINGS = ("likelihood_per_token", "likelihood", "letter")
+"""How a multiple-choice row is scored (`data.choice_scoring`), the default first."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     task: str = "movie"
@@ -90,7 +94,12 @@ class DataConfig:
     shift_test_size: int = 0
     """Rows of each shift and far-OOD split (0 = test_size)."""
     max_length: int = 64
-    """Maximum prompt length in tokens; longer prompts keep their last tokens (the question)."""
+    """Maximum prompt length in tokens; longer prompts keep their last tokens (the question). A row scored by
+    option likelihood counts its prompt and all its options' tokens."""
+    choice_scoring: str = CHOICE_SCORINGS[0]
+    """Multiple-choice rows (`question` + `choices` + `label`): `likelihood_per_token` scores each option by the
+    mean log-likelihood of its tokens as a continuation of "Question: ...\nAnswer:", `likelihood` by their sum,
+    `letter` by the next token after a lettered list (" A", " B", ...). Other tasks ignore it."""
     seed: int = 0
     """Seed of the deterministic train/validation/test split."""
 
@@ -102,6 +111,7 @@ class DataConfig:
             check(getattr(self, name) >= 0, f"data.{name}", "must be >= 0")
         check(self.val_size > 0 and self.test_size > 0, "data.val_size/test_size", "must be > 0")
         check(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
+        one_of(self.choice_scoring, CHOICE_SCORINGS, "data.choice_scoring")
         check(self.task not in self.joint_tasks and len(set(self.joint_tasks)) == len(self.joint_tasks),
                "data.joint_tasks", "must not repeat a task or name data.task itself")
 

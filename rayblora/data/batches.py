@@ -3,7 +3,12 @@
 A batch is a dict of tensors: `input_ids` (B, T) and `attention_mask` (B, T), left-padded so that position
 T-1 is every prompt's last token, `labels` (B,) and `num_choices` (B,). A generation task's batch
 (rows with a `target`) holds prompt + target + end-of-sequence tokens instead, with `target_mask` (B, T) marking
-the target's tokens and the end-of-sequence token (the positions whose likelihood is trained).
+the target's tokens and the end-of-sequence token (the positions whose likelihood is trained). A multiple-choice
+batch scored by option likelihood (rows with `choices`) packs each row into one sequence, its prompt followed by
+every option's tokens, with `segments` (B, T) numbering the parts (0: prompt or padding, c + 1: option c): each
+option attends to the prompt and to itself only and its positions continue the prompt's, so every option is
+scored exactly as a separate prompt + option sequence would be, while the prompt runs once per row
+(:func:`choice_batch`, :func:`position_ids`, :func:`model_attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,63 @@ def encode(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torc
     enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def choice_batch(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
+                 max_length: int) -> dict[str, torch.Tensor]:
+    """Packed rows (B, T ≤ max_length), left-padded: prompt tokens, then each option's tokens in order;
+    `attention_mask` (B, T) marks real tokens and `segments` (B, T) the part each belongs to (0 prompt / pad,
+    c + 1 option c). Prompt and options are tokenised apart (lm-evaluation-harness's continuation scoring); a long
+    prompt loses its first tokens, and a row whose options alone do not fit is refused."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for prompt, options in zip(prompts, choices):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        o = tokenizer(list(options), add_special_tokens=False)["input_ids"]
+        span = sum(len(t) for t in o)
+        if span >= max_length or min(len(t) for t in o) == 0:
+            raise ValueError(f"the options of {prompt[:40]!r} take {span} tokens (one is empty or they leave no room "
+                             f"for the question); data.max_length is {max_length}")
+        p = p[max(0, len(p) + span - max_length):]
+        rows.append((p + [i for t in o for i in t], [0] * len(p) + [c + 1 for c, t in enumerate(o) for _ in t]))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask, segments = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row_ids, row_segments) in enumerate(rows):
+        ids[i, width - len(row_ids):] = torch.tensor(row_ids)
+        mask[i, width - len(row_ids):] = 1
+        segments[i, width - len(row_ids):] = torch.tensor(row_segments)
+    return {"input_ids": ids, "attention_mask": mask, "segments": segments}
+
+
+def position_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Positions (B, T) counted over real tokens only, so left padding does not shift a prompt's score; in a
+    packed multiple-choice row each option's positions continue the prompt's (as in its own sequence)."""
+    mask = batch["attention_mask"].long()
+    segments = batch.get("segments")
+    if segments is None:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+    prompt = mask * (segments == 0)
+    parts = torch.nn.functional.one_hot(segments, int(segments.max()) + 1) * mask[..., None]  # (B, T, C + 1)
+    within = (parts.cumsum(1) * parts).sum(-1)  # 1-based index of each token inside its own part
+    return torch.where(segments == 0, prompt.cumsum(-1) - 1, prompt.sum(-1, keepdim=True) + within - 1).clamp(min=0)
+
+
+def model_attention(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask a decoder forward takes: `attention_mask` (B, T) as it is, or for a packed
+    multiple-choice batch the additive (B, 1, T, T) mask in `dtype` (0 where a query sees a key, the dtype's
+    minimum elsewhere): real keys at or before the query, in the prompt or in the query's own option; every query
+    sees itself, so no padded row is fully masked."""
+    mask, segments = batch["attention_mask"].bool(), batch.get("segments")
+    if segments is None:
+        return batch["attention_mask"]
+    length = mask.shape[-1]
+    positions = torch.arange(length, device=mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (T query, T key)
+    same_part = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])  # (B, T, T)
+    visible = (causal[None] & same_part & mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=mask.device)
+    return torch.zeros(visible.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~visible, torch.finfo(dtype).min)[:, None]
 
 
 def generation_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
@@ -48,9 +110,12 @@ def generation_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
 
 
 def make_batch(tokenizer, rows: dict[str, list[Any]], max_length: int) -> dict[str, torch.Tensor]:
-    """Batch from column-oriented rows (`prompt`, `label`, `num_choices`, and `target` for generation)."""
+    """Batch from column-oriented rows (`prompt`, `label`, `num_choices`; `target` for generation, `choices` for
+    multiple choice scored by option likelihood)."""
     if "target" in rows:
         batch = generation_batch(tokenizer, rows["prompt"], rows["target"], max_length)
+    elif "choices" in rows:
+        batch = choice_batch(tokenizer, rows["prompt"], rows["choices"], max_length)
     else:
         batch = encode(tokenizer, rows["prompt"], max_length)
     batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
@@ -59,13 +124,16 @@ def make_batch(tokenizer, rows: dict[str, list[Any]], max_length: int) -> dict[s
 
 
 def token_lengths(tokenizer, rows: dict[str, list[Any]], max_length: int) -> np.ndarray:
-    """Each row's token count as batched (N,): its prompt's tokens (with a generation target's and EOS), at most
-    `max_length`."""
+    """Each row's token count as batched (N,): its prompt's tokens (with a generation target's and EOS, or every
+    option's), at most `max_length`."""
     prompts = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
     lengths = np.array([len(p) for p in prompts])
     if "target" in rows:
         targets = tokenizer(list(rows["target"]), add_special_tokens=False)["input_ids"]
         lengths += np.array([len(t) + 1 for t in targets])
+    if "choices" in rows:
+        lengths += np.array([sum(len(t) for t in tokenizer(list(options), add_special_tokens=False)["input_ids"])
+                             for options in rows["choices"]])
     return np.minimum(lengths, max_length)
 
 

@@ -138,7 +138,7 @@ def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> Task
         return classification_spec(cfg.label_names, cfg.prompt_template)
     if {"question", "choices"} <= columns:
         widest = max(len(r["choices"]) if isinstance(r.get("choices"), (list, tuple)) else 0 for r in rows)
-        return multiple_choice_spec(max(widest, 2))
+        return multiple_choice_spec(max(widest, 2), cfg.choice_scoring)
     raise DataError(f"{source}: needs columns 'text' + 'label' (classification), 'question' + 'choices' "
                     f"+ 'label' (multiple choice) or 'prompt' + 'target' (generation); found {sorted(columns)}")
 

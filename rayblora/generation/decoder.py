@@ -83,7 +83,7 @@ class _Rows:
 
     def extend(self, new_mask: torch.Tensor) -> torch.Tensor:
         """Append positions whose mask is `new_mask` (R, q); returns their position ids (R, q), counted over
-        real tokens only (so left padding does not shift a prompt, as in :func:`rayblora.scoring.position_ids`)."""
+        real tokens only (so left padding does not shift a prompt, as in :func:`rayblora.data.batches.position_ids`)."""
         new_mask = new_mask.to(self.key_mask.device, self.key_mask.dtype)
         real = self.key_mask.sum(-1, keepdim=True)
         self.key_mask = torch.cat([self.key_mask, new_mask], dim=1)

@@ -119,10 +119,14 @@ class Posterior(ABC):
         """Bayesian model average on one tokenised batch."""
         return predictive.from_logits(self.sample_logits(batch))
 
-    def predict(self, prompts: Sequence[str], batch_size: int = 16) -> Predictive:
-        """Predictive for raw prompts (already formatted, see :mod:`rayblora.data.formats`)."""
-        parts = [self.predict_batch(self.scorer.encode(prompts[i:i + batch_size]))
-                 for i in range(0, len(prompts), batch_size)]
+    def predict(self, prompts: Sequence[str], batch_size: int = 16,
+                choices: Sequence[Sequence[str]] | None = None) -> Predictive:
+        """Predictive for raw prompts (already formatted, see :mod:`rayblora.data.formats`); a multiple-choice task
+        scored by option likelihood also takes each row's option continuations `choices` (ragged: a row's missing
+        options get probability 0)."""
+        parts = [self.predict_batch(self.scorer.encode(
+            prompts[i:i + batch_size], None if choices is None else choices[i:i + batch_size]))
+            for i in range(0, len(prompts), batch_size)]
         return predictive.concat(parts)
 
     # --- generation ---------------------------------------------------------------------------------

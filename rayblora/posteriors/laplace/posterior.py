@@ -146,7 +146,7 @@ def member_laplace(member: int, curv: LoraCurvature, state: dict[str, torch.Tens
 
 def _batch_key(batch: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha1()
-    for name in ("input_ids", "attention_mask", "num_choices"):
+    for name in ("input_ids", "attention_mask", "segments", "num_choices"):
         if name in batch:
             h.update(name.encode())
             h.update(batch[name].detach().cpu().contiguous().numpy().tobytes())
