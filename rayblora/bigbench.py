@@ -24,8 +24,8 @@ skipped). Columns:
 Kind "choice" (multiple choice): ``.../bigbench/choice/<task>.parquet``, one row per example with ``target_scores``
 (option text -> score; or the list form ``multiple_choice_targets`` / ``multiple_choice_scores``) of at least two
 string options with numeric scores and a single best one; examples with a tie for the best score, with fewer than two
-options, or malformed are skipped and counted. Columns, read by rayblora's user-file multiple-choice format
-(``question`` + ``choices`` + ``label``; the others are extra):
+or more than 26 options, with a blank option or question, or malformed are skipped and counted by reason. Columns,
+read by rayblora's user-file multiple-choice format (``question`` + ``choices`` + ``label``; the others are extra):
 
 * ``question`` (str): ``example_input_prefix + input``, stripped: the zero-shot query without the output prefix and
   without the options (BIG-bench's ``append_choices_to_input`` is ignored), e.g. ``"Q: Is the sky blue?"``;
@@ -71,10 +71,17 @@ after 300 LoRA steps (r = 8, q/v of the top 4 layers, batch 8, lr 1e-3): qa_wiki
 0 / 51 / 78 %. arithmetic (2-digit addition) stays at 0 / 6 / 1 %: the top layers cannot learn to add."""
 EXPECTED_ROWS = {"qa_wikidata": 20442, "linguistic_mappings": 15527}
 """Row counts of bigbench==1.0.0, checked after extraction (tasks not listed are not checked)."""
-DEFAULT_CHOICE_TASKS: tuple[str, ...] = ()
-"""TODO after the survey."""
-EXPECTED_CHOICE_ROWS: dict[str, int] = {}
+DEFAULT_CHOICE_TASKS: tuple[str, ...] = ("strategyqa", "social_iqa", "goal_step_wikihow", "bbq_lite_json")
+"""Multiple-choice tasks whose options are a few words of natural language (what a small model scored by option
+log-likelihood can learn; options that are letters or numbers are not), median question 57-228 characters.
+strategyqa: 2 290 yes/no questions ("Q: Is it common to see frost during some college commencements?"), 53 % "Yes".
+social_iqa: 1 954 rows, 2-3 options of ~3 words about people's motives and reactions. goal_step_wikihow: 7 053 rows
+in 3 subtasks (goal / step inference, step ordering), 2-5 options of ~6 words. bbq_lite_json: 16 076 rows in 18
+subtasks (bias categories, ambiguous / disambiguated contexts), 3 options of ~2 words, one of them "unknown"-like."""
+EXPECTED_CHOICE_ROWS = {"strategyqa": 2290, "social_iqa": 1954, "goal_step_wikihow": 7053, "bbq_lite_json": 16076}
 """Multiple-choice row counts of bigbench==1.0.0 (after skips), checked after extraction like ``EXPECTED_ROWS``."""
+MAX_OPTIONS = 26
+"""The most options a multiple-choice row may have (``rayblora.data.formats.MAX_OPTIONS``: one letter each)."""
 DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX = "\nQ: ", "\nA: "
 """BIG-bench's JSON-task defaults for ``example_input_prefix`` / ``example_output_prefix``."""
 SCHEMA = pa.schema([("prompt", pa.string()), ("target", pa.string()), ("subtask", pa.string()),
@@ -161,7 +168,8 @@ def _is_score(value: object) -> bool:
 def choice_options(example: dict) -> tuple[list[str], int] | str:
     """``(options, label)`` of one example, or why it is skipped: ``"no_options"`` (neither ``target_scores`` nor
     ``multiple_choice_targets``), ``"malformed"`` (a non-string option, a non-numeric score, lists of unequal
-    length), ``"few_options"`` (fewer than two), ``"tie"`` (several options share the best score)."""
+    length), ``"empty_option"`` (an option that is blank), ``"few_options"`` (fewer than two), ``"many_options"``
+    (more than ``MAX_OPTIONS``), ``"tie"`` (several options share the best score)."""
     scores = example.get("target_scores")
     if isinstance(scores, dict):
         options, values = list(scores), list(scores.values())
@@ -172,8 +180,10 @@ def choice_options(example: dict) -> tuple[list[str], int] | str:
     if (not isinstance(options, list) or not isinstance(values, list) or len(options) != len(values)
             or not all(isinstance(o, str) for o in options) or not all(_is_score(v) for v in values)):
         return "malformed"
-    if len(options) < 2:
-        return "few_options"
+    if not all(o.strip() for o in options):
+        return "empty_option"
+    if not 2 <= len(options) <= MAX_OPTIONS:
+        return "few_options" if len(options) < 2 else "many_options"
     best = max(values)
     if values.count(best) > 1:
         return "tie"
@@ -182,20 +192,22 @@ def choice_options(example: dict) -> tuple[list[str], int] | str:
 
 def choice_rows(task_json: dict, subtask: str) -> tuple[list[Row], Skips]:
     """Multiple-choice rows of one task.json (see the module docstring for the columns) and the skipped examples
-    by reason (``choice_options``'s, and ``"malformed"`` for an example without a string ``input``)."""
-    in_prefix = task_json.get("example_input_prefix", DEFAULT_INPUT_PREFIX)
+    by reason (``choice_options``'s, and ``"no_input"`` for an example whose question would be blank)."""
+    in_prefix = str(task_json.get("example_input_prefix", DEFAULT_INPUT_PREFIX))
     answer_prefix = str(task_json.get("example_output_prefix", DEFAULT_OUTPUT_PREFIX)).strip()
     task_prefix = str(task_json.get("task_prefix") or "").strip()
     rows, skips = [], {}
     for example in task_json.get("examples") or []:
         found = choice_options(example) if isinstance(example, dict) else "malformed"
-        if isinstance(found, tuple) and not isinstance(example.get("input"), str):
-            found = "malformed"
+        text = example.get("input") if isinstance(found, tuple) else None
+        question = f"{in_prefix}{text}".strip() if isinstance(text, str) else ""
+        if isinstance(found, tuple) and not question:
+            found = "no_input"
         if isinstance(found, str):
             skips[found] = skips.get(found, 0) + 1
             continue
-        rows.append({"question": f"{in_prefix}{example['input']}".strip(), "choices": found[0], "label": found[1],
-                     "subtask": subtask, "answer_prefix": answer_prefix, "task_prefix": task_prefix})
+        rows.append({"question": question, "choices": found[0], "label": found[1], "subtask": subtask,
+                     "answer_prefix": answer_prefix, "task_prefix": task_prefix})
     return rows, skips
 
 

@@ -62,18 +62,27 @@ def _assets_args(p: argparse.ArgumentParser) -> None:
                    "(a 358 MB download, not part of the default fetch)")
     p.add_argument("--bigbench-tasks", default=",".join(bigbench.DEFAULT_GENERATIVE_TASKS), metavar="TASKS",
                    help="comma-separated BIG-bench task names for --bigbench (default: %(default)s)")
+    p.add_argument("--bigbench-choice", action="store_true", help="also fetch / check BIG-bench multiple-choice "
+                   "tasks (same download and pass as --bigbench; files under data/bigbench/choice/)")
+    p.add_argument("--bigbench-choice-tasks", default=",".join(bigbench.DEFAULT_CHOICE_TASKS), metavar="TASKS",
+                   help="comma-separated BIG-bench task names for --bigbench-choice (default: %(default)s)")
 
 
 def _run_assets(args, _cfg) -> int:
-    tasks = [t.strip() for t in args.bigbench_tasks.split(",") if t.strip()]
+    def names(text: str, wanted: bool) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()] if wanted else []
+
+    tasks = names(args.bigbench_tasks, args.bigbench)
+    choice_tasks = names(args.bigbench_choice_tasks, args.bigbench_choice)
+    wanted = args.bigbench or args.bigbench_choice
     if args.action == "fetch":
         assets.fetch_all()
-        if args.bigbench:
-            bigbench.fetch_bigbench(tasks)
+        if wanted:
+            bigbench.fetch_bigbench(tasks, choice_tasks=choice_tasks)
     else:
         assets.ensure_assets()
-        if args.bigbench:
-            bigbench.ensure_bigbench(tasks)
+        if wanted:
+            bigbench.ensure_bigbench(tasks, choice_tasks=choice_tasks)
         print(f"assets ok under {assets.cache_dir()}")
     return 0
 
