@@ -96,7 +96,7 @@ _TASK_JSON = re.compile(r"(?:^|/)benchmark_tasks/([^/]+)/(?:([^/]+)/)?task\.json
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _FETCH_HINT = "run `make assets-bigbench` or `rayblora assets fetch --bigbench`"
 _EMPTY = {GENERATIVE: "no example with a string `target` (multiple-choice only?); it cannot be scored by exact match",
-          CHOICE: "no example with `target_scores` of two or more options and a single best one (generative only?)"}
+          CHOICE: f"no example with `target_scores` of 2..{MAX_OPTIONS} non-blank options and a single best one"}
 
 Row = dict[str, object]
 Skips = dict[str, int]
@@ -268,12 +268,13 @@ def read_selection(sdist: Path, selection: Mapping[str, Sequence[str]]) -> dict[
     out = {}
     for (kind, task), subs in found.items():
         rows = [row for sub in sorted(subs) for row in subs[sub][0]]
-        if not rows:
-            raise AssetError(f"BIG-bench task {task!r} has {_EMPTY[kind]}")
         skips: Skips = {}
         for _, sub_skips in subs.values():
             for reason, n in sub_skips.items():
                 skips[reason] = skips.get(reason, 0) + n
+        if not rows:
+            detail = f" (skipped: {_skipped(skips)})" if kind == CHOICE else ""
+            raise AssetError(f"BIG-bench task {task!r} has {_EMPTY[kind]}{detail}")
         out[(kind, task)] = (rows, skips)
     return out
 
@@ -307,12 +308,16 @@ def _selected_paths(tasks: Iterable[str], choice_tasks: Iterable[str]) -> dict[K
     return paths
 
 
+def _skipped(skips: Skips) -> str:
+    """``"2 few_options, 3 tie"``, or ``"none"``."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(skips.items())) or "none"
+
+
 def _describe(kind: str, rows: list[Row], skips: Skips) -> str:
     """Row and skip counts of one extracted task, for the progress message."""
     if kind == GENERATIVE:
         return f"{len(rows)} rows ({sum(skips.values())} examples without a string target skipped)"
-    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(skips.items())) or "none"
-    return f"{len(rows)} rows (skipped: {skipped})"
+    return f"{len(rows)} rows (skipped: {_skipped(skips)})"
 
 
 def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Progress = print,

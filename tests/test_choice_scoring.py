@@ -149,3 +149,46 @@ def test_options_that_leave_no_room_for_the_question_are_refused(choice_data):
     scorer.max_length = 8
     with pytest.raises(ValueError, match="data.max_length is 8"):
         scorer.encode(["Question: q\nAnswer:"], [[" a very long option text", " b"]])
+
+
+# --- training and every family on option scores -------------------------------------------------------------------
+def _check_results(results, data):
+    num_choices = torch.as_tensor(data.test["num_choices"])
+    for method, splits in results.items():
+        probs = torch.as_tensor(splits["train"].probs)
+        assert probs.shape == (len(data.test), 5), method
+        assert torch.allclose(probs.sum(-1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-5), method
+        missing = torch.arange(5)[None, :] >= num_choices[:, None]
+        assert torch.all(probs[missing] == 0), method
+
+
+def test_members_train_on_option_scores_and_every_family_predicts(choice_files, tmp_path):
+    from rayblora.workflows.evaluate import evaluate_methods
+    from rayblora.workflows.train import train
+
+    cfg = _config(choice_files, tmp_path / "run", **{
+        "posterior.method": "multiswag", "train.steps": "40", "swag.start_step": "20", "swag.max_rank": "3",
+        "swag.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20", "tfb.search_steps": "2",
+        "adapter.dropout": "0.1"})
+    artifact = train(cfg, log=lambda _m: None, in_process=True)
+    assert (tmp_path / "run" / "trunk_cache").is_dir()  # packed rows went through the trunk cache
+    data = load_task_data(cfg.data)
+    methods = ["map", "ensemble", "temperature", "temperature_ensemble", "mc_dropout", "laplace",
+               "laplace_ensemble", "swag", "multiswag", "tfb"]
+    results = evaluate_methods(artifact, cfg, methods, data=data, log=lambda _m: None)
+    _check_results(results, data)
+    accuracy = (results["map"]["train"].probs.argmax(-1) == results["map"]["train"].labels).mean()
+    assert accuracy >= 0.6  # chance is 1/2, 1/3, 1/5 by row: the positive word is learnt
+
+
+@pytest.mark.parametrize("method", ["blob", "hybrid_vi"])
+def test_variational_families_train_and_predict_on_option_scores(method, choice_files, tmp_path):
+    from rayblora.workflows.evaluate import evaluate_methods
+    from rayblora.workflows.train import train
+
+    extra = {"hybrid.prefix_tokens": "2", "posterior.members": "1"} if method == "hybrid_vi" else {}
+    cfg = _config(choice_files, tmp_path / "run", **{"posterior.method": method, "train.steps": "12",
+                                                     "swag.samples": "3", **extra})
+    artifact = train(cfg, log=lambda _m: None, in_process=True)
+    data = load_task_data(cfg.data)
+    _check_results(evaluate_methods(artifact, cfg, [method], data=data, log=lambda _m: None), data)
