@@ -27,15 +27,17 @@ string options with numeric scores and a single best one; examples with a tie fo
 or more than 26 options, with a blank option or question, or malformed are skipped and counted by reason. Columns,
 read by rayblora's user-file multiple-choice format (``question`` + ``choices`` + ``label``; the others are extra):
 
-* ``question`` (str): ``example_input_prefix + input``, stripped: the zero-shot query without the output prefix and
-  without the options (BIG-bench's ``append_choices_to_input`` is ignored), e.g. ``"Q: Is the sky blue?"``;
+* ``question`` (str): the task's ``task_prefix`` (if any) and a newline, then the example's ``input``, stripped:
+  without BIG-bench's input / output prefixes, since rayblora's multiple-choice prompt adds its own ("Question: ...
+  \nAnswer:"), and without the options (``append_choices_to_input`` is ignored), e.g. ``"Is the sky blue?"``;
 * ``choices`` (list of str): the option texts, verbatim, in task.json order;
 * ``label`` (int64): the index in ``choices`` of the option with the highest score;
 * ``subtask`` (str): as above;
 * ``answer_prefix`` (str): ``example_output_prefix`` stripped, e.g. ``"A:"``;
+* ``input_prefix`` (str): ``example_input_prefix`` stripped, e.g. ``"Q:"``;
 * ``task_prefix`` (str): the task.json's ``task_prefix`` (instructions BIG-bench puts before every prompt, e.g.
-  multiemo's "Determine whether given opinion is positive, ..."), stripped; "" where absent. BIG-bench's zero-shot
-  prompt is ``task_prefix``, ``question``, ``answer_prefix`` joined (up to whitespace).
+  multiemo's "Determine whether given opinion is positive, ..."), stripped; "" where absent. BIG-bench's own
+  zero-shot prompt is ``task_prefix``, ``input_prefix`` + input, ``answer_prefix`` joined (up to whitespace).
 
 Subtasks may overlap (linguistic_mappings' ``past_tense_json`` is ``past_tense_regular_json`` plus
 ``past_tense_irregular_json``): pick subtasks before splitting into train and test. The folder's
@@ -87,7 +89,8 @@ DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX = "\nQ: ", "\nA: "
 SCHEMA = pa.schema([("prompt", pa.string()), ("target", pa.string()), ("subtask", pa.string()),
                     ("targets", pa.list_(pa.string())), ("query", pa.string())])
 CHOICE_SCHEMA = pa.schema([("question", pa.string()), ("choices", pa.list_(pa.string())), ("label", pa.int64()),
-                           ("subtask", pa.string()), ("answer_prefix", pa.string()), ("task_prefix", pa.string())])
+                           ("subtask", pa.string()), ("answer_prefix", pa.string()), ("input_prefix", pa.string()),
+                           ("task_prefix", pa.string())])
 GENERATIVE, CHOICE = "generative", "choice"
 SCHEMAS = {GENERATIVE: SCHEMA, CHOICE: CHOICE_SCHEMA}
 """The parquet schema of each kind."""
@@ -111,6 +114,7 @@ def bigbench_dir() -> Path:
 
 
 def _check_name(name: str) -> str:
+    """``name`` if it can be a benchmark_tasks folder name, else ``AssetError``."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise AssetError(f"bad BIG-bench task name {name!r}: expected a benchmark_tasks folder name such as "
                          f"{DEFAULT_GENERATIVE_TASKS[0]!r}")
@@ -162,7 +166,8 @@ def task_rows(task_json: dict, subtask: str) -> tuple[list[Row], int]:
 
 
 def _is_score(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+    """Whether ``value`` is a usable option score: an int or float (not a bool), not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def choice_options(example: dict) -> tuple[list[str], int] | str:
@@ -200,18 +205,20 @@ def choice_rows(task_json: dict, subtask: str) -> tuple[list[Row], Skips]:
     for example in task_json.get("examples") or []:
         found = choice_options(example) if isinstance(example, dict) else "malformed"
         text = example.get("input") if isinstance(found, tuple) else None
-        question = f"{in_prefix}{text}".strip() if isinstance(text, str) else ""
+        question = "\n".join(p for p in (task_prefix, text.strip()) if p) if isinstance(text, str) and text.strip() \
+            else ""
         if isinstance(found, tuple) and not question:
             found = "no_input"
         if isinstance(found, str):
             skips[found] = skips.get(found, 0) + 1
             continue
         rows.append({"question": question, "choices": found[0], "label": found[1], "subtask": subtask,
-                     "answer_prefix": answer_prefix, "task_prefix": task_prefix})
+                     "answer_prefix": answer_prefix, "input_prefix": in_prefix.strip(), "task_prefix": task_prefix})
     return rows, skips
 
 
 def _generative_rows(task_json: dict, subtask: str) -> tuple[list[Row], Skips]:
+    """``task_rows`` with its skip count as ``Skips``."""
     rows, skipped = task_rows(task_json, subtask)
     return rows, ({"no_target": skipped} if skipped else {})
 

@@ -55,7 +55,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def posteriors(trained_members, tiny_session_config, tmp_path_factory):
-    """name -> (in-memory posterior, artifact dir): a K=2 and a K=1 ensemble and a 3-way multiple-choice one.
+    """name -> (in-memory posterior, artifact dir): a K=2 and a K=1 ensemble and two 3-way multiple-choice ones
+    (scored by letter and by option likelihood).
 
     The scorers read 128 tokens so that the whole review reaches the model (predictions differ per text)."""
     from rayblora.artifact import save_posterior
@@ -66,9 +67,10 @@ def posteriors(trained_members, tiny_session_config, tmp_path_factory):
     trained_scorer, states, infos = trained_members
     cfg, root = tiny_session_config, tmp_path_factory.mktemp("serve-artifacts")
     text = build_scorer(cfg.model, cfg.adapter, trained_scorer.spec, 128)
-    choice = build_scorer(cfg.model, cfg.adapter, multiple_choice_spec(3), 128)
+    choice = build_scorer(cfg.model, cfg.adapter, multiple_choice_spec(3, "letter"), 128)
+    likelihood = build_scorer(cfg.model, cfg.adapter, multiple_choice_spec(3), 128)
     made = {"ens": EnsemblePosterior(text, states, infos), "solo": EnsemblePosterior(text, states[1:], infos[1:]),
-            "mc": EnsemblePosterior(choice, states, infos)}
+            "mc": EnsemblePosterior(choice, states, infos), "mcl": EnsemblePosterior(likelihood, states, infos)}
     return {name: (post, save_posterior(post, root / name, model_config=cfg.model, adapter_config=cfg.adapter))
             for name, post in made.items()}
 
@@ -123,7 +125,9 @@ def assert_matches(rows, expected, label_names):
     """HTTP prediction rows equal an in-process Predictive (same inputs, same order)."""
     assert len(rows) == expected.probs.shape[0]
     for i, row in enumerate(rows):
-        assert row["probs"] == pytest.approx(expected.probs[i].tolist(), abs=1e-5)
+        width = len(row["probs"])  # a row's own options; the in-process row has 0 beyond them
+        assert row["probs"] == pytest.approx(expected.probs[i, :width].tolist(), abs=1e-5)
+        assert torch.all(expected.probs[i, width:] == 0)
         assert row["entropy"] == pytest.approx(float(expected.entropy[i]), abs=1e-5)
         assert row["aleatoric"] == pytest.approx(float(expected.aleatoric[i]), abs=1e-5)
         assert row["mutual_information"] == pytest.approx(float(expected.mutual_information[i]), abs=1e-5)
@@ -193,15 +197,33 @@ def test_multiple_choice_posterior(server, client, posteriors):
     assert rows[1]["label"] in ("A", "B")
 
 
+def test_option_likelihood_posterior_equals_posterior_predict_on_ragged_rows(server, client, posteriors):
+    from rayblora.data.formats import choice_example
+
+    post = posteriors["mcl"][0]
+    inputs = [{"question": "Pick one", "choices": ["good", "bad", "fine"]},
+              {"question": "Which is nicer?", "choices": ["a sunny day", "rain"]}]
+    r = predict(client, server["main"], {"posterior": "mcl", "inputs": inputs})
+    assert r.status_code == 200, r.text
+    rows = [choice_example(i["question"], i["choices"], post.scorer.spec, "test") for i in inputs]
+    expected = post.predict([e["prompt"] for e in rows], choices=[e["choices"] for e in rows])
+    predictions = r.json()["predictions"]
+    assert [len(p["probs"]) for p in predictions] == [3, 2]
+    assert_matches(predictions, expected, ("A", "B", "C"))
+    too_many = {"question": "q", "choices": ["a", "b", "c", "d"]}
+    r = predict(client, server["main"], {"posterior": "mcl", "inputs": [too_many]})
+    assert r.status_code == 422 and "inputs[0].choices" in r.text and "at most 3" in r.text
+
+
 def test_posteriors_are_multiplexed_with_an_lru_bound(server, client, posteriors):
-    """Three posteriors, at most two resident: after using ens, solo, mc the least recent (ens) is unloaded."""
+    """Four posteriors, at most two resident: after using ens, solo, mc the least recent (ens) is unloaded."""
     for name in ("ens", "solo", "mc"):
         body = {"inputs": [QUESTION if name == "mc" else {"text": TEXTS[0]}]}
         r = predict(client, server["main"], body, headers={"serve_multiplexed_model_id": name})
         assert r.status_code == 200 and r.json()["posterior"] == name, r.text
     listing = client.get(f"{server['main']}/v1/posteriors").json()
     rows = {row["name"]: row for row in listing["posteriors"]}
-    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc", "broken"}
+    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc", "mcl", "broken"}
     assert [rows[n]["loaded"] for n in ("ens", "solo", "mc")] == [False, True, True]
     assert (rows["solo"]["samples"], rows["mc"]["task"], rows["mc"]["labels"]) == (1, "multiple_choice",
                                                                                    ["A", "B", "C"])
@@ -359,7 +381,7 @@ def test_one_forward_per_posterior_per_batch_on_a_shared_scorer(posteriors):
     each posterior's own predictive; posteriors of one base model share one scorer."""
     from rayblora.artifact import load_posterior
     from rayblora.config import ServeConfig
-    from rayblora.serve.engine import Job, PosteriorPool, predict_jobs
+    from rayblora.serve.engine import PosteriorPool, predict_jobs
     from rayblora.serve.schemas import request_model
 
     pool = PosteriorPool({name: str(path) for name, (_, path) in posteriors.items()}, load_posterior)
@@ -368,11 +390,11 @@ def test_one_forward_per_posterior_per_batch_on_a_shared_scorer(posteriors):
     calls = []
     for loaded in (ens, solo):
         original = loaded.predict
-        loaded.predict = lambda p, n, original=original: calls.append(len(p)) or original(p, n)
+        loaded.predict = lambda p, n, c, original=original: calls.append(len(p)) or original(p, n, c)
     groups = [(ens, TEXTS[:1]), (solo, TEXTS[1:2]), (ens, TEXTS[2:])]
     body = request_model(ServeConfig())
     inputs = [body.model_validate({"inputs": [{"text": t} for t in texts]}).inputs for _, texts in groups]
-    jobs = [Job(loaded, *loaded.prompts(items, 1000)) for (loaded, _), items in zip(groups, inputs)]
+    jobs = [loaded.rows(items, 1000) for (loaded, _), items in zip(groups, inputs)]
     out = predict_jobs(jobs)
     assert sorted(calls) == [1, 3]
     for (loaded, texts), pred in zip(groups, out):

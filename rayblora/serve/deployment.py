@@ -74,8 +74,9 @@ class PosteriorServer:
     async def predict(self, body: Any) -> dict[str, Any]:
         """The POST /v1/predict answer for a validated body (a `schemas.request_model` instance)."""
         loaded = await self._loaded(body.posterior)
-        prompts, num_choices = loaded.prompts(body.inputs, self.config.max_tokens_per_input)
-        pred = await self._predict_batched(Job(loaded, prompts, num_choices))
+        job = loaded.rows(body.inputs, self.config.max_tokens_per_input)
+        pred = await self._predict_batched(job)
+        num_choices = job.num_choices
         threshold = self.config.abstain_threshold if body.abstain_threshold is None else body.abstain_threshold
         entry = loaded.entry
         return {"posterior": entry.name, "method": entry.method, "version": entry.version,

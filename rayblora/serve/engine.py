@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tokenizers import Tokenizer
 
-from rayblora.data.formats import TaskSpec, format_classification, format_multiple_choice
+from rayblora.data.formats import TaskSpec, choice_example, format_classification
 from rayblora.manifest import MANIFEST, read_manifest
 from rayblora.predictive import Predictive
 
@@ -94,26 +94,29 @@ class LoadedPosterior:
         self.spec: TaskSpec = posterior.scorer.spec
         self._counter = _token_counter(posterior.scorer.tokenizer)
 
-    def prompts(self, inputs: Sequence[Any], max_tokens: int) -> tuple[list[str], list[int]]:
-        """Prompts and per-input number of choices for validated request inputs (objects with `text`, or
-        `question` + `choices`). Raises InputError naming every input this posterior cannot answer."""
-        errors, prompts, num_choices = [], [], []
+    def rows(self, inputs: Sequence[Any], max_tokens: int) -> "Job":
+        """The formatted rows of validated request inputs (objects with `text`, or `question` + `choices`, formatted
+        as the task's training rows are). Raises InputError naming every input this posterior cannot answer."""
+        errors, job = [], Job(self, [], [], [] if self.spec.by_likelihood else None)
         for i, item in enumerate(inputs):
             refusal = self._refusal(item)
             if refusal is not None:
                 errors.append((f"inputs[{i}]{refusal[0]}", refusal[1]))
                 continue
             if self.spec.kind == "classification":
-                prompts.append(format_classification(item.text, self.spec.prompt_template))
-                num_choices.append(len(self.spec.choices))
-            else:
-                prompts.append(format_multiple_choice(item.question, item.choices))
-                num_choices.append(len(item.choices))
+                job.prompts.append(format_classification(item.text, self.spec.prompt_template))
+                job.num_choices.append(len(self.spec.choices))
+                continue
+            example = choice_example(item.question, item.choices, self.spec, f"inputs[{i}]")
+            job.prompts.append(example["prompt"])
+            job.num_choices.append(example["num_choices"])
+            if job.choices is not None:
+                job.choices.append(example["choices"])
         if not errors:
-            errors = self._over_length(inputs, prompts, max_tokens)
+            errors = self._over_length(inputs, job, max_tokens)
         if errors:
             raise InputError(errors)
-        return prompts, num_choices
+        return job
 
     def _refusal(self, item: Any) -> tuple[str, str] | None:
         """(field suffix, message) when this posterior cannot answer `item`, else None."""
@@ -135,15 +138,19 @@ class LoadedPosterior:
         """Tokens of each text with the posterior's tokenizer (no special tokens, no truncation)."""
         return [len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)]
 
-    def _over_length(self, inputs: Sequence[Any], prompts: Sequence[str], max_tokens: int) -> list:
-        lengths = self.token_counts(prompts)
+    def _over_length(self, inputs: Sequence[Any], job: "Job", max_tokens: int) -> list:
+        lengths = self.token_counts(job.prompts)
+        if job.choices is not None:  # scored by option likelihood: every option's tokens join the row
+            lengths = [n + sum(self.token_counts(options)) for n, options in zip(lengths, job.choices)]
         return [(f"inputs[{i}]." + ("text" if hasattr(inputs[i], "text") else "question"),
                  f"{n} tokens once formatted with the task prompt; the limit is {max_tokens} "
                  "(serve.max_tokens_per_input)") for i, n in enumerate(lengths) if n > max_tokens]
 
-    def predict(self, prompts: Sequence[str], num_choices: Sequence[int]) -> Predictive:
-        """Predictive (B = len(prompts)) in one batched call; options beyond an input's count are masked."""
-        batch = self.posterior.scorer.encode(list(prompts))
+    def predict(self, prompts: Sequence[str], num_choices: Sequence[int],
+                choices: Sequence[Sequence[str]] | None = None) -> Predictive:
+        """Predictive (B = len(prompts)) in one batched call; options beyond an input's count are masked (`choices`:
+        each row's option continuations, for a task scored by option likelihood)."""
+        batch = self.posterior.scorer.encode(list(prompts), choices)
         batch["num_choices"] = torch.as_tensor(list(num_choices), dtype=torch.long)
         return self.posterior.predict_batch(batch)
 
@@ -199,6 +206,8 @@ class Job:
     loaded: LoadedPosterior
     prompts: list[str]
     num_choices: list[int]
+    choices: list[list[str]] | None = None
+    """Each input's option continuations, for a posterior scoring options by likelihood; else None."""
 
 
 def count_inputs(jobs: Sequence[Job]) -> int:
@@ -221,7 +230,8 @@ def predict_jobs(jobs: Sequence[Job]) -> list[Predictive]:
     for members in groups.values():
         loaded = jobs[members[0]].loaded
         pred = loaded.predict([p for i in members for p in jobs[i].prompts],
-                              [n for i in members for n in jobs[i].num_choices])
+                              [n for i in members for n in jobs[i].num_choices],
+                              [c for i in members for c in jobs[i].choices] if loaded.spec.by_likelihood else None)
         start = 0
         for i in members:
             stop = start + len(jobs[i].prompts)
