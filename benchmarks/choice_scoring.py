@@ -1,0 +1,71 @@
+"""Letter vs option-likelihood scoring of one multiple-choice task, side by side: one adapter (map) trained and
+evaluated per scoring on the same rows and seed, accuracy / NLL / ECE with paired-bootstrap 95 % intervals of the
+difference to letter scoring (issue: multiple choice by option likelihood).
+
+    .venv/bin/python benchmarks/choice_scoring.py --task bbq_lite_json [overrides ...]
+
+The task is a BIG-bench multiple-choice task extracted into the user's cache (`rayblora assets fetch
+--bigbench-choice --bigbench-choice-tasks TASK`); the regime is jobs/configs/choice.yaml's, with one member.
+Writes benchmarks/results/choice_scoring.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from record import BenchmarkRecord
+from rayblora import bigbench
+from rayblora.comparison import paired_bootstrap, row_metric
+from rayblora.config import CHOICE_SCORINGS, load_config
+from rayblora.data import load_task_data
+from rayblora.posteriors.ensemble import EnsemblePosterior
+from rayblora.report import SplitResult
+from rayblora.workflows.members import train_one_member
+
+
+def one_scoring(config: str, task_path: str, scoring: str, overrides: list[str], out: str) -> tuple[SplitResult, dict]:
+    """Train one adapter with `scoring` and predict the test split: (its SplitResult, seconds and spec)."""
+    cfg = load_config(config, [f"data.task={task_path}", f"data.choice_scoring={scoring}", "posterior.members=1",
+                               "posterior.method=ensemble", f"output.dir={out}/{scoring}", *overrides])
+    data = load_task_data(cfg.data)
+    started = time.time()
+    member = train_one_member(cfg, 0, data=data, log=lambda m: print(f"[{scoring}] {m}", flush=True))
+    trained = time.time()
+    post = EnsemblePosterior(member.scorer, [member.scorer.adapter_state()], [{}])
+    pred = post.predict_dataset(data.test)
+    result = SplitResult(pred.probs.numpy(), np.asarray(data.test["label"]), pred.entropy.numpy(),
+                         pred.mutual_information.numpy())
+    chance = float(np.mean(1.0 / np.asarray(data.test["num_choices"])))
+    return result, {"train_s": round(trained - started, 1), "evaluate_s": round(time.time() - trained, 1),
+                    "chance_accuracy": chance, "train_rows": len(data.train), "test_rows": len(data.test)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="bbq_lite_json", help="BIG-bench multiple-choice task (extracted)")
+    parser.add_argument("--config", default="jobs/configs/choice.yaml")
+    parser.add_argument("--scorings", default=",".join(reversed(CHOICE_SCORINGS)))
+    parser.add_argument("--out", default="runs/choice-scoring")
+    parser.add_argument("--json", default="benchmarks/results/choice_scoring.json")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=80")
+    args = parser.parse_args()
+    record = BenchmarkRecord()
+    task_path = str(bigbench.ensure_bigbench([], choice_tasks=[args.task])[f"choice/{args.task}"])
+    results, info = {}, {}
+    for scoring in args.scorings.split(","):
+        results[scoring], info[scoring] = one_scoring(args.config, task_path, scoring, args.overrides, args.out)
+    reference = next(iter(results))
+    deltas = paired_bootstrap({m: [r] for m, r in results.items()}, reference=reference)
+    figures = {"task": args.task, "reference": reference,
+               "scorings": {m: {**info[m], **{k: row_metric(r, k) for k in ("accuracy", "nll", "ece")},
+                                "vs_" + reference: deltas[m]} for m, r in results.items()}}
+    record.write(args.json, figures)
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
