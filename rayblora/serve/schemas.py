@@ -61,7 +61,8 @@ def request_model(cfg: ServeConfig) -> type[BaseModel]:
     choice_input = create_model(
         CHOICE_TAG, __config__=FORBID, question=(text, Field(description="the question")),
         choices=(Annotated[list[text], Field(min_length=2, max_length=cfg.max_choices)],
-                 Field(description="answer options, scored as the posterior's task is (by each option's likelihood after the question, or by their letters A, B, ...)")))
+                 Field(description="answer options, scored as the posterior's task is (by each option's "
+                                   "likelihood after the question, or by their letters A, B, ...)")))
     one_input = Annotated[Union[Annotated[text_input, Tag(TEXT_TAG)], Annotated[choice_input, Tag(CHOICE_TAG)]],
                           Discriminator(_input_kind, custom_error_type="input_shape",
                                         custom_error_message='each input must be {"text": ...} or '
