@@ -4,6 +4,7 @@ equal each row alone, the GLM Jacobian of the option scores equals autograd's, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -192,3 +193,38 @@ def test_variational_families_train_and_predict_on_option_scores(method, choice_
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     data = load_task_data(cfg.data)
     _check_results(evaluate_methods(artifact, cfg, [method], data=data, log=lambda _m: None), data)
+
+
+def test_prior_cache_on_option_scores_equals_the_posterior(choice_data):
+    from rayblora.posteriors import get_posterior_class
+    from rayblora.posteriors.laplace.prior_cache import PriorCache
+
+    cfg, data = choice_data
+    cfg = dataclasses.replace(cfg, laplace=dataclasses.replace(cfg.laplace, fit_batches=2, prior_method="fixed",
+                                                               prior_precision=1.0))
+    scorer = _perturbed_scorer(cfg, data.spec)
+    post = get_posterior_class("laplace").build(scorer, [scorer.adapter_state()], [{}], data=data, config=cfg)
+    cache = PriorCache.from_posterior(post, data.validation, 8)
+    for delta in (0.05, 4.0):
+        want = post.with_prior_precision(delta).predict_dataset(data.validation, batch_size=8).probs
+        assert torch.allclose(cache.probs(delta), want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bootstrap_members_train_on_ray_with_zero2_on_option_scores(ray_session, choice_files, tmp_path):
+    """Ray Train runs (two DeepSpeed ZeRO-2 workers per member, bootstrap resamples) on ragged multiple-choice
+    rows, to a verified artifact whose ensemble predicts over each row's own options."""
+    from rayblora.artifact import load_posterior
+    from rayblora.workflows.train import train
+
+    cfg = _config(choice_files, tmp_path / "run", **{
+        "train.steps": "6", "train.member_data": "bootstrap", "train.strategy": "deepspeed",
+        "train.zero_stage": "2", "cluster.workers_per_member": "2", "cluster.cpus_per_worker": "0.5",
+        "cluster.max_failures": "0"})
+    post = load_posterior(train(cfg, log=lambda _m: None))
+    data = load_task_data(cfg.data)
+    assert post.scorer.spec == data.spec and len(post.members) == 2
+    probs = post.predict_dataset(data.test.select(range(12)), batch_size=6).probs
+    widths = torch.as_tensor(data.test["num_choices"][:12])
+    assert torch.allclose(probs.sum(-1), torch.ones(12), atol=1e-5)
+    assert torch.all(probs[torch.arange(5)[None, :] >= widths[:, None]] == 0)
