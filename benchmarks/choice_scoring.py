@@ -6,7 +6,7 @@ difference to letter scoring (issue: multiple choice by option likelihood).
 
 The task is a BIG-bench multiple-choice task extracted into the user's cache (`rayblora assets fetch
 --bigbench-choice --bigbench-choice-tasks TASK`); the regime is jobs/configs/choice.yaml's, with one member.
-Writes benchmarks/results/choice_scoring.json.
+Writes benchmarks/results/choice_scoring_<task>.json.
 """
 
 from __future__ import annotations
@@ -24,18 +24,24 @@ from rayblora.config import CHOICE_SCORINGS, load_config
 from rayblora.data import load_task_data
 from rayblora.posteriors.ensemble import EnsemblePosterior
 from rayblora.report import SplitResult
+from rayblora.scoring import build_scorer
 from rayblora.workflows.members import train_one_member
 
 
-def one_scoring(config: str, task_path: str, scoring: str, overrides: list[str], out: str) -> tuple[SplitResult, dict]:
-    """Train one adapter with `scoring` and predict the test split: (its SplitResult, seconds and spec)."""
+def one_scoring(config: str, task_path: str, scoring: str, overrides: list[str], out: str,
+                zero_shot: bool = False) -> tuple[SplitResult, dict]:
+    """Train one adapter with `scoring` (with `zero_shot`, none: LoRA's B = 0 leaves the base model) and predict
+    the test split: (its SplitResult, seconds and split sizes)."""
     cfg = load_config(config, [f"data.task={task_path}", f"data.choice_scoring={scoring}", "posterior.members=1",
                                "posterior.method=ensemble", f"output.dir={out}/{scoring}", *overrides])
     data = load_task_data(cfg.data)
     started = time.time()
-    member = train_one_member(cfg, 0, data=data, log=lambda m: print(f"[{scoring}] {m}", flush=True))
+    if zero_shot:
+        scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length, seed=0)
+    else:
+        scorer = train_one_member(cfg, 0, data=data, log=lambda m: print(f"[{scoring}] {m}", flush=True)).scorer
     trained = time.time()
-    post = EnsemblePosterior(member.scorer, [member.scorer.adapter_state()], [{}])
+    post = EnsemblePosterior(scorer, [scorer.adapter_state()], [{}])
     pred = post.predict_dataset(data.test)
     result = SplitResult(pred.probs.numpy(), np.asarray(data.test["label"]), pred.entropy.numpy(),
                          pred.mutual_information.numpy())
@@ -50,20 +56,23 @@ def main() -> None:
     parser.add_argument("--config", default="jobs/configs/choice.yaml")
     parser.add_argument("--scorings", default=",".join(reversed(CHOICE_SCORINGS)))
     parser.add_argument("--out", default="runs/choice-scoring")
-    parser.add_argument("--json", default="benchmarks/results/choice_scoring.json")
+    parser.add_argument("--json", default="", help="default: benchmarks/results/choice_scoring_<task>.json")
+    parser.add_argument("--zero-shot", action="store_true", help="no training: the base model under each scoring")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=80")
     args = parser.parse_args()
     record = BenchmarkRecord()
     task_path = str(bigbench.ensure_bigbench([], choice_tasks=[args.task])[f"choice/{args.task}"])
     results, info = {}, {}
     for scoring in args.scorings.split(","):
-        results[scoring], info[scoring] = one_scoring(args.config, task_path, scoring, args.overrides, args.out)
+        results[scoring], info[scoring] = one_scoring(args.config, task_path, scoring, args.overrides, args.out,
+                                                      args.zero_shot)
     reference = next(iter(results))
     deltas = paired_bootstrap({m: [r] for m, r in results.items()}, reference=reference)
-    figures = {"task": args.task, "reference": reference,
+    figures = {"task": args.task, "reference": reference, "zero_shot": args.zero_shot,
                "scorings": {m: {**info[m], **{k: row_metric(r, k) for k in ("accuracy", "nll", "ece")},
                                 "vs_" + reference: deltas[m]} for m, r in results.items()}}
-    record.write(args.json, figures)
+    default = f"benchmarks/results/choice_scoring_{args.task}{'_zero_shot' if args.zero_shot else ''}.json"
+    record.write(args.json or default, figures)
     print(json.dumps(figures, indent=1))
 
 
