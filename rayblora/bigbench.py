@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 
 from rayblora import assets
 from rayblora.assets import AssetError, Progress
+from rayblora.config import MAX_OPTIONS
 from rayblora.manifest import sha256_file, write_atomic
 
 BIGBENCH_PACKAGE, BIGBENCH_VERSION = "bigbench", "1.0.0"
@@ -76,14 +77,12 @@ EXPECTED_ROWS = {"qa_wikidata": 20442, "linguistic_mappings": 15527}
 DEFAULT_CHOICE_TASKS: tuple[str, ...] = ("strategyqa", "social_iqa", "goal_step_wikihow", "bbq_lite_json")
 """Multiple-choice tasks whose options are a few words of natural language (what a small model scored by option
 log-likelihood can learn; options that are letters or numbers are not), median question 57-228 characters.
-strategyqa: 2 290 yes/no questions ("Q: Is it common to see frost during some college commencements?"), 53 % "Yes".
+strategyqa: 2 290 yes/no questions ("Is it common to see frost during some college commencements?"), 53 % "Yes".
 social_iqa: 1 954 rows, 2-3 options of ~3 words about people's motives and reactions. goal_step_wikihow: 7 053 rows
 in 3 subtasks (goal / step inference, step ordering), 2-5 options of ~6 words. bbq_lite_json: 16 076 rows in 18
 subtasks (bias categories, ambiguous / disambiguated contexts), 3 options of ~2 words, one of them "unknown"-like."""
 EXPECTED_CHOICE_ROWS = {"strategyqa": 2290, "social_iqa": 1954, "goal_step_wikihow": 7053, "bbq_lite_json": 16076}
 """Multiple-choice row counts of bigbench==1.0.0 (after skips), checked after extraction like ``EXPECTED_ROWS``."""
-MAX_OPTIONS = 26
-"""The most options a multiple-choice row may have (``rayblora.data.formats.MAX_OPTIONS``: one letter each)."""
 DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX = "\nQ: ", "\nA: "
 """BIG-bench's JSON-task defaults for ``example_input_prefix`` / ``example_output_prefix``."""
 SCHEMA = pa.schema([("prompt", pa.string()), ("target", pa.string()), ("subtask", pa.string()),

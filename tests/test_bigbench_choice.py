@@ -160,9 +160,8 @@ def test_ensure_names_the_missing_choice_file_and_its_command(fake):
 
 
 def test_rows_pass_rayblora_multiple_choice_format(fake):
-    from rayblora.data.formats import MAX_OPTIONS, multiple_choice_spec, rows_to_examples
+    from rayblora.data.formats import multiple_choice_spec, rows_to_examples
 
-    assert bigbench.MAX_OPTIONS == MAX_OPTIONS
     path = bigbench.fetch_bigbench([], progress=_quiet, choice_tasks=["toy_mcsub"])["choice/toy_mcsub"]
     rows = pq.read_table(path).to_pylist()
     examples = rows_to_examples(rows, multiple_choice_spec(2, "likelihood_per_token"), str(path))

@@ -65,6 +65,8 @@ class AdapterConfig:
 
 CHOICE_SCORINGS = ("likelihood_per_token", "likelihood", "letter")
 """How a multiple-choice row is scored (`data.choice_scoring`), the default first."""
+MAX_OPTIONS = 26
+"""The most options a multiple-choice row may have (one letter each, whichever the scoring)."""
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,9 @@ import string
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rayblora.config import CHOICE_SCORINGS
+from rayblora.config import CHOICE_SCORINGS, MAX_OPTIONS
 
-LETTERS = string.ascii_uppercase
-MAX_OPTIONS = len(LETTERS)
-"""The most options a multiple-choice row may have (26: one letter each, in either scoring)."""
+LETTERS = string.ascii_uppercase[:MAX_OPTIONS]
 
 
 class DataError(ValueError):
