@@ -228,3 +228,18 @@ def test_bootstrap_members_train_on_ray_with_zero2_on_option_scores(ray_session,
     widths = torch.as_tensor(data.test["num_choices"][:12])
     assert torch.allclose(probs.sum(-1), torch.ones(12), atol=1e-5)
     assert torch.all(probs[torch.arange(5)[None, :] >= widths[:, None]] == 0)
+
+
+def test_options_too_long_for_max_length_are_refused_before_training(choice_files, tmp_path):
+    from rayblora.workflows.members import train_one_member
+
+    path = tmp_path / "long.jsonl"
+    rows = [{"question": "q?", "choices": ["yes", "no"], "label": 0}] * 30
+    rows[27] = {"question": "q?", "choices": ["a very long option " * 8, "no"], "label": 1}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config({"train": path, "shift": path}, tmp_path / "run", **{
+        "data.max_length": "64", "data.val_size": "5", "data.test_size": "5"})
+    data = load_task_data(cfg.data)
+    split = next(name for name, ids in data.ids.items() if "train:27" in ids or "long:27" in ids)
+    with pytest.raises(ValueError, match=rf"split '{split}': the options of 1 rows .* data.max_length=64"):
+        train_one_member(cfg, 0, data=data, log=lambda _m: None)

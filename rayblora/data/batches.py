@@ -55,6 +55,23 @@ def choice_batch(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[s
     return {"input_ids": ids, "attention_mask": mask, "segments": segments}
 
 
+def check_options_fit(splits: dict[str, Any], tokenizer, max_length: int) -> None:
+    """Refuse, before any work, multiple-choice rows whose options alone leave no room for their question in
+    `max_length` tokens (:func:`choice_batch` would fail on them mid-run); `splits` maps names to datasets. Raises
+    ValueError naming the split, up to five rows, and the `data.max_length` the longest needs."""
+    for name, split in splits.items():
+        if "choices" not in split.column_names or not len(split):
+            continue
+        spans = np.array([sum(len(t) for t in tokenizer(list(options), add_special_tokens=False)["input_ids"])
+                          for options in split["choices"]])
+        over = np.flatnonzero(spans >= max_length)
+        if len(over):
+            raise ValueError(f"split {name!r}: the options of {len(over)} rows (rows {over[:5].tolist()}) take "
+                             f"{int(spans.max())} tokens at most, leaving no room for the question in "
+                             f"data.max_length={max_length}; raise data.max_length above {int(spans.max())} or "
+                             "drop those rows")
+
+
 def position_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Positions (B, T) counted over real tokens only, so left padding does not shift a prompt's score; in a
     packed multiple-choice row each option's positions continue the prompt's (as in its own sequence)."""

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from rayblora.config import Config
-from rayblora.data.batches import length_sorted_batches
+from rayblora.data.batches import check_options_fit, length_sorted_batches
 from rayblora.data.sources import TaskData, bootstrap_rows, load_task_data
 from rayblora.manifest import replace_dir
 from rayblora.posteriors import Posterior
@@ -126,6 +126,8 @@ def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
     if scorer is None:
         model_cfg = dataclasses.replace(cfg.model, device=device) if device else cfg.model
         scorer = build_scorer(model_cfg, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
+    check_options_fit({"train": data.train, "validation": data.validation, **data.eval_splits("test")},
+                      scorer.tokenizer, scorer.max_length)
     hooks = make_hooks(cfg, family) + list(extra_hooks)
     scorer.use_trunk_cache(trunk_cache if trunk_cache is not None else trunk_cache_for(cfg, scorer, log, hooks))
     on_gpu = next(scorer.model.parameters()).device.type == "cuda"
