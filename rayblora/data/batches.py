@@ -55,6 +55,12 @@ def choice_batch(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[s
     return {"input_ids": ids, "attention_mask": mask, "segments": segments}
 
 
+def option_token_counts(tokenizer, choices: Sequence[Sequence[str]]) -> np.ndarray:
+    """Each row's tokens over all its options (N,), every option tokenised apart as :func:`choice_batch` does."""
+    return np.array([sum(len(t) for t in tokenizer(list(options), add_special_tokens=False)["input_ids"])
+                     for options in choices], dtype=np.int64)
+
+
 def check_options_fit(splits: dict[str, Any], tokenizer, max_length: int) -> None:
     """Refuse, before any work, multiple-choice rows whose options alone leave no room for their question in
     `max_length` tokens (:func:`choice_batch` would fail on them mid-run); `splits` maps names to datasets. Raises
@@ -62,8 +68,7 @@ def check_options_fit(splits: dict[str, Any], tokenizer, max_length: int) -> Non
     for name, split in splits.items():
         if "choices" not in split.column_names or not len(split):
             continue
-        spans = np.array([sum(len(t) for t in tokenizer(list(options), add_special_tokens=False)["input_ids"])
-                          for options in split["choices"]])
+        spans = option_token_counts(tokenizer, split["choices"])
         over = np.flatnonzero(spans >= max_length)
         if len(over):
             raise ValueError(f"split {name!r}: the options of {len(over)} rows (rows {over[:5].tolist()}) take "
@@ -149,8 +154,7 @@ def token_lengths(tokenizer, rows: dict[str, list[Any]], max_length: int) -> np.
         targets = tokenizer(list(rows["target"]), add_special_tokens=False)["input_ids"]
         lengths += np.array([len(t) + 1 for t in targets])
     if "choices" in rows:
-        lengths += np.array([sum(len(t) for t in tokenizer(list(options), add_special_tokens=False)["input_ids"])
-                             for options in rows["choices"]])
+        lengths += option_token_counts(tokenizer, rows["choices"])
     return np.minimum(lengths, max_length)
 
 
