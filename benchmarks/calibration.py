@@ -19,7 +19,12 @@ markdown tables for benchmarks/RESULTS.md.
 
     {"meta": {...}, "tasks": {TASK: {"seeds": S, "n_test": {SPLIT: n}, "methods": {METHOD: {SPLIT: {"accuracy",
      "nll", "ece", ..., "delta_vs_map": {"accuracy": [lo, hi], "nll": [lo, hi], "ece": [lo, hi]}}}},
-     "far_ood_auroc_mi": {METHOD: x}, "reject10_error_reduction": {METHOD: {SPLIT: x}}, "targets": {...}}}}
+     "far_ood_auroc_mi": {METHOD: x}, "reject10_error_cut": {METHOD: {SPLIT: x}},
+     "vs_temperature": {SPLIT: {"best": METHOD, "families": {METHOD: {"delta", "lo", "hi"}}}}, "targets": {...}}}}
+
+`vs_temperature` is ΔNLL = family − temperature-scaled map (one temperature on member 0's probabilities, fitted
+on the validation split) with its paired-bootstrap interval, for every Bayesian row; "best" is the row of lowest
+seed-mean NLL on that split. That, not raw map, is the baseline a posterior has to beat.
 """
 
 from __future__ import annotations
@@ -83,16 +88,18 @@ def merge_extra(results: dict[str, dict[str, SplitResult]], extra: dict[str, dic
         results[m] = extra[m]
 
 
-def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, SplitResult]:
-    """`map_early` on every evaluation split: each member's early-stopped adapter alone (a member row)."""
+def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, dict[str, SplitResult]]:
+    """The early-stopped rows on every evaluation split, from one pass over each member's lowest-validation-NLL
+    adapter (`train.keep_best`): `map_early` (each alone, a member row) and `ensemble_early` (their average,
+    the deep-ensemble recipe of arXiv 2402.12264 rather than an ensemble of over-fitted end points)."""
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     early = get_posterior_class("ensemble")(full.scorer, early_stopped_adapters(cfg))
     data = artifact_data(artifact, cfg.data, log)
-    out = {}
+    out: dict[str, dict[str, SplitResult]] = {"map_early": {}, "ensemble_early": {}}
     for name, ds in data.eval_splits(split_name(cfg.data.task)).items():
-        pred = early.predict_dataset(ds, 16)
-        out[name] = member_view_results(pred, ds["label"], ["map"])["map"]
+        views = member_view_results(early.predict_dataset(ds, 16), ds["label"], ["map", "ensemble"])
+        out["map_early"][name], out["ensemble_early"][name] = views["map"], views["ensemble"]
     return out
 
 
@@ -105,7 +112,7 @@ def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, Split
     fits: dict[str, float] = {}
     results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, log=log, timings=fits)
     if early:
-        results["map_early"] = early_stopped_rows(artifact, cfg)
+        results.update(early_stopped_rows(artifact, cfg))
     eval_s = time.time() - t0 - train_s
     log(f"seed done: training {train_s:.0f} s, evaluation {eval_s:.0f} s")
     return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()}}
@@ -210,7 +217,7 @@ def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
             "pass": bool(row["nll"] <= 0.8 * base["nll"] and row["ece"] <= 0.5 * base["ece"]
                          and row["accuracy"] >= base["accuracy"] - 0.01 and row["delta_vs_map"]["nll"][1] < 0
                          and row["delta_vs_map"]["ece"][1] < 0)}
-    bayes = [m for m in table if m not in ("map", "temperature", "map_early", "temperature_ensemble")]
+    bayes = bayesian_rows(table)
     best = {s: min(bayes, key=lambda m: table[m][s]["nll"]) for s in shifts}
     out["shift_best_beats_temperature"] = {s: {"best": best[s], "nll": table[best[s]][s]["nll"],
                                                "temperature_nll": table["temperature"][s]["nll"]}
@@ -218,6 +225,32 @@ def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
     out["shift_pass"] = sum(v["nll"] < v["temperature_nll"] for v in out["shift_best_beats_temperature"].values()) >= 2
     out["far_ood_auroc_mi_pass"] = {m: task["far_ood_auroc_mi"].get(m, float("nan")) >= 0.8
                                     for m in ("ensemble", "multiswag")}
+    out["vs_temperature"] = {s: {"best": v["best"], **v["families"][v["best"]],
+                                 "pass": v["families"][v["best"]]["hi"] < 0}
+                             for s, v in task["vs_temperature"].items()}
+    wins = sum(out["vs_temperature"].get(s, {}).get("pass", False) for s in shifts)
+    out["vs_temperature_pass"] = bool(out["vs_temperature"].get(in_domain, {}).get("pass")) and wins >= min(2, len(shifts))
+    out["far_ood_auroc_mi_max"] = max(task["far_ood_auroc_mi"].values(), default=float("nan"))
+    out["reject10_error_cut_max"] = max(v[in_domain] for v in task["reject10_error_cut"].values())
+    return out
+
+
+def bayesian_rows(methods) -> list[str]:
+    """The rows that are posteriors, not one adapter with or without a temperature."""
+    return [m for m in methods if m not in ("map", "temperature", "map_early", "temperature_ensemble")]
+
+
+def vs_temperature(per_seed: list[dict], splits: list[str], n_boot: int) -> dict[str, dict]:
+    """Per split: ΔNLL of every Bayesian row against temperature-scaled map, paired bootstrap over the seeds'
+    rows, and the row of lowest seed-mean NLL ("best"). Empty without a `temperature` row."""
+    if "temperature" not in per_seed[0]:
+        return {}
+    out = {}
+    for s in splits:
+        rows = {m: [seed[m][s] for seed in per_seed] for m in ["temperature", *bayesian_rows(per_seed[0])]}
+        deltas = paired_bootstrap(rows, "temperature", metric_names=("nll",), n_boot=n_boot)
+        families = {m: d["nll"] for m, d in deltas.items() if m != "temperature"}
+        out[s] = {"best": min(families, key=lambda m: families[m]["delta"]), "families": families}
     return out
 
 
@@ -231,7 +264,8 @@ def aggregate(per_seed: list[dict], cfg: Config, n_boot: int) -> tuple[dict, dic
     task = {"seeds": len(per_seed), "n_test": {s: int(len(per_seed[0]["map"][s].labels)) for s in [*splits, *far]},
             "methods": {m: {s: tables[s][m] for s in splits} for m in methods},
             "far_ood_auroc_mi": far_ood_aurocs(per_seed, in_domain, far, methods),
-            "reject10_error_reduction": {m: {s: tables[s][m]["reject10"] for s in splits} for m in methods}}
+            "reject10_error_cut": {m: {s: tables[s][m]["reject10"] for s in splits} for m in methods},
+            "vs_temperature": vs_temperature(per_seed, splits, n_boot)}
     task["targets"] = targets(task, in_domain, [s for s in splits if s != in_domain])
     deltas = {s: {m: {k: {"delta": tables[s][m]["delta_mean"][k], "lo": tables[s][m]["delta_vs_map"][k][0],
                           "hi": tables[s][m]["delta_vs_map"][k][1]} for k in ("nll", "ece", "accuracy")}
@@ -251,6 +285,11 @@ def markdown(task_name: str, task: dict) -> str:
                    for k in ("nll", "ece", "accuracy")]
             lines.append(f"| {m} | " + " | ".join(f"{row[k]:.4f}" for k, _ in TABLE) + " | " + " | ".join(cis) + " |")
         lines.append("")
+    for split, row in task["vs_temperature"].items():
+        lines.append(f"ΔNLL vs temperature-scaled map, {split}: " + ", ".join(
+            f"{m} {d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" for m, d in row["families"].items())
+            + f" (best: {row['best']})")
+    lines.append("")
     if task["far_ood_auroc_mi"]:
         lines += ["Far-OOD AUROC (MI): " + ", ".join(f"{m} {v:.3f}" for m, v in task["far_ood_auroc_mi"].items()), ""]
     for run, phases in task.get("seconds_per_seed", {}).items():

@@ -101,3 +101,12 @@ def test_every_registered_family_resolves_to_its_class():
         assert "known methods" in str(exc) and "ensemble" in str(exc)
     else:
         raise AssertionError("an unknown method resolved")
+
+
+def test_in_process_training_and_evaluation_import_no_ray():
+    """`train(in_process=True)` and evaluation run where Ray is not installed (a bare GPU machine)."""
+    code = ("import sys; import rayblora.workflows.train, rayblora.workflows.evaluate; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

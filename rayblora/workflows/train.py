@@ -16,7 +16,6 @@ from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.report import render_markdown
 from rayblora.scoring import AnswerScorer, build_scorer
-from rayblora.workflows.coordinator import run_members
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
 from rayblora.workflows.members import MemberResult, make_hooks, prepare_trunk_cache, train_members_in_process
@@ -59,6 +58,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
     else:
         scorer = build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length)  # fails before Ray work
         prepare_trunk_cache(cfg, scorer, data, log)  # the members' workers read the frozen layers' output
+        from rayblora.workflows.coordinator import run_members  # deferred: Ray, which in-process training never needs
         outcome = run_members(cfg, log, extra)
         members, record = outcome.members, outcome.summary()
     training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record,
