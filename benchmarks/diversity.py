@@ -43,11 +43,18 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 0, so members start as different functions. Every run also reports `ensemble_early` (the early-stopped members)."""
 
 
-def command(recipe: str, seeds: str, device: str, json_path: Path) -> list[str]:
+def run_name(recipe: str, args) -> str:
+    """`<recipe>`, or `<recipe>-<regime>` with `--regime` (its own predictions, e.g. a shorter regime)."""
+    return f"{recipe}-{args.regime}" if args.regime else recipe
+
+
+def command(recipe: str, args, seeds: str, json_path: Path) -> list[str]:
+    """calibration.py for `recipe` on `seeds`, with the `--set` overrides on top."""
     config, overrides = RECIPES[recipe]
+    name = run_name(recipe, args)
     return [sys.executable, "benchmarks/calibration.py", "--config", config, "--seeds", seeds,
-            "--out", str(OUT / recipe), "--json", str(json_path), "--task-name", recipe,
-            *overrides, f"model.device={device}", "train.torch_threads=1"]
+            "--out", str(OUT / name), "--json", str(json_path), "--task-name", name,
+            *overrides, *args.set, f"model.device={args.device}", "train.torch_threads=1"]
 
 
 def pack(tar_path: Path) -> int:
@@ -69,9 +76,10 @@ def launch(args) -> None:
     procs = {}
     for recipe in args.recipes.split(","):
         for seed in args.seeds.split(","):
-            (OUT / recipe).mkdir(parents=True, exist_ok=True)
-            log = open(OUT / recipe / f"seed{seed}.log", "w")
-            one_seed = command(recipe, seed, args.device, OUT / recipe / f"seed{seed}.json")
+            folder = OUT / run_name(recipe, args)
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / f"seed{seed}.log", "w")
+            one_seed = command(recipe, args, seed, folder / f"seed{seed}.json")
             one_seed[2:2] = ["--n-boot", "100"]  # its one-seed table is not the result: `aggregate` makes that
             procs[(recipe, seed)] = subprocess.Popen(one_seed, cwd=ROOT, env=env, stdout=log,
                                                      stderr=subprocess.STDOUT)
@@ -103,13 +111,13 @@ def ablation_line(name: str, task: dict) -> str:
 def aggregate(args) -> None:
     recipes = args.recipes.split(",")
     for recipe in recipes:
-        subprocess.run(command(recipe, args.seeds, args.device, Path(args.json)), cwd=ROOT, check=True)
+        subprocess.run(command(recipe, args, args.seeds, Path(args.json)), cwd=ROOT, check=True)
     tasks = json.loads(Path(args.json).read_text())["tasks"]
     print("| recipe | in-domain ΔNLL vs temperature, best row [95 % CI] | shift splits won | ensemble / "
           "ensemble_early NLL | far-OOD AUROC (MI), best row | Rej10 error cut, best row |")
     print("|---|---|---:|---|---:|---:|")
     for recipe in recipes:
-        print(ablation_line(recipe, tasks[recipe]))
+        print(ablation_line(run_name(recipe, args), tasks[run_name(recipe, args)]))
 
 
 def main() -> None:
@@ -121,6 +129,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=540.0, help="launch: seconds before what is left stops")
     parser.add_argument("--pack", type=Path, default=OUT / "diversity.tar")
     parser.add_argument("--json", default="benchmarks/results/diversity.json")
+    parser.add_argument("--regime", default="", help="name of the --set overrides (suffix of runs and rows)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="overrides on top of every recipe (a regime, e.g. fewer steps on a CPU)")
     args = parser.parse_args()
     launch(args) if args.mode == "launch" else aggregate(args)
 

@@ -177,11 +177,15 @@ def _sweep_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", type=int, default=0, help="steps before ASHA may stop a trial "
                                                                "(0 = train.checkpoint_every)")
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="also choose K completed trials greedily by their average's validation NLL and write "
+                        "them as one ensemble artifact <out>/ensemble/posterior (a hyper-parameter ensemble)")
 
 
 def _run_sweep_train(args, cfg: Config) -> int:
     sweep_train(cfg, args.space, args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+                grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                ensemble_size=args.ensemble)
     return 0
 
 
@@ -234,7 +238,7 @@ VERBS: tuple[Verb, ...] = (
     Verb(("fit",), "fit a post-hoc posterior (Laplace-LoRA, TFB) onto a trained artifact (new artifact)", _fit_args,
          _run_fit),
     Verb(("sweep", "train"), "sweep rank / alpha / lr / weight decay / steps, one Ray Train run per trial, ASHA "
-         "on val_nll; writes trials.csv/.md and best.yaml", _sweep_train_args, _run_sweep_train,
+         "on val_nll; writes trials.csv/.md and best.yaml (with --ensemble K, a hyper-parameter ensemble)", _sweep_train_args, _run_sweep_train,
          "base YAML config (see jobs/configs/)"),
     Verb(("sweep", "prior"), "sweep the prior precision of a Laplace artifact post-hoc; writes "
          "prior_sweep.csv/.md and the new artifact <out>/posterior", _sweep_prior_args, _run_sweep_prior,

@@ -146,6 +146,43 @@ def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
     return peft_model
 
 
+def union_adapter_config(configs: Sequence[AdapterConfig]) -> AdapterConfig:
+    """The smallest LoRA config holding every one of `configs` as a zero-padded special case: the largest rank,
+    every target module (first seen first), every adapted layer (all layers if any config adapts all), scale
+    alpha / rank = 1 (each member's own scale moves into its B: :func:`pad_lora_state`), the first's dropout."""
+    if not configs:
+        raise ValueError("union_adapter_config: no adapter configs")
+    rank = max(c.rank for c in configs)
+    modules = tuple(dict.fromkeys(m for c in configs for m in c.target_modules))
+    layers = () if any(not c.layers for c in configs) else tuple(sorted({i for c in configs for i in c.layers}))
+    return AdapterConfig(rank=rank, alpha=float(rank), dropout=configs[0].dropout, target_modules=modules,
+                         layers=layers)
+
+
+def pad_lora_state(state: dict[str, torch.Tensor], cfg: AdapterConfig, union: AdapterConfig,
+                   template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (an adapter of config `cfg`) as an adapter of config `union` computing the same function.
+
+    `template` is any state of the union config (its keys and shapes: `lora_A.weight` (R, in), `lora_B.weight`
+    (out, R)). A (r, in) fills A's first r rows, B (out, r) · (cfg's alpha / r) / (union's alpha / R) fills B's
+    first r columns, and every module `cfg` does not adapt is zero: ΔW = s B A is unchanged, term by term."""
+    unknown = sorted(set(state) - set(template))
+    if unknown:
+        raise ModelError(f"adapter state has modules the union config lacks, e.g. {unknown[:3]}")
+    ratio = (cfg.alpha / cfg.rank) / (union.alpha / union.rank)
+    out = {}
+    for key, shape_of in template.items():
+        padded = torch.zeros_like(shape_of)
+        if key in state:
+            own = state[key].to(padded.dtype)
+            if "lora_A" in key:
+                padded[:own.shape[0]] = own
+            else:
+                padded[:, :own.shape[1]] = own * ratio
+        out[key] = padded
+    return out
+
+
 def answer_token_ids(tokenizer, choices: Sequence[str]) -> list[int]:
     """First token id of each answer choice; distinct ids are required to tell the choices apart."""
     ids = []

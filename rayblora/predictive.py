@@ -48,6 +48,11 @@ class Predictive:
         """Predicted class (B,)."""
         return self.probs.argmax(-1)
 
+    def cpu(self) -> "Predictive":
+        """The same predictive with every tensor in host memory (a no-op copy-free view on the CPU)."""
+        return Predictive(*(t.cpu() for t in (self.probs, self.sample_probs, self.entropy, self.aleatoric,
+                                              self.mutual_information)))
+
 
 def from_sample_probs(sample_probs: torch.Tensor) -> Predictive:
     """Predictive from per-sample probabilities (S, B, C)."""
@@ -80,3 +85,33 @@ def concat(parts: Sequence[Predictive]) -> Predictive:
     return Predictive(torch.cat([p.probs for p in parts]), torch.cat([p.sample_probs for p in parts], dim=1),
                       torch.cat([p.entropy for p in parts]), torch.cat([p.aleatoric for p in parts]),
                       torch.cat([p.mutual_information for p in parts]))
+
+
+def greedy_selection(sample_probs: torch.Tensor, labels: torch.Tensor, size: int,
+                     replacement: bool = False) -> tuple[list[int], list[float]]:
+    """Ensemble selection by greedy forward steps (Caruana et al., ICML 2004, "Ensemble selection from
+    libraries of models", sec. 2; the hyper-parameter ensembles of Wenzel et al., NeurIPS 2020, sec. 3).
+
+    sample_probs: (M, N, C) each candidate's probabilities on N held-out rows; labels: (N,). Starting empty,
+    each step adds the candidate whose addition gives the lowest NLL of the average of the chosen candidates'
+    probabilities (ties go to the lower index), `size` steps in all; without `replacement` a candidate is chosen
+    at most once. Returns (chosen indices in the order chosen, the NLL after each step)."""
+    m = sample_probs.shape[0]
+    if sample_probs.dim() != 3 or labels.shape != sample_probs.shape[1:2]:
+        raise ValueError(f"greedy_selection: expected (M, N, C) probabilities and (N,) labels, got "
+                         f"{tuple(sample_probs.shape)} and {tuple(labels.shape)}")
+    if not 1 <= size <= (m if not replacement else size):
+        raise ValueError(f"greedy_selection: cannot choose {size} of {m} candidates without replacement")
+    at_label = sample_probs.double().gather(2, labels.view(1, -1, 1).expand(m, -1, 1)).squeeze(2)  # (M, N)
+    chosen: list[int] = []
+    trace: list[float] = []
+    total = torch.zeros(at_label.shape[1], dtype=torch.float64)
+    for step in range(1, size + 1):
+        nll = -((total + at_label) / step).clamp_min(1e-30).log().mean(1)  # (M,) NLL if each were added
+        if not replacement:
+            nll[chosen] = float("inf")
+        best = int(torch.argmin(nll))
+        chosen.append(best)
+        trace.append(float(nll[best]))
+        total += at_label[best]
+    return chosen, trace

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from rayblora.artifact import load_posterior
 from rayblora.config import ConfigError, dump_config, load_config
 from rayblora.workflows.sweeps.space import check_space, flatten, parse_space, param_space
 
@@ -169,7 +171,7 @@ def _sweep_train_cli(config: Path, space: Path, out: Path) -> subprocess.Complet
     """`rayblora sweep train` in its own process with its own 4-CPU local Ray, as a user runs it (the trials'
     Ray Train runs then see only this sweep's resources, not what other tests left in the session Ray)."""
     cmd = [sys.executable, "-m", "rayblora.cli", "sweep", "train", "--config", str(config), "--space", str(space),
-           "--out", str(out), "--num-samples", "1", "--max-concurrent", "2"]
+           "--out", str(out), "--num-samples", "1", "--max-concurrent", "2", "--ensemble", "1"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -219,6 +221,19 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
     assert float(first["val_nll"]) == min(float(r["val_nll"]) for r in rows if r["status"] == "completed")
     assert (best.adapter.rank, best.train.checkpoint_every, best.output.dir) == (4, 0, cfg.output.dir)
     assert (out / "best.yaml").read_text().startswith("# Best trial ")
+    # --ensemble 1: the completed trials are the candidates, each its last checkpoint's adapter; greedy step 1
+    # takes the one of lowest NLL on the whole validation split (a trial reports its rank-0 worker's shard)
+    ensemble = load_posterior(out / "ensemble" / "posterior")
+    record = json.loads((out / "ensemble" / "posterior" / "manifest.json").read_text())["training"]["hyper_ensemble"]
+    alone = {c["name"]: c["val_nll"] for c in record["candidates"]}
+    assert set(alone) == {r["trial"] for r in rows if r["status"] == "completed"}
+    assert record["chosen"] == [min(alone, key=alone.get)] and ensemble.method == "ensemble"
+    last = next(p.parent for p in (out / "trials" / record["chosen"][0]).rglob("state.json")
+                if json.loads(p.read_text())["step"] == 20)
+    own = load_file(str(last / "adapter.safetensors"))
+    scale = cfg.adapter.alpha / 4  # the trial's alpha / rank; the union config's is 1
+    for key, value in ensemble.members[0].items():
+        torch.testing.assert_close(value, own[key] * (scale if "lora_B" in key else 1.0), rtol=1e-6, atol=0)
 
     again = _sweep_train_cli(config, space, out)  # rerun: restored, nothing retrained
     assert again.returncode == 0 and "Tuner.restore" in again.stdout + again.stderr

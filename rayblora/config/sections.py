@@ -192,10 +192,16 @@ class PosteriorConfig:
     """Build the posterior from the survivors if at least this many members finish (0 = all must)."""
     eval_methods: tuple[str, ...] = ("map", "ensemble")
     """Rows of the evaluation report; "map" is every member evaluated alone (mean ± sd over members)."""
+    member_adapter: str = "final"
+    """Which adapter of each member the family is built from: "final" (the last step) or "best" (the
+    lowest-validation-NLL one, `train.keep_best`: early-stopped members, the deep-ensemble recipe of arXiv
+    2402.12264). "best" applies to families built from member adapters (ensemble, laplace, tfb, temperature,
+    mc_dropout, ...), not to those that collect along the trajectory (swag, multiswag, blob, hybrid_vi)."""
 
     def __post_init__(self) -> None:
         known = available_methods()
         one_of(self.method, known, "posterior.method")
+        one_of(self.member_adapter, ("final", "best"), "posterior.member_adapter")
         for m in self.eval_methods:
             one_of(m, known, "posterior.eval_methods")
         check(self.members >= 1, "posterior.members", f"must be >= 1, got {self.members}")

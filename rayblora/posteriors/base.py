@@ -189,7 +189,7 @@ class Posterior(ABC):
         rows, done = [], 0
         for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length, by_length=True):
             for name, pred in predict(batch).items():
-                parts.setdefault(name, []).append(pred)
+                parts.setdefault(name, []).append(pred.cpu())  # a split's predictive is kept in host memory
             rows.append(batch["rows"])
             done += len(batch["labels"])
             if progress is not None:

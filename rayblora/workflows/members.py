@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors.torch import load_file
 
-from rayblora.config import Config
+from rayblora.config import Config, ConfigError
 from rayblora.data.batches import check_options_fit, length_sorted_batches
 from rayblora.data.sources import TaskData, bootstrap_rows, load_task_data
 from rayblora.manifest import replace_dir
@@ -182,16 +182,30 @@ def load_finished(cfg: Config, i: int) -> MemberResult | None:
     return MemberResult(i, meta["seed"], load_file(str(d / ADAPTER)), meta["metrics"], str(d))
 
 
+def best_adapter(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A finished member's lowest-validation-NLL adapter (`train.keep_best`), from its kept checkpoint."""
+    path = Path(checkpoint_dir) / BEST_ADAPTER
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no early-stopped adapter; train with train.keep_best=true "
+                                "and train.eval_every > 0")
+    return load_file(str(path))
+
+
 def early_stopped_adapters(cfg: Config) -> list[dict[str, torch.Tensor]]:
     """Each kept member's lowest-validation-NLL adapter (`train.keep_best`), in member order."""
-    out = []
-    for i in range(cfg.posterior.members):
-        path = member_dir(cfg, i) / BEST_ADAPTER
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no early-stopped adapter; train with train.keep_best=true "
-                                    "and train.eval_every > 0")
-        out.append(load_file(str(path)))
-    return out
+    return [best_adapter(member_dir(cfg, i)) for i in range(cfg.posterior.members)]
+
+
+def check_member_adapter(cfg: Config, family: type[Posterior]) -> None:
+    """Refuse `posterior.member_adapter=best` where no early-stopped adapter is kept or the family collects its
+    posterior along the trajectory (before any training)."""
+    if cfg.posterior.member_adapter != "best":
+        return
+    if not cfg.train.keep_best:
+        raise ConfigError("posterior.member_adapter: 'best' needs train.keep_best=true (and train.eval_every > 0)")
+    if family.needs_checkpoints:
+        raise ConfigError(f"posterior.member_adapter: 'best' does not apply to {family.method}, whose posterior "
+                          "is collected along each member's trajectory; use 'final'")
 
 
 def keep_finished(cfg: Config, i: int, checkpoint_dir: str | Path) -> MemberResult:

@@ -18,7 +18,8 @@ from rayblora.report import render_markdown
 from rayblora.scoring import AnswerScorer, build_scorer
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
-from rayblora.workflows.members import MemberResult, make_hooks, prepare_trunk_cache, train_members_in_process
+from rayblora.workflows.members import (MemberResult, best_adapter, check_member_adapter, make_hooks,
+                                        prepare_trunk_cache, train_members_in_process)
 
 
 def write_posterior(cfg: Config, scorer: AnswerScorer, members: Sequence[MemberResult], data: TaskData,
@@ -28,8 +29,10 @@ def write_posterior(cfg: Config, scorer: AnswerScorer, members: Sequence[MemberR
     write it as the artifact `<output.dir>/posterior`."""
     family = family or get_posterior_class(cfg.posterior.method)
     checkpoints = {"member_dirs": [m.checkpoint_dir for m in members]} if family.needs_checkpoints else {}
-    posterior = family.build(scorer, [m.adapter for m in members], [m.info() for m in members],
-                             data=data, config=cfg, **checkpoints)
+    early = cfg.posterior.member_adapter == "best"
+    adapters = [best_adapter(m.checkpoint_dir) if early else m.adapter for m in members]
+    posterior = family.build(scorer, adapters, [{**m.info(), "adapter": cfg.posterior.member_adapter}
+                                                for m in members], data=data, config=cfg, **checkpoints)
     return save_posterior(posterior, cfg.out_dir / "posterior", model_config=cfg.model,
                           adapter_config=cfg.adapter, training=training, lineage=lineage)
 
@@ -52,6 +55,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
         f"{len(data.test)} test; shifts {list(data.shifts)}; answers {list(data.spec.choices)}")
     family = get_posterior_class(cfg.posterior.method)
     make_hooks(cfg, family)  # the family's training hooks validate their config here, before any cluster work
+    check_member_adapter(cfg, family)
     if in_process:
         scorer, members = train_members_in_process(cfg, log, data)
         record: dict[str, Any] = {"in_process": True}

@@ -273,7 +273,7 @@ class LaplacePosterior(Posterior):
         prior = {k: delta for k in fit.eigens}
         probs = torch.cat([glm.probit_probs(m.f_mu, glm.functional_covariance(m, fit.eigens, prior))
                            for m in moments])
-        return float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+        return float(-probs.gather(1, labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
 
     def enable_jacobian_cache(self) -> None:
         """Keep every predicted batch's f_mu and rotated Jacobians in memory (C·P floats per example)."""

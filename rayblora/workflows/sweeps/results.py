@@ -35,6 +35,8 @@ class SweepOutcome:
     best: dict[str, Any]
     chosen: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    ensemble: Path | None = None
+    """A train sweep's hyper-parameter ensemble artifact (`--ensemble K`), if one was asked for."""
 
 
 def _cell(value: Any) -> str:

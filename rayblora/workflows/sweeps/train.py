@@ -20,16 +20,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import ray
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from safetensors.torch import load_file
 
 from rayblora.config import Config, ConfigError, config_from_dict, dump_config, load_config
 from rayblora.data.sources import load_task_data
 from rayblora.manifest import write_text_atomic
 from rayblora.scoring import build_scorer
+from rayblora.train.checkpoint import ADAPTER, STATE_JSON, read_step_state
 from rayblora.workflows.coordinator import member_resources, member_trainer, runs_that_fit
 from rayblora.workflows.runtime import ensure_ray
+from rayblora.workflows.sweeps.ensemble import Candidate, select_ensemble
 from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
                                                tune_run_config, write_table)
 from rayblora.workflows.sweeps.space import (Dimension, assign, check_space, flatten, load_space, param_space,
@@ -67,8 +71,8 @@ def with_report_cadence(cfg: Config, dims: Sequence[Dimension]) -> dict[str, Any
 
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_dir: Path) -> Config:
-    """A trial's Config: the base with the sampled fields, its output under the trial's own directory."""
-    values = assign(base, flatten(sampled))
+    """A trial's Config: the base with the sampled dotted fields, its output under the trial's own directory."""
+    values = assign(base, sampled)
     values["output"] = {**values.get("output", {}), "dir": str(trial_dir), "name": "trial"}
     return config_from_dict(values)
 
@@ -92,7 +96,7 @@ def member_trial(sampled: dict[str, Any], base: dict[str, Any], sweep_dir: str) 
     The run is named after the trial id and stored under the trial's directory, so a restored trial's run
     resumes from its last checkpoint."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(base, sampled, Path(sweep_dir) / "trials" / trial_id)
+    cfg = trial_config(base, flatten(sampled), Path(sweep_dir) / "trials" / trial_id)
     member_trainer(cfg, 0, trial_id, callbacks=[_val_nll_relay()]).fit()
 
 
@@ -141,16 +145,40 @@ def train_rows(grid, states: dict[str, tuple[str, str]], dims: Sequence[Dimensio
     return rows
 
 
+def trial_values(dims: Sequence[Dimension], row: dict[str, Any]) -> dict[str, Any]:
+    """The dotted fields a trial ran with: its sampled values, and the space's fixed ones."""
+    return {d.field: row[d.field] if d.searched else d.values[0] for d in dims}
+
+
 def write_best_config(cfg: Config, dims: Sequence[Dimension], best: dict[str, Any], path: Path,
                       table: Path) -> Path:
     """The user's config with the best trial's values, as a YAML for `rayblora train` (atomic write)."""
-    values = {d.field: best[d.field] if d.searched else d.values[0] for d in dims}
-    chosen = config_from_dict(assign(cfg.to_dict(), values))
+    chosen = config_from_dict(assign(cfg.to_dict(), trial_values(dims, best)))
     header = (f"# Best trial {best['trial']} of the train sweep {path.parent} (val_nll {best[VAL_NLL]:.4f} at "
               f"step {best['step']}; all trials: {table}).\n# Launch: rayblora train --config {path}\n")
     write_text_atomic(path, header + dump_config(chosen))
     load_config(path)  # what was written loads back
     return path
+
+
+def final_adapter(trial_dir: Path, steps: int) -> dict[str, torch.Tensor]:
+    """The adapter of a completed trial's checkpoint at its last step (its member run's storage, any layout)."""
+    for state in trial_dir.rglob(STATE_JSON):
+        if read_step_state(state.parent)["step"] == steps and (state.parent / ADAPTER).is_file():
+            return load_file(str(state.parent / ADAPTER))
+    raise FileNotFoundError(f"{trial_dir}: no checkpoint at step {steps} holding {ADAPTER}")
+
+
+def trial_candidates(rows: Sequence[dict[str, Any]], dims: Sequence[Dimension], base: dict[str, Any],
+                     out: Path) -> list[Candidate]:
+    """The completed trials as hyper-parameter ensemble candidates: config, final adapter, sampled values."""
+    found = []
+    for row in (r for r in rows if r["status"] == "completed"):
+        sampled = trial_values(dims, row)
+        cfg = trial_config(base, sampled, out / "trials" / row["trial"])
+        found.append(Candidate(row["trial"], cfg, final_adapter(cfg.out_dir, cfg.train.steps),
+                               {**sampled, "trial_val_nll": row[VAL_NLL]}))
+    return found
 
 
 def _check_task(cfg: Config) -> None:
@@ -186,7 +214,7 @@ def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], o
 
 def sweep_train(cfg: Config, space: str | os.PathLike | Sequence[Dimension],
                 out_dir: str | os.PathLike | None = None, *, num_samples: int = 1, max_concurrent: int = 0,
-                grace_period: int = 0, reduction_factor: float = 2.0,
+                grace_period: int = 0, reduction_factor: float = 2.0, ensemble_size: int = 0,
                 log: Callable[[str], None] = print) -> SweepOutcome:
     """Sweep member hyper-parameters: one Ray Train run per trial, ASHA on val_nll, best config as YAML.
 
@@ -198,13 +226,16 @@ def sweep_train(cfg: Config, space: str | os.PathLike | Sequence[Dimension],
         max_concurrent: trials at once (0 = as many member runs as the cluster's CPUs / GPUs hold).
         grace_period: steps before ASHA may stop a trial (0 = the report cadence).
         reduction_factor: ASHA keeps the best 1 / reduction_factor of the trials at each rung.
+        ensemble_size: > 0 also chooses that many completed trials greedily by the validation NLL of their
+            average and writes them as the `ensemble` artifact `<out>/ensemble/posterior` (a hyper-parameter
+            ensemble: :mod:`rayblora.workflows.sweeps.ensemble`).
     Writes `<out>/trials.csv`, `<out>/trials.md` and `<out>/best.yaml`. Raises SweepInterrupted (after writing
     the partial table) when the Tune run was stopped before every trial finished.
     """
     dims = load_space(space) if isinstance(space, (str, os.PathLike)) else list(space)
-    if num_samples < 1 or reduction_factor <= 1 or grace_period < 0 or max_concurrent < 0:
+    if num_samples < 1 or reduction_factor <= 1 or grace_period < 0 or max_concurrent < 0 or ensemble_size < 0:
         raise ConfigError("sweep train: needs --num-samples >= 1, --reduction-factor > 1, --grace-period >= 0, "
-                          "--max-concurrent >= 0")
+                          "--max-concurrent >= 0, --ensemble >= 0")
     out = Path(out_dir or cfg.out_dir / "sweep-train").resolve()
     base = with_report_cadence(cfg, dims)
     check_space(base, dims)
@@ -212,7 +243,12 @@ def sweep_train(cfg: Config, space: str | os.PathLike | Sequence[Dimension],
     ensure_ray(cfg.cluster)
     grid = _train_tuner(cfg, dims, base, out, num_samples, max_concurrent, grace_period, reduction_factor,
                         log).fit()
-    return _train_outcome(cfg, grid, dims, base, out, log)
+    outcome = _train_outcome(cfg, grid, dims, base, out, log)
+    if ensemble_size:
+        outcome.ensemble = select_ensemble(trial_candidates(outcome.rows, dims, base, out), ensemble_size,
+                                           out / "ensemble", log)
+        log(f"[sweep] hyper-parameter ensemble of {ensemble_size} trial(s) -> {outcome.ensemble}")
+    return outcome
 
 
 def _train_outcome(cfg: Config, grid, dims: Sequence[Dimension], base: dict[str, Any], out: Path,
