@@ -1,5 +1,5 @@
-"""`rayblora` command line: one table of verbs (assets, train, evaluate, demo, fit, sweep train, sweep prior,
-serve), each calling one workflow.
+"""`rayblora` command line: one table of verbs (assets, train, evaluate, generate, demo, fit, import, sweep train,
+sweep prior, serve), each calling one workflow.
 
 Every verb that reads a run config takes `--config` and dotted overrides after it, through one helper, e.g.
 `rayblora train --config jobs/configs/tiny.yaml train.steps=5 posterior.members=2`. A bad config, data file,
@@ -29,6 +29,7 @@ from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
 from rayblora.workflows.fit import LAPLACE_METHODS, POST_HOC_METHODS, fit_posterior
+from rayblora.workflows.importing import import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps import SweepInterrupted, sweep_prior, sweep_train
@@ -168,6 +169,19 @@ def _run_fit(args, cfg: Config) -> int:
     return 0
 
 
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                   help="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors); repeat for an "
+                        "ensemble, one member per folder in the order given")
+    p.add_argument("--out", default=None, help="run directory of the artifact <out>/posterior "
+                                               "(default: output.dir)")
+
+
+def _run_import(args, cfg: Config) -> int:
+    print(import_adapters(args.adapter, cfg, args.out))
+    return 0
+
+
 def _sweep_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search-space YAML (see jobs/configs/sweep_space.yaml)")
     p.add_argument("--num-samples", type=int, default=8, help="Tune samples of the space (default 8)")
@@ -237,8 +251,12 @@ VERBS: tuple[Verb, ...] = (
          _run_demo, default_config=DEMO_CONFIG),
     Verb(("fit",), "fit a post-hoc posterior (Laplace-LoRA, TFB) onto a trained artifact (new artifact)", _fit_args,
          _run_fit),
+    Verb(("import",), "make PEFT LoRA adapters trained elsewhere a map / ensemble artifact of the configured "
+         "base model and task (then fit, evaluate, serve as any)", _import_args, _run_import,
+         "YAML config naming the base model and task the adapters were trained for"),
     Verb(("sweep", "train"), "sweep rank / alpha / lr / weight decay / steps, one Ray Train run per trial, ASHA "
-         "on val_nll; writes trials.csv/.md and best.yaml (with --ensemble K, a hyper-parameter ensemble)", _sweep_train_args, _run_sweep_train,
+         "on val_nll; writes trials.csv/.md and best.yaml (with --ensemble K, a hyper-parameter ensemble)",
+         _sweep_train_args, _run_sweep_train,
          "base YAML config (see jobs/configs/)"),
     Verb(("sweep", "prior"), "sweep the prior precision of a Laplace artifact post-hoc; writes "
          "prior_sweep.csv/.md and the new artifact <out>/posterior", _sweep_prior_args, _run_sweep_prior,

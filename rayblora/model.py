@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import math
+import re
 import string
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -175,12 +179,63 @@ def pad_lora_state(state: dict[str, torch.Tensor], cfg: AdapterConfig, union: Ad
         padded = torch.zeros_like(shape_of)
         if key in state:
             own = state[key].to(padded.dtype)
+            side = 1 if "lora_A" in key else 0  # A (r, in): its input size; B (out, r): its output size
+            if own.shape[side] != padded.shape[side]:
+                raise ModelError(f"{key}: shape {tuple(own.shape)} does not fit the base model's "
+                                 f"{tuple(padded.shape)}; was this adapter trained on another base model?")
             if "lora_A" in key:
                 padded[:own.shape[0]] = own
             else:
                 padded[:, :own.shape[1]] = own * ratio
         out[key] = padded
     return out
+
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_UNSUPPORTED_PEFT = {"use_dora": "DoRA", "modules_to_save": "fully trained modules (modules_to_save)",
+                     "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas "
+                     "(alpha_pattern)", "layer_replication": "layer replication"}
+
+
+def read_peft_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
+    """A plain PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`, as `save_pretrained`
+    writes it) as (its AdapterConfig, its tensors in PEFT's saved-file naming, the base model it names).
+
+    rsLoRA's scale alpha / √r is expressed as an equivalent alpha. Refused with a ModelError naming the problem:
+    no safetensors file (a `.bin` is a pickle, never loaded), not LoRA, biases, DoRA and per-module patterns, and
+    tensors whose rank is not the config's `r`."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / PEFT_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder}: no readable {PEFT_CONFIG} ({exc})") from None
+    if not (folder / PEFT_WEIGHTS).is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise ModelError(f"{folder}: no {PEFT_WEIGHTS}" + (" (adapter_model.bin is a pickle and is never loaded; "
+                         "re-save the adapter with safe_serialization=True)" if pickled else ""))
+    if meta.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{folder}: peft_type {meta.get('peft_type')!r}; only LoRA adapters can be imported")
+    if meta.get("bias", "none") != "none":
+        raise ModelError(f"{folder}: bias={meta['bias']!r}; only adapters without trained biases can be imported")
+    for key, what in _UNSUPPORTED_PEFT.items():
+        if meta.get(key):
+            raise ModelError(f"{folder}: {what} is not supported ({key}={meta[key]!r})")
+    rank, alpha = int(meta["r"]), float(meta["lora_alpha"])
+    if meta.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # the same scale, alpha / √r, as plain LoRA's alpha / r
+    state = load_file(str(folder / PEFT_WEIGHTS))
+    wrong = {k: tuple(v.shape) for k, v in state.items()
+             if ("lora_A" in k and v.shape[0] != rank) or ("lora_B" in k and v.shape[1] != rank)}
+    adapted = [k.split(".lora_A")[0] for k in state if ".lora_A" in k]
+    if wrong or not adapted:
+        raise ModelError(f"{folder}: tensors disagree with r={rank} in {PEFT_CONFIG}: "
+                         f"{dict(list(wrong.items())[:2]) or 'no lora_A tensors'}")
+    # the adapted modules and layers as the tensors hold them (a config may give them as a regex)
+    layers = sorted({int(m.group(1)) for k in adapted if (m := re.search(r"\.layers\.(\d+)\.", k))})
+    cfg = AdapterConfig(rank=rank, alpha=alpha, dropout=float(meta.get("lora_dropout") or 0.0),
+                        target_modules=tuple(sorted({k.rsplit(".", 1)[-1] for k in adapted})), layers=tuple(layers))
+    return cfg, state, str(meta.get("base_model_name_or_path") or "")
 
 
 def answer_token_ids(tokenizer, choices: Sequence[str]) -> list[int]:

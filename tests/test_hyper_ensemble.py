@@ -16,7 +16,8 @@ from rayblora.model import ModelError, pad_lora_state, union_adapter_config
 from rayblora.posteriors import get_posterior_class
 from rayblora.predictive import greedy_selection
 from rayblora.workflows.members import train_members_in_process
-from rayblora.workflows.sweeps.ensemble import Candidate, select_ensemble
+from rayblora.workflows.padded_members import Candidate
+from rayblora.workflows.sweeps.ensemble import select_ensemble
 
 HYPER = {  # three members no one config holds: other ranks, alphas, modules and layers, learning rates
     "r2_qv_all": {"adapter.rank": "2", "adapter.alpha": "4", "train.lr": "5e-3"},
@@ -81,7 +82,7 @@ def test_selection_refuses_what_cannot_make_one_ensemble(candidates, tmp_path):
     other = load_config(None, [*tiny_overrides({"train": pool[0].config.data.task,
                                                 "shift": pool[0].config.data.shift_tasks[0]}, tmp_path),
                                "data.seed=5"])
-    with pytest.raises(ConfigError, match=r"data\.seed: candidate odd differs"):
+    with pytest.raises(ConfigError, match=r"data\.seed: odd differs"):
         select_ensemble([pool[0], Candidate("odd", other, pool[0].adapter, {})], size=2, out=tmp_path)
     assert not (tmp_path / "posterior").exists()
 

@@ -33,7 +33,8 @@ from rayblora.scoring import build_scorer
 from rayblora.train.checkpoint import ADAPTER, STATE_JSON, read_step_state
 from rayblora.workflows.coordinator import member_resources, member_trainer, runs_that_fit
 from rayblora.workflows.runtime import ensure_ray
-from rayblora.workflows.sweeps.ensemble import Candidate, select_ensemble
+from rayblora.workflows.padded_members import Candidate
+from rayblora.workflows.sweeps.ensemble import select_ensemble
 from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
                                                tune_run_config, write_table)
 from rayblora.workflows.sweeps.space import (Dimension, assign, check_space, flatten, load_space, param_space,
