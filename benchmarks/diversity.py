@@ -54,7 +54,7 @@ def command(recipe: str, args, seeds: str, json_path: Path) -> list[str]:
     name = run_name(recipe, args)
     return [sys.executable, "benchmarks/calibration.py", "--config", config, "--seeds", seeds,
             "--out", str(OUT / name), "--json", str(json_path), "--task-name", name,
-            *overrides, *args.set, f"model.device={args.device}", "train.torch_threads=1"]
+            *overrides, *args.set, f"model.device={args.device}", f"train.torch_threads={args.threads}"]
 
 
 def pack(tar_path: Path) -> int:
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=540.0, help="launch: seconds before what is left stops")
     parser.add_argument("--pack", type=Path, default=OUT / "diversity.tar")
     parser.add_argument("--json", default="benchmarks/results/diversity.json")
+    parser.add_argument("--threads", type=int, default=1, help="train.torch_threads of each run (1 where "
+                        "several run at once; also part of the runs' digest)")
     parser.add_argument("--regime", default="", help="name of the --set overrides (suffix of runs and rows)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="overrides on top of every recipe (a regime, e.g. fewer steps on a CPU)")
