@@ -55,7 +55,7 @@ def test_search_space_to_tune_and_back(tiny_config):
     assert base["train"]["checkpoint_every"] == base["train"]["eval_every"] == 2  # a quarter of the fewest steps
     sampled = {"adapter": {"rank": 4}, "train": {"lr": 3e-3, "steps": 9}, "data": {"max_length": 32}}
     assert flatten(sampled) == {"adapter.rank": 4, "train.lr": 3e-3, "train.steps": 9, "data.max_length": 32}
-    cfg = trial_config(base, sampled, tiny_config.out_dir / "trials" / "t1")
+    cfg = trial_config(base, flatten(sampled), tiny_config.out_dir / "trials" / "t1")
     assert (cfg.adapter.rank, cfg.train.steps, cfg.output.dir) == (4, 9, str(tiny_config.out_dir / "trials/t1"))
     bad = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, eval_every=3,
                                                                      checkpoint_every=4))
