@@ -33,6 +33,12 @@ class ModelError(RuntimeError):
     """The base model or its tokenizer cannot be used as configured."""
 
 
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+"""The tiny tokenizer's chat template (a user turn, then the assistant's turn opened), so `data.chat_template`
+is exercised without a real instruct model."""
+
+
 def tiny_tokenizer():
     """A deterministic byte-level BPE tokenizer built in code (no files): 256 bytes + "Ġ<alnum>" merges.
 
@@ -50,7 +56,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   padding_side="left", truncation_side="left")
+                                   padding_side="left", truncation_side="left", chat_template=TINY_CHAT_TEMPLATE)
 
 
 def _tiny_model(cfg: ModelConfig, vocab_size: int):

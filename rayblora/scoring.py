@@ -17,10 +17,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rayblora.batched import batched_logits, lora_dropout_active
 from rayblora.config import AdapterConfig, ModelConfig
-from rayblora.data.batches import choice_batch, encode, model_attention, position_ids
+from rayblora.data.batches import choice_batch, encode, model_attention, position_ids, use_chat_template
 from rayblora.data.formats import TaskSpec
-from rayblora.model import (add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters, lora_state,
-                            set_lora_state)
+from rayblora.model import (ModelError, add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
+                            lora_state, set_lora_state)
 from rayblora.trunk import above_trunk, first_adapted_layer, tail_hidden, tail_ready, trunk_hidden
 from rayblora.trunk_cache import TrunkCache
 
@@ -49,6 +49,11 @@ class AnswerScorer:
     def __init__(self, peft_model, tokenizer, spec: TaskSpec, max_length: int, fingerprint: str):
         self.model = peft_model
         self.tokenizer = tokenizer
+        if spec.chat_template:
+            try:
+                use_chat_template(tokenizer)  # every prompt tokenised for this task goes through it
+            except ValueError as exc:
+                raise ModelError(str(exc)) from None
         self.spec = spec
         self.max_length = max_length
         self.fingerprint = fingerprint

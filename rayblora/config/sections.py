@@ -102,6 +102,10 @@ class DataConfig:
     """Multiple-choice rows (`question` + `choices` + `label`): `likelihood_per_token` scores each option by the
     mean log-likelihood of its tokens as a continuation of "Question: ...\nAnswer:", `likelihood` by their sum,
     `letter` by the next token after a lettered list (" A", " B", ...). Other tasks ignore it."""
+    chat_template: bool = False
+    """Wrap every prompt in the tokenizer's own chat template (one user turn, the assistant's turn opened) before
+    it is tokenised: in training, evaluation, serving and generation alike (instruct models; the tokenizer must
+    have a template). Recorded in the artifact's task."""
     seed: int = 0
     """Seed of the deterministic train/validation/test split."""
 

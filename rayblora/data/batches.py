@@ -19,11 +19,32 @@ import numpy as np
 import torch
 
 
+CHAT = "rayblora_chat_template"
+"""Attribute that marks a tokenizer whose prompts go through its chat template (:func:`use_chat_template`)."""
+
+
+def use_chat_template(tokenizer) -> None:
+    """Mark `tokenizer` so every prompt tokenised here is first wrapped in its own chat template (one user turn,
+    the assistant's turn opened): the one switch for training, evaluation, serving and generation, which all
+    tokenise prompts through this module. Raises ValueError if the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.chat_template: the base model's tokenizer has no chat template")
+    setattr(tokenizer, CHAT, True)
+
+
+def prompt_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """The prompts as they are tokenised: in the chat template when the tokenizer is marked, else as given."""
+    if not getattr(tokenizer, CHAT, False):
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
 def encode(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Left-pad and left-truncate prompts so the last token (the answer position) is kept."""
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
-    enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length,
+    enc = tokenizer(prompt_texts(tokenizer, prompts), padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt", add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -36,7 +57,7 @@ def choice_batch(tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[s
     prompt loses its first tokens, and a row whose options alone do not fit is refused."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
-    for prompt, options in zip(prompts, choices):
+    for prompt, options in zip(prompt_texts(tokenizer, prompts), choices):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         o = tokenizer(list(options), add_special_tokens=False)["input_ids"]
         span = sum(len(t) for t in o)
@@ -115,7 +136,7 @@ def generation_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str],
     target's tokens are those the model generates after the prompt; a long prompt loses its first tokens."""
     eos = tokenizer.eos_token_id
     rows = []
-    for prompt, target in zip(prompts, targets):
+    for prompt, target in zip(prompt_texts(tokenizer, prompts), targets):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         t = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
         if len(t) >= max_length:
@@ -148,7 +169,7 @@ def make_batch(tokenizer, rows: dict[str, list[Any]], max_length: int) -> dict[s
 def token_lengths(tokenizer, rows: dict[str, list[Any]], max_length: int) -> np.ndarray:
     """Each row's token count as batched (N,): its prompt's tokens (with a generation target's and EOS, or every
     option's), at most `max_length`."""
-    prompts = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
+    prompts = tokenizer(prompt_texts(tokenizer, rows["prompt"]), add_special_tokens=False)["input_ids"]
     lengths = np.array([len(p) for p in prompts])
     if "target" in rows:
         targets = tokenizer(list(rows["target"]), add_special_tokens=False)["input_ids"]
@@ -201,7 +222,7 @@ def length_sorted_batches(dataset, tokenizer, batch_size: int, max_length: int) 
     """Batches over a split with its prompts ordered by token length, so each batch pads little (for passes
     whose order does not matter, e.g. filling a cache); `labels` / `num_choices` as in :func:`make_batch`."""
     tokenizer.truncation_side = "left"
-    lengths = [len(ids) for ids in tokenizer(list(dataset["prompt"]), truncation=True, max_length=max_length,
+    lengths = [len(ids) for ids in tokenizer(prompt_texts(tokenizer, dataset["prompt"]), truncation=True, max_length=max_length,
                                               add_special_tokens=False)["input_ids"]]
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):

@@ -38,6 +38,8 @@ class TaskSpec:
     label_names: tuple[str, ...]
     prompt_template: str
     scoring: str = "letter"
+    chat_template: bool = False
+    """Whether prompts are wrapped in the tokenizer's chat template before tokenising (`data.chat_template`)."""
 
     @property
     def by_likelihood(self) -> bool:
@@ -46,12 +48,12 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "choices": list(self.choices), "label_names": list(self.label_names),
-                "prompt_template": self.prompt_template, "scoring": self.scoring}
+                "prompt_template": self.prompt_template, "scoring": self.scoring, "chat_template": self.chat_template}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
         return cls(d["kind"], tuple(d["choices"]), tuple(d["label_names"]), d["prompt_template"],
-                   d.get("scoring", "letter"))
+                   d.get("scoring", "letter"), d.get("chat_template", False))
 
 
 def classification_spec(label_names: Sequence[str], prompt_template: str) -> TaskSpec:

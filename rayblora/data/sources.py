@@ -6,6 +6,7 @@ All sources are read through `datasets` (Arrow). A split is a `datasets.Dataset`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -128,7 +129,11 @@ def read_rows(task: str) -> list[dict[str, Any]]:
 
 def infer_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> TaskSpec:
     """Classification when rows have `text`, multiple choice when they have `question` + `choices`, generation
-    when they have `prompt` + `target`."""
+    when they have `prompt` + `target`; prompts in the chat template if `data.chat_template`."""
+    return dataclasses.replace(_row_kind_spec(rows, cfg, source), chat_template=cfg.chat_template)
+
+
+def _row_kind_spec(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> TaskSpec:
     columns = set(rows[0])
     if {"prompt", "target"} <= columns:
         return generation_spec()

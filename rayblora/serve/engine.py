@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from rayblora.data.batches import prompt_texts
 from rayblora.data.formats import TaskSpec, choice_example, format_classification
 from rayblora.manifest import MANIFEST, read_manifest
 from rayblora.predictive import Predictive
@@ -138,8 +139,12 @@ class LoadedPosterior:
         """Tokens of each text with the posterior's tokenizer (no special tokens, no truncation)."""
         return [len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)]
 
+    def prompt_token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens of each formatted prompt as the model sees it (in the chat template if the task uses one)."""
+        return self.token_counts(prompt_texts(self.posterior.scorer.tokenizer, prompts))
+
     def _over_length(self, inputs: Sequence[Any], job: "Job", max_tokens: int) -> list:
-        lengths = self.token_counts(job.prompts)
+        lengths = self.prompt_token_counts(job.prompts)
         if job.choices is not None:  # scored by option likelihood: every option's tokens join the row
             lengths = [n + sum(self.token_counts(options)) for n, options in zip(lengths, job.choices)]
         return [(f"inputs[{i}]." + ("text" if hasattr(inputs[i], "text") else "question"),

@@ -46,7 +46,7 @@ def decoding_settings(body: Any) -> DecodingSettings:
 def check_prompt_lengths(loaded: LoadedPosterior, prompts: Sequence[str], max_tokens: int) -> None:
     """InputError naming `prompts[i]` for every prompt over `max_tokens` tokens with the posterior's tokenizer."""
     over = [(f"prompts[{i}]", f"{n} tokens; the limit is {max_tokens} (serve.max_tokens_per_input)")
-            for i, n in enumerate(loaded.token_counts(prompts)) if n > max_tokens]
+            for i, n in enumerate(loaded.prompt_token_counts(prompts)) if n > max_tokens]
     if over:
         raise InputError(over)
 
