@@ -256,7 +256,7 @@ def test_a_stream_left_early_stops_its_producer():
         finally:
             closed_on.append(threading.current_thread().name)
 
-    loaded = SimpleNamespace(token_counts=lambda prompts: [1] * len(prompts),
+    loaded = SimpleNamespace(prompt_token_counts=lambda prompts: [1] * len(prompts),
                              posterior=SimpleNamespace(generate_stream=slow, generative=True))
     body = generate_request_model(CONFIG).model_validate({"prompts": ["hi"], "stream": True})
 
