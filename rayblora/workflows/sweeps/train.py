@@ -228,8 +228,8 @@ def sweep_train(cfg: Config, space: str | os.PathLike | Sequence[Dimension],
         grace_period: steps before ASHA may stop a trial (0 = the report cadence).
         reduction_factor: ASHA keeps the best 1 / reduction_factor of the trials at each rung.
         ensemble_size: > 0 also chooses that many completed trials greedily by the validation NLL of their
-            average and writes them as the artifact `<out>/ensemble/posterior` (`ensemble`; `map` for one: a hyper-parameter
-            ensemble: :mod:`rayblora.workflows.sweeps.ensemble`).
+            average and writes them as the artifact `<out>/ensemble/posterior` (`ensemble`, `map` for one): a
+            hyper-parameter ensemble (:mod:`rayblora.workflows.sweeps.ensemble`).
     Writes `<out>/trials.csv`, `<out>/trials.md` and `<out>/best.yaml`. Raises SweepInterrupted (after writing
     the partial table) when the Tune run was stopped before every trial finished.
     """
