@@ -229,7 +229,8 @@ def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
                                  "pass": v["families"][v["best"]]["hi"] < 0}
                              for s, v in task["vs_temperature"].items()}
     wins = sum(out["vs_temperature"].get(s, {}).get("pass", False) for s in shifts)
-    out["vs_temperature_pass"] = bool(out["vs_temperature"].get(in_domain, {}).get("pass")) and wins >= min(2, len(shifts))
+    in_domain_won = bool(out["vs_temperature"].get(in_domain, {}).get("pass"))
+    out["vs_temperature_pass"] = in_domain_won and wins >= min(2, len(shifts))
     out["far_ood_auroc_mi_max"] = max(task["far_ood_auroc_mi"].values(), default=float("nan"))
     out["reject10_error_cut_max"] = max(v[in_domain] for v in task["reject10_error_cut"].values())
     return out

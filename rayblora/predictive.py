@@ -100,7 +100,7 @@ def greedy_selection(sample_probs: torch.Tensor, labels: torch.Tensor, size: int
     if sample_probs.dim() != 3 or labels.shape != sample_probs.shape[1:2]:
         raise ValueError(f"greedy_selection: expected (M, N, C) probabilities and (N,) labels, got "
                          f"{tuple(sample_probs.shape)} and {tuple(labels.shape)}")
-    if not 1 <= size <= (m if not replacement else size):
+    if size < 1 or (not replacement and size > m):
         raise ValueError(f"greedy_selection: cannot choose {size} of {m} candidates without replacement")
     at_label = sample_probs.double().gather(2, labels.view(1, -1, 1).expand(m, -1, 1)).squeeze(2)  # (M, N)
     chosen: list[int] = []

@@ -222,8 +222,8 @@ def length_sorted_batches(dataset, tokenizer, batch_size: int, max_length: int) 
     """Batches over a split with its prompts ordered by token length, so each batch pads little (for passes
     whose order does not matter, e.g. filling a cache); `labels` / `num_choices` as in :func:`make_batch`."""
     tokenizer.truncation_side = "left"
-    lengths = [len(ids) for ids in tokenizer(prompt_texts(tokenizer, dataset["prompt"]), truncation=True, max_length=max_length,
-                                              add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(prompt_texts(tokenizer, dataset["prompt"]), truncation=True,
+                                             max_length=max_length, add_special_tokens=False)["input_ids"]]
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         yield make_batch(tokenizer, dataset[order[start:start + batch_size].tolist()], max_length)

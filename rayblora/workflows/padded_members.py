@@ -42,8 +42,9 @@ class Candidate:
 
 @dataclass
 class PaddedMembers:
-    """The candidates in one LoRA config: the run config (union adapter), the task's splits, a scorer of the
-    union config on the base model and every candidate's padded state, in candidate order."""
+    """The candidates in one LoRA config: the run config (union adapter, output under the artifact's run
+    directory), the task's splits, a scorer of the union config on the base model and every candidate's padded
+    state, in candidate order."""
 
     config: Config
     data: TaskData
@@ -72,9 +73,7 @@ def pad_members(candidates: Sequence[Candidate], out: str | Path,
     check_shared(candidates)
     union = union_adapter_config([c.config.adapter for c in candidates])
     first = candidates[0].config
-    cfg = dataclasses.replace(first, adapter=union, posterior=dataclasses.replace(
-        first.posterior, method="ensemble", members=len(candidates), min_members=0),
-        output=dataclasses.replace(first.output, dir=str(out)))
+    cfg = dataclasses.replace(first, adapter=union, output=dataclasses.replace(first.output, dir=str(out)))
     data = load_task_data(cfg.data)
     scorer = build_scorer(cfg.model, union, data.spec, cfg.data.max_length)
     scorer.use_trunk_cache(trunk_cache_for(cfg, scorer, log))
@@ -89,7 +88,7 @@ def write_members(padded: PaddedMembers, candidates: Sequence[Candidate], chosen
     `padded.config`'s family; `record` goes into the manifest's `training` (with the config and the splits)."""
     method = "map" if len(chosen) == 1 else "ensemble"
     cfg = dataclasses.replace(padded.config, posterior=dataclasses.replace(
-        padded.config.posterior, method=method, members=len(chosen)))
+        padded.config.posterior, method=method, members=len(chosen), min_members=0))
     posterior = get_posterior_class(method)(padded.scorer, [padded.states[i] for i in chosen],
                                             [{**candidates[i].info, "candidate": candidates[i].name} for i in chosen])
     training = {"config": cfg.to_dict(), "splits": split_record(padded.data), **record}

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rayblora import metrics
 from rayblora.config import ConfigError
 from rayblora.predictive import greedy_selection
 from rayblora.registry import get_posterior_class
@@ -36,7 +37,7 @@ def select_ensemble(candidates: Sequence[Candidate], size: int, out: str | Path,
     probs = everyone.predict_dataset(padded.data.validation, batch_size).sample_probs  # (M, N, C)
     labels = torch.as_tensor(padded.data.validation["label"])
     chosen, trace = greedy_selection(probs, labels, size, replacement)
-    alone = [float(-probs[m].gather(1, labels[:, None]).clamp_min(1e-30).log().mean()) for m in range(len(probs))]
+    alone = [metrics.nll(p.numpy(), labels.numpy()) for p in probs]
     log(f"[ensemble] chose {[candidates[i].name for i in chosen]}; validation NLL by step "
         f"{[round(x, 4) for x in trace]} (best single candidate {min(alone):.4f})")
     record = {"candidates": [{"name": c.name, "val_nll": v, **c.info} for c, v in zip(candidates, alone)],
