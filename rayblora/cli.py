@@ -1,5 +1,5 @@
-"""`rayblora` command line: one table of verbs (assets, train, evaluate, generate, demo, fit, import, sweep train,
-sweep prior, serve), each calling one workflow.
+"""`rayblora` command line: one table of verbs (assets, train, evaluate, generate, demo, fit, import, export,
+sweep train, sweep prior, serve), each calling one workflow.
 
 Every verb that reads a run config takes `--config` and dotted overrides after it, through one helper, e.g.
 `rayblora train --config jobs/configs/tiny.yaml train.steps=5 posterior.members=2`. A bad config, data file,
@@ -29,7 +29,7 @@ from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
 from rayblora.workflows.fit import LAPLACE_METHODS, POST_HOC_METHODS, fit_posterior
-from rayblora.workflows.importing import import_adapters
+from rayblora.workflows.importing import export_members, import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps import SweepInterrupted, sweep_prior, sweep_train
@@ -182,6 +182,17 @@ def _run_import(args, cfg: Config) -> int:
     return 0
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--posterior", required=True, help="artifact whose members to export")
+    p.add_argument("--out", required=True, help="new folder; one PEFT folder member-<i> per member")
+
+
+def _run_export(args, _cfg) -> int:
+    for folder in export_members(args.posterior, args.out):
+        print(folder)
+    return 0
+
+
 def _sweep_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", required=True, help="search-space YAML (see jobs/configs/sweep_space.yaml)")
     p.add_argument("--num-samples", type=int, default=8, help="Tune samples of the space (default 8)")
@@ -254,6 +265,8 @@ VERBS: tuple[Verb, ...] = (
     Verb(("import",), "make PEFT LoRA adapters trained elsewhere a map / ensemble artifact of the configured "
          "base model and task (then fit, evaluate, serve as any)", _import_args, _run_import,
          "YAML config naming the base model and task the adapters were trained for"),
+    Verb(("export",), "write an artifact's members as plain PEFT LoRA folders (PeftModel.from_pretrained loads "
+         "them; `import` takes them back, checking the base model's fingerprint)", _export_args, _run_export, None),
     Verb(("sweep", "train"), "sweep rank / alpha / lr / weight decay / steps, one Ray Train run per trial, ASHA "
          "on val_nll; writes trials.csv/.md and best.yaml (with --ensemble K, a hyper-parameter ensemble)",
          _sweep_train_args, _run_sweep_train,

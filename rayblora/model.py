@@ -7,6 +7,7 @@ to the first token of each answer choice, form the C-way classifier f(x) in R^C.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -17,13 +18,15 @@ from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rayblora import assets
 from rayblora.config import AdapterConfig, ModelConfig
+from rayblora.trunk import decoder_parts
 
 TINY = "tiny-llama"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +93,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_architecture(path: str) -> None:
+    """Refuse, before any weight is read, a model folder whose architecture rayblora cannot split into decoder
+    layers (:func:`rayblora.trunk.decoder_parts`, checked on a weightless skeleton of it), naming what it lacks."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        decoder_parts(skeleton)
+    except (ValueError, OSError, KeyError) as exc:  # UnsupportedArchitecture is a ValueError
+        raise ModelError(f"model.name: {path}: {exc}") from None
+
+
 def load_base_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     """Load the frozen base causal LM and its tokenizer (pad = eos, left padding) onto `cfg.device`.
 
@@ -100,6 +115,7 @@ def load_base_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
         model = _tiny_model(cfg, len(tokenizer))
     else:
         path = _model_path(cfg.name)
+        check_architecture(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
     if tokenizer.pad_token is None:
@@ -132,11 +148,32 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def lora_config(cfg: AdapterConfig):
-    """The PEFT LoraConfig for an adapter config."""
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), bias="none",
-                      layers_to_transform=list(cfg.layers) or None, task_type="CAUSAL_LM")
+_OWN_DEFAULT_TARGETS = {"phi3": ("qkv_proj",)}
+"""Default LoRA target modules of architectures PEFT's table lacks (Phi-3 fuses q, k, v into qkv_proj)."""
+
+
+def default_target_modules(model: nn.Module) -> tuple[str, ...]:
+    """The LoRA target modules an architecture gets when `adapter.target_modules` is empty: PEFT's table by
+    `model_type` (q_proj, v_proj for Llama-like decoders; c_attn for GPT-2; query_key_value for GPT-NeoX), and
+    qkv_proj for Phi-3."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    modules = _OWN_DEFAULT_TARGETS.get(kind) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(kind)
+    if not modules:
+        raise ModelError(f"adapter.target_modules: model_type {kind!r} has no default target modules; name the "
+                         "linear modules to adapt (e.g. adapter.target_modules=[q_proj,v_proj])")
+    return tuple(modules)
+
+
+def resolved_adapter_config(cfg: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """`cfg` with its target modules named: `model`'s architecture's default when `cfg` names none."""
+    return cfg if cfg.target_modules else dataclasses.replace(cfg, target_modules=default_target_modules(model))
+
+
+def lora_config(cfg: AdapterConfig, model: nn.Module):
+    """The PEFT LoraConfig for an adapter config on `model` (its architecture's default modules if none)."""
+    modules = resolved_adapter_config(cfg, model).target_modules
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(modules),
+                      bias="none", layers_to_transform=list(cfg.layers) or None, task_type="CAUSAL_LM")
 
 
 def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
@@ -144,10 +181,11 @@ def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
     `adapter.init_b_std`²) instead of 0 when that is > 0)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        config = lora_config(cfg, model)
         try:
-            peft_model = get_peft_model(model, lora_config(cfg))
+            peft_model = get_peft_model(model, config)
         except ValueError as exc:
-            raise ModelError(f"adapter.target_modules {list(cfg.target_modules)}: {exc}") from None
+            raise ModelError(f"adapter.target_modules {sorted(config.target_modules)}: {exc}") from None
         if cfg.init_b_std > 0:
             with torch.no_grad():
                 for name, param in peft_model.named_parameters():
@@ -159,9 +197,16 @@ def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
 def union_adapter_config(configs: Sequence[AdapterConfig]) -> AdapterConfig:
     """The smallest LoRA config holding every one of `configs` as a zero-padded special case: the largest rank,
     every target module (first seen first), every adapted layer (all layers if any config adapts all), scale
-    alpha / rank = 1 (each member's own scale moves into its B: :func:`pad_lora_state`), the first's dropout."""
+    alpha / rank = 1 (each member's own scale moves into its B: :func:`pad_lora_state`), the first's dropout.
+    Configs that are all equal are their own union (the members' parametrisation, which a Laplace or TFB fit
+    on them depends on, is kept)."""
     if not configs:
         raise ValueError("union_adapter_config: no adapter configs")
+    if all(c == configs[0] for c in configs[1:]):
+        return configs[0]  # nothing to pad: the members' own config, scale and all
+    if len({not c.target_modules for c in configs}) > 1:
+        raise ValueError("union_adapter_config: some configs name their target modules and some take the "
+                         "architecture's default (resolved_adapter_config names them)")
     rank = max(c.rank for c in configs)
     modules = tuple(dict.fromkeys(m for c in configs for m in c.target_modules))
     layers = () if any(not c.layers for c in configs) else tuple(sorted({i for c in configs for i in c.layers}))
@@ -198,6 +243,9 @@ def pad_lora_state(state: dict[str, torch.Tensor], cfg: AdapterConfig, union: Ad
 
 
 PEFT_CONFIG = "adapter_config.json"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+"""Decoder block i in a PEFT key: its first numbered segment (`.layers.i.`, GPT-2's `.h.i.`), as PEFT's
+`layers_to_transform` reads it."""
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _UNSUPPORTED_PEFT = {"use_dora": "DoRA", "modules_to_save": "fully trained modules (modules_to_save)",
                      "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas "
@@ -238,7 +286,7 @@ def read_peft_adapter(folder: str | Path) -> tuple[AdapterConfig, dict[str, torc
         raise ModelError(f"{folder}: tensors disagree with r={rank} in {PEFT_CONFIG}: "
                          f"{dict(list(wrong.items())[:2]) or 'no lora_A tensors'}")
     # the adapted modules and layers as the tensors hold them (a config may give them as a regex)
-    layers = sorted({int(m.group(1)) for k in adapted if (m := re.search(r"\.layers\.(\d+)\.", k))})
+    layers = sorted({int(m.group(1)) for k in adapted if (m := _LAYER_INDEX.search(k))})
     cfg = AdapterConfig(rank=rank, alpha=alpha, dropout=float(meta.get("lora_dropout") or 0.0),
                         target_modules=tuple(sorted({k.rsplit(".", 1)[-1] for k in adapted})), layers=tuple(layers))
     return cfg, state, str(meta.get("base_model_name_or_path") or "")

@@ -168,12 +168,10 @@ class AnswerScorer:
             weight = head.weight if vocab_rows is None else head.weight.index_select(0, vocab_rows)
             bias = head.bias if head.bias is None or vocab_rows is None else head.bias.index_select(0, vocab_rows)
             return torch.nn.functional.linear(hidden, weight, bias)
-        inputs, window = {"input_ids": batch["input_ids"]}, nullcontext()
-        if trunk is not None:
-            inputs, window = {"inputs_embeds": trunk[1]}, above_trunk(self.model, trunk[0])
+        window = nullcontext() if trunk is None else above_trunk(self.model, *trunk)
         with attention_kernels(self.device), window:
-            logits = self.model(**inputs, attention_mask=mask, use_cache=False, position_ids=positions,
-                                logits_to_keep=keep).logits
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
+                                position_ids=positions, logits_to_keep=keep).logits
         return logits if vocab_rows is None else logits.index_select(-1, vocab_rows)
 
     def target_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

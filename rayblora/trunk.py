@@ -6,40 +6,117 @@ layer L₀. Instead of running the whole stack S times, the batch's hidden state
 and only layers L₀..N−1, the final norm and the answer head run per state. On a compute-bound device this divides
 the per-state cost by about N / (N − L₀) (SmolLM2, last 4 layers: 30 / 4 ≈ 7.5).
 
-Applies to Hugging Face decoders whose inner model keeps its blocks in a `layers` ModuleList and takes
-`inputs_embeds` (Llama, Mistral, Qwen2, SmolLM2, ...). Anything else reports no trunk and runs the full forward.
+The decoder's parts are found by structure, not by name (:func:`decoder_parts`): transformers' `base_model`
+(the decoder under the LM head), the one ModuleList of `num_hidden_layers` blocks in it, the first norm
+registered after that list, the input embeddings and the output head. That covers Llama, Mistral, Qwen2, Gemma,
+Phi-3, GPT-2 and GPT-NeoX layouts alike; a model without them is refused naming what is missing. Hidden states
+enter a window of layers through a pre-hook on its first layer, after the model's own embedding step, so
+whatever the model does between its embeddings and its first layer (GPT-2's position embeddings, dropout) is
+never applied twice.
 
 The other end of the stack, the *tail*: answer scoring reads the logits of the last position only (a generation
 target's, of its last few), so the last decoder layer's queries, attention output, MLP and final norm are needed
 only there; its keys and values are needed at every position. :func:`tail_hidden` runs it so (exact: the skipped
 outputs feed nothing), saving about (1 − k/v share) of one layer per prompt, a quarter of the adapted compute with
-LoRA on the last 4 layers.
+LoRA on the last 4 layers. The tail is written for pre-norm rotary decoders (:data:`TAIL_MODEL_TYPES`); the others
+run the full last layer.
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 _ADAPTER_TAGS = ("lora_", "prompt_encoder", "modules_to_save")
 """Name parts of PEFT adapter parameters, which count as adapted even when frozen (e.g. at serving time)."""
 
 
-def decoder_stack(peft_model: nn.Module) -> nn.Module | None:
-    """The inner decoder (with `embed_tokens`, `layers`, `norm`) of a PEFT-wrapped causal LM, or None."""
-    causal_lm = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    inner = getattr(causal_lm, "model", None)
-    if inner is None or not isinstance(getattr(inner, "layers", None), nn.ModuleList):
+class UnsupportedArchitecture(ValueError):
+    """The model is not a decoder-only causal LM laid out as :func:`decoder_parts` needs."""
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """Where a causal LM keeps its decoder: `inner` (transformers' `base_model`, e.g. LlamaModel, GPT2Model)
+    holds its blocks in the ModuleList attribute `layers_name` and its final norm in `norm_name`; `head` is
+    the LM head (H -> V)."""
+
+    inner: nn.Module
+    layers_name: str
+    norm_name: str
+    head: nn.Module
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.inner, self.layers_name)
+
+    @property
+    def norm(self) -> nn.Module:
+        return getattr(self.inner, self.norm_name)
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.inner.get_input_embeddings()
+
+    @property
+    def layer_index(self) -> re.Pattern:
+        """Matches a parameter name inside decoder block i, group 1 = i (e.g. `.layers.3.`, GPT-2's `.h.3.`)."""
+        return re.compile(rf"\.{re.escape(self.layers_name)}\.(\d+)\.")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _missing_parts(causal_lm: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """What :func:`decoder_parts` cannot find in `causal_lm` (empty when nothing), and the names it found."""
+    inner = getattr(causal_lm, "base_model", None)
+    if inner is None or inner is causal_lm:
+        return ["a decoder under the LM head (transformers' `base_model_prefix`)"], {}
+    count = getattr(getattr(causal_lm, "config", None), "num_hidden_layers", None)
+    names = [n for n, m in inner.named_children() if isinstance(m, nn.ModuleList) and len(m) == count]
+    missing, found = [], {}
+    if len(names) != 1:
+        missing.append(f"one ModuleList of its {count} decoder layers (found {names or 'none'})")
+    else:
+        children = [n for n, _ in inner.named_children()]
+        after = children[children.index(names[0]) + 1:]
+        norms = [n for n in after if "norm" in type(getattr(inner, n)).__name__.lower()]
+        found["layers"] = names[0]
+        if norms:
+            found["norm"] = norms[0]
+        else:
+            missing.append("a final norm registered after the decoder layers")
+    if not hasattr(inner, "get_input_embeddings") or inner.get_input_embeddings() is None:
+        missing.append("input embeddings")
+    if not hasattr(causal_lm, "get_output_embeddings") or causal_lm.get_output_embeddings() is None:
+        missing.append("an LM head (output embeddings)")
+    return missing, found
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """The decoder parts of a (PEFT-wrapped) causal LM; UnsupportedArchitecture naming what is missing."""
+    causal_lm = _causal_lm(model)
+    missing, found = _missing_parts(causal_lm)
+    if missing:
+        kind = getattr(getattr(causal_lm, "config", None), "model_type", "?")
+        raise UnsupportedArchitecture(f"{type(causal_lm).__name__} (model_type {kind!r}) is not a decoder-only causal "
+                                      f"LM rayblora can split into layers: missing {'; '.join(missing)}")
+    return DecoderParts(causal_lm.base_model, found["layers"], found["norm"], causal_lm.get_output_embeddings())
+
+
+def decoder_stack(peft_model: nn.Module) -> DecoderParts | None:
+    """:func:`decoder_parts`, or None for a model that has none (it then runs whole, with no shared trunk)."""
+    try:
+        return decoder_parts(peft_model)
+    except UnsupportedArchitecture:
         return None
-    if not all(hasattr(inner, name) for name in ("embed_tokens", "norm")):
-        return None
-    return inner
 
 
 def first_adapted_layer(peft_model: nn.Module) -> int:
@@ -48,13 +125,14 @@ def first_adapted_layer(peft_model: nn.Module) -> int:
     0 also when a trainable parameter lies outside the decoder layers (embeddings, head, prefix tokens), since
     then even the first layer's input depends on the adapter state.
     """
-    if decoder_stack(peft_model) is None:
+    parts = decoder_stack(peft_model)
+    if parts is None:
         return 0
     indices = []
     for name, param in peft_model.named_parameters():
         if not (param.requires_grad or any(tag in name for tag in _ADAPTER_TAGS)):
             continue
-        match = _LAYER_INDEX.search(name)
+        match = parts.layer_index.search(name)
         if match is None:
             return 0
         indices.append(int(match.group(1)))
@@ -62,51 +140,71 @@ def first_adapted_layer(peft_model: nn.Module) -> int:
 
 
 @contextmanager
-def layer_window(inner: nn.Module, start: int, stop: int | None, final_norm: bool = True) -> Iterator[None]:
-    """Within the block, `inner` runs only decoder layers [start, stop) and, unless `final_norm`, no final norm."""
-    layers, norm = inner.layers, inner.norm
+def layer_window(parts: DecoderParts, start: int, stop: int | None, final_norm: bool = True,
+                 hidden: torch.Tensor | None = None) -> Iterator[None]:
+    """Within the block, the decoder runs only layers [start, stop) and, unless `final_norm`, no final norm;
+    with `hidden` (B, T, H), layer `start` takes it as its input in place of what comes from below."""
+    layers, norm = parts.layers, parts.norm
+    handle = None
     try:
-        inner.layers = nn.ModuleList(list(layers)[start:stop])
+        setattr(parts.inner, parts.layers_name, nn.ModuleList(list(layers)[start:stop]))
         if not final_norm:
-            inner.norm = nn.Identity()
+            setattr(parts.inner, parts.norm_name, nn.Identity())
+        if hidden is not None:
+            handle = layers[start].register_forward_pre_hook(_entering(hidden), with_kwargs=True)
         yield
     finally:
-        inner.layers, inner.norm = layers, norm
+        setattr(parts.inner, parts.layers_name, layers)
+        setattr(parts.inner, parts.norm_name, norm)
+        if handle is not None:
+            handle.remove()
+
+
+def _entering(hidden: torch.Tensor):
+    """A forward pre-hook giving a decoder layer `hidden` as its hidden-states input (first positional or
+    `hidden_states` keyword, as the decoders call their layers)."""
+    def hook(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+    return hook
 
 
 @torch.no_grad()
 def trunk_hidden(peft_model: nn.Module, batch: dict[str, torch.Tensor], position_ids: torch.Tensor,
                  start: int) -> torch.Tensor:
     """Hidden states entering decoder layer `start`, (B, T, H): embeddings followed by layers 0..start−1."""
-    inner = decoder_stack(peft_model)
-    with layer_window(inner, 0, start, final_norm=False):
-        out = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=position_ids, use_cache=False)
+    parts = decoder_parts(peft_model)
+    with layer_window(parts, 0, start, final_norm=False):
+        out = parts.inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 
 @contextmanager
-def above_trunk(peft_model: nn.Module, start: int) -> Iterator[None]:
-    """Within the block, a forward given `inputs_embeds` = trunk hidden states runs layers start..N−1 only."""
-    with layer_window(decoder_stack(peft_model), start, None):
+def above_trunk(peft_model: nn.Module, start: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, a forward of the model (from its `input_ids`, whose embedding step is then discarded)
+    runs layers start..N−1 only, on `hidden` (B, T, H), the trunk's hidden states entering layer `start`."""
+    with layer_window(decoder_parts(peft_model), start, None, hidden=hidden):
         yield
 
 
 def trunk_dropout(peft_model: nn.Module, start: int) -> float:
     """The largest dropout probability active below layer `start` (embeddings, layers 0..start−1, attention
     dropout of the config); > 0 means the trunk's output is random in training mode and cannot be cached."""
-    inner = decoder_stack(peft_model)
-    if inner is None:
+    parts = decoder_stack(peft_model)
+    if parts is None:
         return 0.0
-    modules = [inner.embed_tokens, *list(inner.layers)[:start]]
-    rates = [m.p for block in modules for m in block.modules() if isinstance(m, nn.Dropout)]
+    above = {id(m) for layer in list(parts.layers)[start:] for m in layer.modules()}
+    above |= {id(m) for m in parts.norm.modules()}
+    rates = [m.p for m in parts.inner.modules() if isinstance(m, nn.Dropout) and id(m) not in above]
     config = getattr(getattr(peft_model, "config", None), "attention_dropout", 0.0) or 0.0
     return max([float(config), *rates])
 
 
 def trunk_dtype(peft_model: nn.Module) -> torch.dtype:
     """The dtype the frozen trunk computes in (its embedding weights')."""
-    return decoder_stack(peft_model).embed_tokens.weight.dtype
+    return decoder_parts(peft_model).embed.weight.dtype
 
 
 # --- the tail: the last decoder layer at the read positions only --------------------------------------------------
@@ -130,21 +228,21 @@ def tail_ready(peft_model: nn.Module, length: int) -> bool:
     a supported decoder, no sliding window shorter than the sequence, no attention dropout in training, and no
     hook or active dropout on the last layer's parts that it runs at the read positions only (the query
     projection may have either: it then runs at every position, as in the full forward)."""
-    inner = decoder_stack(peft_model)
+    parts = decoder_stack(peft_model)
     config = getattr(peft_model, "config", None)
-    if inner is None or getattr(config, "model_type", None) not in TAIL_MODEL_TYPES or not hasattr(inner,
+    if parts is None or getattr(config, "model_type", None) not in TAIL_MODEL_TYPES or not hasattr(parts.inner,
                                                                                                    "rotary_emb"):
         return False
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and window < length:
         return False
-    last = inner.layers[-1]
+    last = parts.layers[-1]
     attn = getattr(last, "self_attn", None)
     if attn is None or any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
         return False
     if attn.training and (getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
         return False
-    exact_parts = [last.input_layernorm, attn.o_proj, last.post_attention_layernorm, last.mlp, inner.norm]
+    exact_parts = [last.input_layernorm, attn.o_proj, last.post_attention_layernorm, last.mlp, parts.norm]
     if last._forward_hooks or last._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks:
         return False
     return not any(_hooked(m) or _random(m) for m in exact_parts) and not nn.modules.module._global_forward_hooks
@@ -194,18 +292,18 @@ def tail_hidden(peft_model: nn.Module, attention_mask: torch.Tensor, position_id
                 input_ids: torch.Tensor | None = None,
                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Final-normed hidden states (N, keep, H) at the last `keep` positions, the last decoder layer run only
-    there (its keys / values everywhere); layers below it run as usual from `input_ids` or from `trunk` =
-    (L₀, hidden states entering L₀). `attention_mask` is the (N, T) real-token mask or the additive (N, 1, T, T)
+    there (its keys / values everywhere); layers below it run as usual from `input_ids`, or from layer L₀ on
+    given `trunk` = (L₀, hidden states entering L₀). `attention_mask` is the (N, T) real-token mask or the additive (N, 1, T, T)
     mask of packed multiple-choice rows (:func:`rayblora.data.batches.model_attention`). Only where
     :func:`tail_ready` holds."""
-    inner = decoder_stack(peft_model)
-    last = len(inner.layers) - 1
+    parts = decoder_parts(peft_model)
+    last = len(parts.layers) - 1
     start, hidden = trunk if trunk is not None else (0, None)
     if start < last:
-        with layer_window(inner, start, last, final_norm=False):
-            hidden = inner(input_ids=None if hidden is not None else input_ids, inputs_embeds=hidden,
-                           attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        with layer_window(parts, start, last, final_norm=False, hidden=hidden):
+            hidden = parts.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
     elif hidden is None:
-        hidden = inner.embed_tokens(input_ids)
-    rotary = inner.rotary_emb(hidden, position_ids=position_ids)
-    return inner.norm(_last_layer_tail(inner.layers[last], hidden, attention_mask, rotary, keep))
+        hidden = parts.embed(input_ids)
+    rotary = parts.inner.rotary_emb(hidden, position_ids=position_ids)
+    return parts.norm(_last_layer_tail(parts.layers[last], hidden, attention_mask, rotary, keep))

@@ -46,8 +46,10 @@ class AdapterConfig:
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     dropout: float = 0.0
     """LoRA dropout probability (kept on at test time by the mc_dropout posterior)."""
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """Names of the linear modules that receive LoRA adapters."""
+    target_modules: tuple[str, ...] = ()
+    """Names of the linear modules that receive LoRA adapters; empty = the base architecture's usual ones
+    (q_proj, v_proj for Llama / Mistral / Qwen2 / Gemma; qkv_proj for Phi-3; c_attn for GPT-2;
+    query_key_value for GPT-NeoX: :func:`rayblora.model.default_target_modules`)."""
     layers: tuple[int, ...] = ()
     """Restrict adapters to these decoder layer indices (empty = all layers)."""
     init_b_std: float = 0.0
@@ -58,7 +60,8 @@ class AdapterConfig:
         check(self.rank >= 1, "adapter.rank", f"must be >= 1, got {self.rank}")
         check(self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
         check(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
-        check(len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+        check(all(isinstance(m, str) and m for m in self.target_modules), "adapter.target_modules",
+              "must be module names (or empty for the architecture's default)")
         check(all(i >= 0 for i in self.layers), "adapter.layers", "indices must be >= 0")
         check(self.init_b_std >= 0, "adapter.init_b_std", f"must be >= 0, got {self.init_b_std}")
 

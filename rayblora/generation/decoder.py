@@ -13,26 +13,47 @@ key/value cache per state and runs the decoder layer by layer:
 
 When the states diverge (per-state sampling, :meth:`StackedDecoder.split`), the trunk cache is repeated to S·B
 rows and every layer runs per state from then on. Adapters the stacked forward cannot run (not plain LoRA) run
-one state at a time with their tensors swapped in (the same logits). Applies to decoders with Llama's layout
-(`embed_tokens`, `layers`, `norm`, `rotary_emb`; Llama, Mistral, Qwen2, SmolLM2).
+one state at a time with their tensors swapped in (the same logits). Applies to rotary decoders whose layers take
+`past_key_values` and `position_embeddings` (Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM2), found by structure
+(:func:`rayblora.trunk.decoder_parts`); others are refused naming what is missing.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import inspect
+
 import torch
 from torch import nn
 
 from rayblora.batched import lora_dropout_active, stacked_adapters, supports_batching
 from rayblora.model import set_lora_state
-from rayblora.trunk import decoder_stack, first_adapted_layer
+from rayblora.trunk import UnsupportedArchitecture, decoder_parts, first_adapted_layer
 
 AdapterState = dict[str, torch.Tensor]
 
 
 class DecodingError(ValueError):
     """The model or the states cannot be decoded (e.g. a decoder without Llama's layer layout)."""
+
+
+def _decodable_parts(peft_model: nn.Module):
+    """The decoder parts of `peft_model` if :class:`StackedDecoder` can run its layers one by one: a rotary
+    decoder whose layers take `past_key_values` and `position_embeddings`; else DecodingError naming the gap."""
+    try:
+        parts = decoder_parts(peft_model)
+    except UnsupportedArchitecture as exc:
+        raise DecodingError(str(exc)) from None
+    accepted = inspect.signature(parts.layers[0].forward).parameters
+    missing = [name for name in ("past_key_values", "position_embeddings") if name not in accepted]
+    if not hasattr(parts.inner, "rotary_emb"):
+        missing.insert(0, "rotary position embeddings (`rotary_emb`)")
+    if missing:
+        kind = getattr(getattr(peft_model, "config", None), "model_type", "?")
+        raise DecodingError(f"model_type {kind!r}: decoding under a posterior runs the decoder layer by layer and "
+                            f"needs {', '.join(missing)} in its layers' interface")
+    return parts
 
 
 class LayerCache:
@@ -108,17 +129,13 @@ class StackedDecoder:
                  batched: bool | None = None):
         if not states:
             raise DecodingError("decoding needs at least one adapter state")
-        self.inner = decoder_stack(peft_model)
-        if self.inner is None or not hasattr(self.inner, "rotary_emb"):
-            raise DecodingError(f"{type(peft_model).__name__}: decoding under a posterior needs a decoder with "
-                                "Llama's layout (embed_tokens, layers, norm, rotary_emb)")
+        self.parts = _decodable_parts(peft_model)
         self.model, self.states, self.lora_dropout = peft_model, list(states), lora_dropout
         can_batch = supports_batching(peft_model, self.states)
         if batched and not can_batch:
             raise DecodingError("batched decoding needs plain LoRA states matching the model's LoRA layers")
         self.batched = can_batch if batched is None else batched
         self.start = first_adapted_layer(peft_model)
-        self.head = peft_model.get_output_embeddings()
         self.trunk: _Rows | None = None
         self.upper: list[_Rows] = []
         self.shared = True
@@ -130,7 +147,7 @@ class StackedDecoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the left-padded prompts (B, T); returns the next-token logits (S, B, V) in float32."""
-        s, rows, device = self.num_states, input_ids.shape[0], self.inner.embed_tokens.weight.device
+        s, rows, device = self.num_states, input_ids.shape[0], self.parts.embed.weight.device
         self.trunk, self.shared = _Rows(rows, device), True
         self.upper = [_Rows(s * rows, device)] if self.batched else [_Rows(rows, device) for _ in range(s)]
         return self._forward(input_ids, attention_mask)
@@ -154,11 +171,11 @@ class StackedDecoder:
 
     def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         """ids / new_mask: (B, q) while the states share their tokens, else (S·B, q)."""
-        ids = ids.to(self.inner.embed_tokens.weight.device)
-        hidden = self._run(self.inner.embed_tokens(ids), self.inner.layers[:self.start], self.trunk, new_mask)
+        ids = ids.to(self.parts.embed.weight.device)
+        hidden = self._run(self.parts.embed(ids), self.parts.layers[:self.start], self.trunk, new_mask)
         if self.shared:
             hidden, new_mask = hidden.repeat(self.num_states, 1, 1), new_mask.repeat(self.num_states, 1)
-        upper_layers = self.inner.layers[self.start:]
+        upper_layers = self.parts.layers[self.start:]
         with lora_dropout_active(self.model, self.lora_dropout):
             if self.batched:
                 with stacked_adapters(self.model, self.states):
@@ -166,7 +183,7 @@ class StackedDecoder:
             else:
                 blocks = zip(hidden.chunk(self.num_states), new_mask.chunk(self.num_states))
                 hidden = torch.cat([self._run_state(i, h, m, upper_layers) for i, (h, m) in enumerate(blocks)])
-        logits = self.head(self.inner.norm(hidden[:, -1:])).float()[:, 0]
+        logits = self.parts.head(self.parts.norm(hidden[:, -1:])).float()[:, 0]
         return logits.reshape(self.num_states, -1, logits.shape[-1])
 
     def _run_state(self, index: int, hidden: torch.Tensor, new_mask: torch.Tensor, layers) -> torch.Tensor:
@@ -179,7 +196,7 @@ class StackedDecoder:
         if not len(layers):
             return hidden
         bias = attention_bias(rows.key_mask, hidden.shape[1], hidden.dtype)
-        embeddings = self.inner.rotary_emb(hidden, positions)
+        embeddings = self.parts.inner.rotary_emb(hidden, positions)
         for layer in layers:
             out = layer(hidden, attention_mask=bias, position_ids=positions, past_key_values=rows.cache,
                         use_cache=True, position_embeddings=embeddings)

@@ -1,24 +1,34 @@
 """`rayblora import`: LoRA adapters trained outside rayblora (plain PEFT folders, as HF Trainer, TRL, Axolotl or
 LLaMA-Factory save them) as a verified `map` (one folder) or `ensemble` (several) artifact of the configured base
 model and task, so that `fit` (Laplace, TFB), `evaluate`, `sweep prior`, `generate` and `serve` work on them as on
-members rayblora trained.
+members rayblora trained. `rayblora export` is the way back: an artifact's members as plain PEFT folders, each
+with a record of its base model's fingerprint that a later import checks.
 
 Each folder's own rank, alpha (rsLoRA folded in), target modules and layers are taken from its files
 (:func:`rayblora.model.read_peft_adapter`); folders of different configs are zero-padded into one
 (:mod:`rayblora.workflows.padded_members`). Checked before anything is written: the base model the adapter names
 against the configured one, every adapted module present in the base with the adapter's shapes, the task's
-answer tokens (by building the scorer).
+answer tokens (by building the scorer), and, where the folder records one (:data:`BASE_RECORD`, written by
+`rayblora export`), the base model's fingerprint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rayblora.config import Config
-from rayblora.model import ModelError, read_peft_adapter
+from rayblora.manifest import read_manifest, replace_dir, verify_files, write_json_atomic
+from rayblora.model import PEFT_CONFIG, PEFT_WEIGHTS, ModelError, read_peft_adapter
 from rayblora.workflows.padded_members import Candidate, pad_members, write_members
+
+BASE_RECORD = "rayblora_base.json"
+"""Beside an exported adapter: the base model's name and rayblora fingerprint (:func:`rayblora.model.
+base_fingerprint`), and the artifact and member it came from. PEFT ignores the file; `rayblora import` checks it."""
 
 
 def _base_name(name: str) -> str:
@@ -36,6 +46,21 @@ def check_base(recorded: str, cfg: Config, folder: Path, log: Callable[[str], No
                          "import it with the base model it was trained on")
 
 
+def check_fingerprint(folder: Path, fingerprint: str) -> None:
+    """Refuse an adapter whose :data:`BASE_RECORD` names another base model fingerprint than `fingerprint`."""
+    record = folder / BASE_RECORD
+    if not record.is_file():
+        return
+    try:
+        want = json.loads(record.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{record}: unreadable base model record ({exc!r}); delete it to import by name only")
+    if want != fingerprint:
+        raise ModelError(f"{folder}: trained on a base model with fingerprint {want[:12]}…, but the configured "
+                         f"model.name has fingerprint {fingerprint[:12]}… (same name, other weights or dtype); "
+                         "import it with the base model it was trained on")
+
+
 def import_adapters(folders: Sequence[str | Path], cfg: Config, out: str | Path | None = None,
                     log: Callable[[str], None] = print) -> Path:
     """Write the PEFT LoRA adapters in `folders` (in that order) as the artifact `<out>/posterior` (default
@@ -50,7 +75,38 @@ def import_adapters(folders: Sequence[str | Path], cfg: Config, out: str | Path 
                                     {"source": str(folder.resolve()), "base_model_name_or_path": recorded,
                                      "rank": adapter.rank, "alpha": adapter.alpha}))
     padded = pad_members(candidates, out or cfg.out_dir, log)
+    for folder in map(Path, folders):
+        check_fingerprint(folder, padded.scorer.fingerprint)
     path = write_members(padded, candidates, range(len(candidates)),
                          {"imported": [c.info["source"] for c in candidates]})
     log(f"[import] {len(candidates)} adapter(s) -> {path}")
     return path
+
+
+def export_members(artifact: str | Path, out: str | Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Write every member of the artifact at `artifact` as a plain PEFT LoRA folder `<out>/member-<i>`
+    (`adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`) with its
+    :data:`BASE_RECORD`. The artifact's checksums are verified first; `out` is written whole or not at all."""
+    artifact, out = Path(artifact), Path(out)
+    manifest = read_manifest(artifact)
+    verify_files(artifact, manifest)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"export --out {out}: exists and is not empty; name a new folder")
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        for i, member in enumerate(manifest["members"]):
+            folder = tmp / f"member-{i}"
+            folder.mkdir(parents=True)
+            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+                shutil.copy2(artifact / member["path"] / name, folder / name)
+            write_json_atomic(folder / BASE_RECORD, {
+                "base_model": manifest["base_model"]["name"], "fingerprint": manifest["base_model"]["fingerprint"],
+                "artifact": str(artifact.resolve()), "method": manifest["method"], "member": i})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    folders = [out / f"member-{i}" for i in range(len(manifest["members"]))]
+    log(f"[export] {len(folders)} member(s) of {artifact} ({manifest['method']}) -> {out}")
+    return folders

@@ -20,7 +20,7 @@ from rayblora.artifact import save_posterior
 from rayblora.config import Config, ConfigError
 from rayblora.data.sources import TaskData, load_task_data
 from rayblora.data.trained_splits import split_record
-from rayblora.model import lora_state, pad_lora_state, union_adapter_config
+from rayblora.model import load_base_model, lora_state, pad_lora_state, resolved_adapter_config, union_adapter_config
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer, build_scorer
 from rayblora.workflows.members import trunk_cache_for
@@ -71,15 +71,17 @@ def pad_members(candidates: Sequence[Candidate], out: str | Path,
                 log: Callable[[str], None] = print) -> PaddedMembers:
     """Load the task and the base model once and pad every candidate into the union LoRA config."""
     check_shared(candidates)
-    union = union_adapter_config([c.config.adapter for c in candidates])
     first = candidates[0].config
+    base = load_base_model(first.model)
+    adapters = [resolved_adapter_config(c.config.adapter, base[0]) for c in candidates]
+    union = union_adapter_config(adapters)
     cfg = dataclasses.replace(first, adapter=union, output=dataclasses.replace(first.output, dir=str(out)))
     data = load_task_data(cfg.data)
-    scorer = build_scorer(cfg.model, union, data.spec, cfg.data.max_length)
+    scorer = build_scorer(cfg.model, union, data.spec, cfg.data.max_length, base=base)
     scorer.use_trunk_cache(trunk_cache_for(cfg, scorer, log))
     template = lora_state(scorer.model)
-    return PaddedMembers(cfg, data, scorer, [pad_lora_state(c.adapter, c.config.adapter, union, template)
-                                             for c in candidates])
+    return PaddedMembers(cfg, data, scorer, [pad_lora_state(c.adapter, adapter, union, template)
+                                             for c, adapter in zip(candidates, adapters)])
 
 
 def write_members(padded: PaddedMembers, candidates: Sequence[Candidate], chosen: Sequence[int],
