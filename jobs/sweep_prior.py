@@ -1,6 +1,6 @@
 """Entry point for `ray job submit`: a post-hoc prior-precision sweep of a Laplace-LoRA artifact on Ray Tune.
 
-    ray job submit --working-dir . -- python jobs/sweep_prior.py --posterior runs/demo/posterior-laplace \
+    ray job submit --working-dir . -- python jobs/sweep_prior.py --posterior runs/demo/posterior-laplace_ensemble \
         --values 32 --select val_nll --out runs/sweep-prior --config jobs/configs/demo.yaml [k=v ...]
 
 The arguments are those of `rayblora sweep prior` (see `rayblora sweep prior --help`). The validation Jacobians are

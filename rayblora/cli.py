@@ -28,7 +28,8 @@ from rayblora.report import render_markdown
 from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
-from rayblora.workflows.fit import LAPLACE_METHODS, POST_HOC_METHODS, fit_posterior
+from rayblora.registry import post_hoc_methods
+from rayblora.workflows.fit import fit_posterior, fitted_name
 from rayblora.workflows.importing import export_members, import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.runtime import ensure_ray
@@ -156,15 +157,15 @@ def _run_demo(_args, cfg: Config) -> int:
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posterior", required=True, help="parent artifact directory (its members are kept)")
-    p.add_argument("--method", default="", choices=["", *POST_HOC_METHODS],
-                   help=f"{' | '.join(POST_HOC_METHODS)} (default: posterior.method if post-hoc, else "
+    families = post_hoc_methods()
+    p.add_argument("--method", default="", choices=["", *families],
+                   help=f"{' | '.join(families)} (default: posterior.method if post-hoc, else "
                         "laplace_ensemble / laplace by member count)")
     p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-<method>)")
 
 
 def _run_fit(args, cfg: Config) -> int:
-    kind = "laplace" if args.method in ("", *LAPLACE_METHODS) else args.method
-    out = args.out or str(cfg.out_dir / f"posterior-{kind}")
+    out = args.out or str(cfg.out_dir / fitted_name(args.posterior, cfg, args.method or None))
     print(fit_posterior(args.posterior, cfg, out, method=args.method or None))
     return 0
 

@@ -2,8 +2,10 @@
 
 Nothing here imports a family, so the config can validate `posterior.method` without loading torch models, and
 a family module imports only what lies below it (docs/ARCHITECTURE.md). A new family adds one row to
-:data:`BUILTIN` (or calls :func:`register` for a class defined elsewhere); an unknown name fails with the list of
-known ones.
+:data:`BUILTIN` (or calls :func:`register` for a class defined elsewhere) and declares on its class what it needs
+(`needs_data`, `post_hoc`, ...: :class:`rayblora.posteriors.base.Posterior`); the command line reads those
+declarations (e.g. `rayblora fit --method` offers :func:`post_hoc_methods`). An unknown name fails with the list
+of known ones.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def register(cls: Any) -> Any:
 def available_methods() -> tuple[str, ...]:
     """Names of every registered posterior family, sorted."""
     return tuple(sorted(_TABLE))
+
+
+def post_hoc_methods() -> tuple[str, ...]:
+    """Names of the families `rayblora fit` builds onto trained members (their class's `post_hoc` is set),
+    sorted; imports every family."""
+    return tuple(m for m in available_methods() if getattr(get_posterior_class(m), "post_hoc", ""))
 
 
 def get_posterior_class(method: str) -> Any:

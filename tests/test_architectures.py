@@ -1,8 +1,9 @@
 """Base models found by structure, not by name: tiny random Mistral, Qwen2, Gemma, Phi-3, GPT-2 and GPT-NeoX
 models, saved as model folders the way a user brings one (transformers configs, offline), train with the trunk
 cache exactly as without it, run S adapter states batched exactly as one by one, and predict a posterior exactly
-as without the cache; each gets its architecture's default LoRA modules; an unsupported model is refused up
-front naming what it lacks."""
+as without the cache, and decode generated answers as transformers' own greedy search does (or are refused,
+naming what layer-by-layer decoding needs); each gets its architecture's default LoRA modules; an unsupported
+model is refused up front naming what it lacks."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from transformers import (AutoModelForCausalLM, BertConfig, GemmaConfig, GPT2Con
                           Phi3Config, Qwen2Config)
 
 from conftest import tiny_overrides
-from rayblora.config import load_config
+from rayblora.config import AdapterConfig, ModelConfig, load_config
 from rayblora.data.batches import eval_batches
-from rayblora.model import ModelError, load_base_model, tiny_tokenizer
+from rayblora.data.formats import classification_spec
+from rayblora.generation.decode import DecodingSettings
+from rayblora.generation.decoder import DecodingError
+from rayblora.generation.run import StateSet, generate
+from rayblora.model import ModelError, load_base_model, set_lora_state, tiny_tokenizer
+from rayblora.scoring import build_scorer
 from rayblora.trunk import decoder_parts, first_adapted_layer
 from rayblora.workflows.evaluate import evaluate_methods
 from rayblora.workflows.members import train_one_member
@@ -115,3 +121,30 @@ def test_decoder_parts_name_each_architectures_own_modules(tmp_path):
         found[kind] = (parts.layers_name, parts.norm_name, len(parts.layers))
     assert found["gpt2"] == ("h", "ln_f", 3) and found["gpt_neox"] == ("layers", "final_layer_norm", 3)
     assert all(found[k] == ("layers", "norm", 3) for k in ("mistral", "qwen2", "gemma", "phi3"))
+
+
+DECODABLE = {"mistral", "qwen2", "gemma", "phi3"}
+"""Rotary decoders whose layers take a KV cache as `past_key_values`: decoded layer by layer under a posterior."""
+
+
+def test_generation_decodes_as_transformers_own_greedy_search_or_is_refused_naming_why(architecture):
+    kind, folder, _modules = architecture
+    spec = classification_spec(("negative", "positive"), "{text}")
+    scorer = build_scorer(ModelConfig(name=str(folder)), AdapterConfig(rank=4, layers=(2,)), spec, max_length=64)
+    g = torch.Generator().manual_seed(1)
+    state = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in scorer.adapter_state().items()}
+    states = StateSet(scorer.model, scorer.tokenizer, [state] * 2, max_length=64)
+    settings = DecodingSettings(max_new_tokens=6, stop=())
+    if kind not in DECODABLE:
+        with pytest.raises(DecodingError, match=f"model_type '{kind}'.*needs"):
+            generate(states, ["the film was good and"], settings)
+        return
+    prompts = ["the film was good and", "awful"]
+    with scorer.restoring_adapter():
+        answers = generate(states, prompts, settings, batch_size=2)  # left-padded: prompts of other lengths
+        set_lora_state(scorer.model, state)
+        for prompt, answer in zip(prompts, answers):
+            ids = scorer.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            want = scorer.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=6, pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+            assert answer.tokens == want.tolist()

@@ -254,6 +254,33 @@ def test_fit_cli_writes_a_new_laplace_artifact(ensemble_artifact, sentiment_file
         fit_laplace(ensemble_artifact, load_config(None, overrides), tmp_path / "x", method="ensemble")
 
 
+def test_fit_offers_the_registrys_post_hoc_families_and_names_its_output_after_the_family(
+        ensemble_artifact, sentiment_files, tmp_path, capsys):
+    from rayblora.cli import build_parser, main
+    from rayblora.posteriors.tfb import TfbPosterior
+    from rayblora.registry import _CLASSES, _TABLE, post_hoc_methods, register
+
+    assert post_hoc_methods() == ("laplace", "laplace_ensemble", "tfb", "tfb_ensemble")
+
+    class SharperTfb(TfbPosterior):  # a family added outside rayblora declares how it is fitted, nothing else
+        method = "sharper_tfb"
+
+    register(SharperTfb)
+    try:
+        assert "sharper_tfb" in post_hoc_methods()
+        assert build_parser().parse_args(["fit", "--posterior", "p", "--method", "sharper_tfb"]).method
+    finally:
+        _TABLE.pop("sharper_tfb"), _CLASSES.pop("sharper_tfb")
+    run = tmp_path / "run"
+    overrides = tiny_overrides(sentiment_files, run, **{"laplace.fit_batches": "2", "laplace.link_samples": "10",
+                                                        "tfb.search_steps": "2"})
+    assert main(["fit", "--posterior", str(ensemble_artifact), *overrides]) == 0
+    assert main(["fit", "--posterior", str(ensemble_artifact), "--method", "tfb", *overrides]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["posterior-laplace_ensemble", "posterior-tfb"]
+    printed = capsys.readouterr().out.splitlines()
+    assert str(run / "posterior-laplace_ensemble") in printed and str(run / "posterior-tfb") == printed[-1]
+
+
 @pytest.mark.slow
 def test_ray_train_fit_on_two_workers_equals_in_process_fit(ensemble_artifact, sentiment_files, tmp_path,
                                                             ray_session):

@@ -46,6 +46,10 @@ class Posterior(ABC):
     training_sections: ClassVar[tuple[str, ...]] = ()
     """Config sections besides model/adapter/data/train that change what the family's training produces
     (part of the digest under which finished members are reused)."""
+    post_hoc: ClassVar[str] = ""
+    """How `rayblora fit` builds this family onto an artifact's trained members: "curvature" (a pass over the
+    training split, then :meth:`from_curvatures`: Laplace), "build" (:meth:`build` from the members and data:
+    TFB), or "" (not fitted post hoc: its members' training makes it)."""
     provides: ClassVar[tuple[str, ...]] = ()
     """Other registered families whose predictive is part of this one's, built from the same config (e.g.
     `swag` is trajectory 0 of `multiswag`): :meth:`predict_views` returns them from the same pass."""

@@ -131,6 +131,7 @@ class TfbPosterior(SampledStatesPosterior):
 
     method = "tfb"
     needs_data = True
+    post_hoc = "build"
     all_members: ClassVar[bool] = False
     """Bayesianize every member (tfb_ensemble) rather than member 0 alone."""
 

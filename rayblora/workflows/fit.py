@@ -34,23 +34,24 @@ from rayblora.data.trained_splits import artifact_data
 from rayblora.manifest import read_manifest
 from rayblora.posteriors.laplace import fit_curvature, laplace_sites
 from rayblora.posteriors.laplace.kfac import LoraCurvature
-from rayblora.registry import get_posterior_class
+from rayblora.registry import get_posterior_class, post_hoc_methods
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
 
-LAPLACE_METHODS = ("laplace", "laplace_ensemble")
-POST_HOC_METHODS = (*LAPLACE_METHODS, "tfb", "tfb_ensemble")
-"""Families `rayblora fit` builds onto an artifact's trained members."""
-
-
 def post_hoc_method(cfg: Config, n_members: int, method: str | None = None) -> str:
     """The family to fit: `method`, else `posterior.method` if it is post-hoc, else `laplace_ensemble` for
-    several members and `laplace` for one."""
-    chosen = method or (cfg.posterior.method if cfg.posterior.method in POST_HOC_METHODS else
+    several members and `laplace` for one (:func:`rayblora.registry.post_hoc_methods`)."""
+    families = post_hoc_methods()
+    chosen = method or (cfg.posterior.method if cfg.posterior.method in families else
                         ("laplace_ensemble" if n_members > 1 else "laplace"))
-    if chosen not in POST_HOC_METHODS:
-        raise ConfigError(f"fit --method: must be one of {list(POST_HOC_METHODS)}, got {chosen!r}")
+    if chosen not in families:
+        raise ConfigError(f"fit --method: must be one of {list(families)}, got {chosen!r}")
     return chosen
+
+
+def fitted_name(artifact_dir: str | Path, cfg: Config, method: str | None = None) -> str:
+    """The default output name of a fit of `artifact_dir`: `posterior-<the family fitted>`."""
+    return f"posterior-{post_hoc_method(cfg, len(read_manifest(artifact_dir)['members']), method)}"
 
 
 def _parent_and_data(artifact_dir: str | Path, cfg: Config, log: Callable[[str], None]):
@@ -66,11 +67,11 @@ def _parent_and_data(artifact_dir: str | Path, cfg: Config, log: Callable[[str],
 
 def fit_posterior(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, method: str | None = None,
                   log: Callable[[str], None] = print) -> Path:
-    """Fit the post-hoc family `method` (:data:`POST_HOC_METHODS`) on the members of `artifact_dir`; write the
+    """Fit the post-hoc family `method` (:func:`~rayblora.registry.post_hoc_methods`) on the members of `artifact_dir`; write the
     new artifact (with its lineage) to `out_dir`."""
     parent = read_manifest(artifact_dir)
     chosen = post_hoc_method(cfg, len(parent["members"]), method)
-    if chosen in LAPLACE_METHODS:
+    if get_posterior_class(chosen).post_hoc == "curvature":
         return fit_laplace(artifact_dir, cfg, out_dir, chosen, log)
     parent_post, data = _parent_and_data(artifact_dir, cfg, log)
     t0 = time.time()
@@ -84,9 +85,10 @@ def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, meth
     """Fit `laplace` / `laplace_ensemble` on the members of the artifact `artifact_dir`; write it to `out_dir`."""
     parent, data = _parent_and_data(artifact_dir, cfg, log)
     chosen = post_hoc_method(cfg, len(parent.members), method)
-    if chosen not in LAPLACE_METHODS:
-        raise ConfigError(f"fit --method: the Laplace fit takes one of {list(LAPLACE_METHODS)}, got {chosen!r}")
     cls = get_posterior_class(chosen)
+    if cls.post_hoc != "curvature":
+        laplace = [m for m in post_hoc_methods() if get_posterior_class(m).post_hoc == "curvature"]
+        raise ConfigError(f"fit --method: the Laplace fit takes one of {laplace}, got {chosen!r}")
     members = cls.fitted_members(len(parent.members))
     t0 = time.time()
     if cfg.laplace.fit_workers > 0:

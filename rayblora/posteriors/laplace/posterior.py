@@ -171,6 +171,7 @@ class LaplacePosterior(Posterior):
 
     method = "laplace"
     needs_data = True
+    post_hoc = "curvature"
     fits_every_member = False
 
     def __init__(self, scorer, members, member_info, fits: Sequence[MemberLaplace], settings: LaplaceConfig,
