@@ -32,13 +32,15 @@ from rayblora.registry import post_hoc_methods
 from rayblora.workflows.fit import fit_posterior, fitted_name
 from rayblora.workflows.importing import export_members, import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
+from rayblora.workflows.run_lock import RunDirectoryBusy, run_lock
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps import SweepInterrupted, sweep_prior, sweep_train
 from rayblora.workflows.sweeps.prior import SELECT
 from rayblora.workflows.train import train, train_and_evaluate
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
-USER_ERRORS = (ConfigError, DataError, ArtifactError, AssetError, ModelError, GenerationSettingsError)
+USER_ERRORS = (ConfigError, DataError, ArtifactError, AssetError, ModelError, GenerationSettingsError,
+               RunDirectoryBusy)
 """Errors of the user's input: reported as one line with exit code 2, no traceback."""
 
 
@@ -47,7 +49,8 @@ class Verb:
     """One command: its words (e.g. ("sweep", "train")), help, own arguments, and what it runs.
 
     `config`: None for a verb without a run config, else the help of its `--config` (whose default is
-    `default_config`); `run(args, cfg)` gets the loaded config (None without one) and returns the exit code."""
+    `default_config`); `run(args, cfg)` gets the loaded config (None without one) and returns the exit code.
+    A verb with `writes` runs holding the lock of that directory: a second writer is refused at once."""
 
     words: tuple[str, ...]
     help: str
@@ -55,9 +58,19 @@ class Verb:
     run: Callable[[argparse.Namespace, Config | None], int]
     config: str | None = "YAML config (see jobs/configs/)"
     default_config: str | None = None
+    writes: Callable[[argparse.Namespace, Config], Path] | None = None
+    """The run directory the verb writes, held locked while it runs (:mod:`rayblora.workflows.run_lock`)."""
 
 
 # --- the verbs ------------------------------------------------------------------------------------------------
+def _output_dir(_args, cfg: Config) -> Path:
+    return cfg.out_dir
+
+
+def _out_or_output_dir(args, cfg: Config) -> Path:
+    return Path(args.out) if args.out else cfg.out_dir
+
+
 def _assets_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["fetch", "check"])
     p.add_argument("--bigbench", action="store_true", help="also fetch / check the BIG-bench generative tasks "
@@ -255,26 +268,28 @@ def _run_serve(args, cfg: Config) -> int:
 
 VERBS: tuple[Verb, ...] = (
     Verb(("assets",), "fetch or check the registry-shipped model and data", _assets_args, _run_assets, None),
-    Verb(("train",), "train a posterior's members on Ray and write the artifact", _train_args, _run_train),
-    Verb(("evaluate",), "evaluate a posterior artifact and write the report", _evaluate_args, _run_evaluate),
+    Verb(("train",), "train a posterior's members on Ray and write the artifact", _train_args, _run_train,
+         writes=_output_dir),
+    Verb(("evaluate",), "evaluate a posterior artifact and write the report", _evaluate_args, _run_evaluate,
+         writes=_out_or_output_dir),
     Verb(("generate",), "generate answers under a posterior with per-token entropy / MI and sequence scores "
          "(JSON lines)", _generate_args, _run_generate, None),
     Verb(("demo",), "K=4 LoRA ensemble of SmolLM2 on VADER movie, evaluated under shift", lambda p: None,
-         _run_demo, default_config=DEMO_CONFIG),
+         _run_demo, default_config=DEMO_CONFIG, writes=_output_dir),
     Verb(("fit",), "fit a post-hoc posterior (Laplace-LoRA, TFB) onto a trained artifact (new artifact)", _fit_args,
-         _run_fit),
+         _run_fit, writes=_output_dir),
     Verb(("import",), "make PEFT LoRA adapters trained elsewhere a map / ensemble artifact of the configured "
          "base model and task (then fit, evaluate, serve as any)", _import_args, _run_import,
-         "YAML config naming the base model and task the adapters were trained for"),
+         "YAML config naming the base model and task the adapters were trained for", writes=_out_or_output_dir),
     Verb(("export",), "write an artifact's members as plain PEFT LoRA folders (PeftModel.from_pretrained loads "
          "them; `import` takes them back, checking the base model's fingerprint)", _export_args, _run_export, None),
     Verb(("sweep", "train"), "sweep rank / alpha / lr / weight decay / steps, one Ray Train run per trial, ASHA "
          "on val_nll; writes trials.csv/.md and best.yaml (with --ensemble K, a hyper-parameter ensemble)",
          _sweep_train_args, _run_sweep_train,
-         "base YAML config (see jobs/configs/)"),
+         "base YAML config (see jobs/configs/)", writes=_out_or_output_dir),
     Verb(("sweep", "prior"), "sweep the prior precision of a Laplace artifact post-hoc; writes "
          "prior_sweep.csv/.md and the new artifact <out>/posterior", _sweep_prior_args, _run_sweep_prior,
-         "the config the posterior was fitted with"),
+         "the config the posterior was fitted with", writes=_out_or_output_dir),
     Verb(("serve",), "serve posterior artifacts over HTTP with uncertainty (Ray Serve)", _serve_args, _run_serve,
          "YAML config whose `serve` section applies"),
 )
@@ -324,7 +339,12 @@ def _load(args, verb: Verb) -> Config | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.verb.run(args, _load(args, args.verb))
+        cfg = _load(args, args.verb)
+        if args.verb.writes is None:
+            return args.verb.run(args, cfg)
+        command = "rayblora " + " ".join(sys.argv[1:] if argv is None else argv)
+        with run_lock(args.verb.writes(args, cfg), command):
+            return args.verb.run(args, cfg)
     except USER_ERRORS as exc:
         print(f"rayblora: error: {exc}", file=sys.stderr)
         return 2
