@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import rayblora
 from rayblora.config import AdapterConfig, ModelConfig
 from rayblora.data.formats import TaskSpec
 from rayblora.manifest import (MANIFEST, SCHEMA_VERSION, ArtifactError, file_checksums, member_states,
-                               parent_lineage, read_manifest, replace_dir, verify_files, write_json_atomic)
+                               parent_lineage, read_manifest, verify_files, write_dir_atomic, write_json_atomic)
 from rayblora.model import set_lora_state
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
@@ -44,12 +42,9 @@ def _save_members(posterior, root: Path) -> list[dict[str, Any]]:
 def save_posterior(posterior, path: str | os.PathLike, *, model_config: ModelConfig,
                    adapter_config: AdapterConfig, training: dict[str, Any] | None = None,
                    lineage: dict[str, Any] | None = None) -> Path:
-    """Write `posterior` as an artifact directory at `path` (atomically; an old one is replaced)."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    try:
+    """Write `posterior` as an artifact directory at `path` (whole or not at all: an old one is replaced only by a
+    complete new one, :func:`rayblora.manifest.write_dir_atomic`)."""
+    def fill(tmp: Path) -> None:
         members = _save_members(posterior, tmp)
         for name, tensors in posterior.artifact_tensors().items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
@@ -66,11 +61,8 @@ def save_posterior(posterior, path: str | os.PathLike, *, model_config: ModelCon
             "lineage": lineage or {}, "files": file_checksums(tmp),
         }
         write_json_atomic(tmp / MANIFEST, manifest)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_dir_atomic(path, fill)
 
 
 def _asdict(cfg) -> dict[str, Any]:

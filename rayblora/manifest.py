@@ -14,6 +14,8 @@ Every write goes to a temporary sibling that is then renamed into place.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ from safetensors.torch import load_file
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 class ArtifactError(RuntimeError):
@@ -73,14 +76,57 @@ def write_json_atomic(path: str | os.PathLike, data: Any, allow_nan: bool = Fals
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=allow_nan))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the kernel, libc or
+    file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move a finished temporary directory into place, replacing any old one at `final`."""
+    """Move a finished temporary directory into place, replacing any old one at `final`.
+
+    The old and the new directory are exchanged in one step where the system can (a reader, e.g. a server
+    loading the artifact, sees the old or the new one, never none); elsewhere the old one is moved aside first."""
     tmp, final = Path(tmp), Path(final)
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        return
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir_atomic(final: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
+    """Build the directory `final` whole or not at all: `fill(tmp)` writes a temporary sibling, which then
+    replaces `final` (:func:`replace_dir`). If anything fails on the way (a full disk, a lost permission), the
+    temporary directory is removed, whatever was at `final` is left as it was, and an OSError becomes an
+    ArtifactError saying what failed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        replace_dir(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"writing {final} failed ({exc.strerror or exc}: {exc.filename or tmp}); nothing was "
+                            f"replaced: {'the previous one is unchanged' if final.exists() else 'it does not exist'}"
+                            ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def file_checksums(root: str | os.PathLike, exclude: str = MANIFEST) -> dict[str, str]:

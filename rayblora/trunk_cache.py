@@ -137,9 +137,18 @@ class TrunkCache:
                    "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
                    "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), 32)}
         metadata = {k: str(v) for k, v in self.identity.items()}
-        write_atomic(self.path, lambda tmp: save_file(tensors, tmp, metadata=metadata), mode=0o644)
-        sidecar = {**self.identity, "entries": len(keys), "sha256": sha256_file(self.path)}
-        write_text_atomic(self._sidecar, json.dumps(sidecar, indent=2))
+
+        def write(tmp: str) -> None:  # the sidecar goes first: a failure leaves the old file and sidecar as pair
+            save_file(tensors, tmp, metadata=metadata)
+            sidecar = {**self.identity, "entries": len(keys), "sha256": sha256_file(tmp)}
+            write_text_atomic(self._sidecar, json.dumps(sidecar, indent=2))
+
+        try:
+            write_atomic(self.path, write, mode=0o644)
+        except OSError as exc:
+            self.log(f"[trunk cache] could not write {self.path} ({exc.strerror or exc}); the file on disk is "
+                     "unchanged and this run goes on with the cache in memory")
+            return None
         self._on_disk = len(keys)
         self.log(f"[trunk cache] wrote {len(keys)} prompts ({self.path.stat().st_size / 2**20:.1f} MiB) to "
                  f"{self.path}")

@@ -71,7 +71,8 @@ def test_mc_dropout_gives_nonzero_mutual_information(tiny_session_config, tiny_d
     assert pred.sample_probs.shape == (cfg.swag.samples, 8, 2)
     assert (pred.mutual_information > 0).all()
     again = post.predict_batch(batch)  # seeded masks: the same batch gives the same predictive
-    assert torch.equal(pred.probs, again.probs)
+    # (to the last bits only where the BLAS reduces in a fixed order; other masks differ by far more than 1e-6)
+    torch.testing.assert_close(pred.probs, again.probs, rtol=0, atol=1e-6)
     deterministic = get_posterior_class("map").build(scorer, [state], [{}]).predict_batch(batch)
     assert torch.all(deterministic.mutual_information == 0)
 

@@ -337,5 +337,6 @@ def test_mc_dropout_decodes_seeded_dropout_passes(scorer, states):
     post = McDropoutPosterior(scorer, [states[0]], samples=3, seed=5)
     settings = DecodingSettings(max_new_tokens=4, stop=())
     first, again = post.generate(PROMPTS, settings), post.generate(PROMPTS, settings)
-    assert [a.mutual_information for a in first] == [a.mutual_information for a in again]  # masks are seeded
+    for a, b in zip(first, again, strict=True):  # masks are seeded (to the BLAS's last bits)
+        assert a.tokens == b.tokens and a.mutual_information == pytest.approx(b.mutual_information, abs=1e-6)
     assert max(a.scores["max_token_mi"] for a in first) > 1e-4  # the 3 passes differ: dropout stayed on

@@ -82,7 +82,7 @@ def test_hybrid_modules_respect_padding_start_as_identity_and_act_only_when_acti
         after = scorer.logits(scorer.encode(prompts))
     assert not torch.allclose(batched, plain, atol=1e-4)  # the prefix acts
     assert torch.allclose(batched[1:], alone, atol=1e-5)  # left padding is masked out of the widened mask
-    assert torch.equal(after, plain)  # inactive modules leave the model alone
+    torch.testing.assert_close(after, plain, rtol=0, atol=1e-6)  # inactive modules leave the model alone
 
 
 def test_variational_objective_reaches_every_adapter_part(hybrid_config):
@@ -191,7 +191,10 @@ def test_two_rounds_write_two_linked_artifacts_and_a_forgetting_report(sentiment
                        log=messages.append)
     assert sum("reusing" in m for m in messages) == 4 and not any("] step " in m for m in messages)
     assert json.loads((second_dir / "manifest.json").read_text())["created"] == created
-    assert again["chains"]["dynamic"]["forgetting"] == dynamic["forgetting"]
+    for row, before in zip(again["chains"]["dynamic"]["forgetting"], dynamic["forgetting"], strict=True):
+        assert {k: v for k, v in row.items() if k != "metrics"} == {k: v for k, v in before.items() if k != "metrics"}
+        for task, metrics in row["metrics"].items():  # re-evaluated: equal to the BLAS's last bits
+            assert metrics == pytest.approx(before["metrics"][task], abs=1e-6)
     messages.clear()  # another prior_scale retrains only the rounds with a round-to-round prior
     tempered = dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, prior_scale=0.25))
     run_rounds(tempered, tasks=[str(sentiment_files["train"]), str(second)], in_process=True, log=messages.append)

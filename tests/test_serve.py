@@ -40,6 +40,10 @@ class SlowPosterior:
         time.sleep(SLOW_FORWARD_S)
         return self._posterior.predict_batch(batch)
 
+    def generate(self, prompts, settings):
+        time.sleep(SLOW_FORWARD_S)
+        return self._posterior.generate(prompts, settings)
+
 
 def slow_loader(path, scorer=None):
     from rayblora.artifact import load_posterior
@@ -315,6 +319,35 @@ def test_oversized_bodies_are_413_with_and_without_content_length(server, client
     assert r.status_code == 413
 
 
+def test_oversized_uploads_from_eight_concurrent_clients_all_read_their_413(server, client):
+    """Over-limit uploads mixed with predictions, 8 clients at once: every upload is answered 413 and the
+    client reads it (the refused body is drained, not cut off under a client still sending)."""
+    big = b'{"inputs": [{"text": "' + b"x" * 3_000_000 + b'"}]}'
+    outcomes: list[tuple[str, object]] = []
+
+    def client_session(index: int) -> None:
+        with httpx.Client(timeout=120.0) as c:
+            for turn in range(3):
+                upload = (index + turn) % 3 != 0
+                try:
+                    r = (c.post(f"{server['main']}/v1/predict", content=big,
+                                headers={"content-type": "application/json"}) if upload else
+                         predict(c, server["main"], {"inputs": [{"text": TEXTS[index % len(TEXTS)]}]}))
+                    outcomes.append(("upload" if upload else "predict", r.status_code))
+                except httpx.HTTPError as exc:
+                    outcomes.append(("upload" if upload else "predict", type(exc).__name__))
+
+    threads = [threading.Thread(target=client_session, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    uploads = [code for kind, code in outcomes if kind == "upload"]
+    assert len(outcomes) == 24 and len(uploads) == 16
+    assert uploads == [413] * 16, outcomes
+    assert {code for kind, code in outcomes if kind == "predict"} == {200}, outcomes
+
+
 def test_server_still_answers_after_bad_requests(server, client):
     r = predict(client, server["main"], {"inputs": [{"text": TEXTS[0]}]})
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("negative", "positive")
@@ -342,16 +375,18 @@ def test_bearer_token(server, client):
     assert predict(client, server["main"], body).status_code == 200, "no token configured: open"
 
 
-def test_overload_is_503_quickly_and_recovers(server, client):
+@pytest.mark.parametrize("route, body", [("predict", {"inputs": [{"text": "good"}]}),
+                                         ("generate", {"prompts": ["the film was"], "max_new_tokens": 2})])
+def test_overload_is_503_quickly_and_recovers(server, client, route, body):
     """One ongoing + one queued request fit; the rest of a burst is refused at once, then service resumes."""
-    url, body = server["slow"], {"inputs": [{"text": "good"}]}
-    assert predict(client, url, body).status_code == 200  # loads the posterior
+    url = server["slow"]
+    assert client.post(f"{url}/v1/{route}", json=body).status_code == 200  # loads the posterior
     answers: list[tuple[int, float]] = []
 
     def send():
         start = time.perf_counter()
         with httpx.Client(timeout=60.0) as c:
-            code = predict(c, url, body).status_code
+            code = c.post(f"{url}/v1/{route}", json=body).status_code
         answers.append((code, time.perf_counter() - start))
 
     threads = [threading.Thread(target=send) for _ in range(8)]
@@ -363,7 +398,7 @@ def test_overload_is_503_quickly_and_recovers(server, client):
     assert sorted({code for code, _ in answers}) == [200, 503], answers
     assert len(refused) >= 5 and max(refused) < SLOW_FORWARD_S, answers
     assert client.get(f"{url}/healthz").status_code == 200
-    assert predict(client, url, body).status_code == 200
+    assert client.post(f"{url}/v1/{route}", json=body).status_code == 200
 
 
 def test_served_probabilities_are_a_distribution(server, client):

@@ -27,8 +27,9 @@ class EchoService:
 
 
 def call(app, body: bytes, chunks: int, content_length: bool):
-    """POST /v1/predict with `body` repeated over `chunks` messages; returns (status, message, chunks read)."""
-    read = {"n": 0}
+    """POST /v1/predict with `body` repeated over `chunks` messages; returns (status, message, chunks read,
+    chunks read before the answer was sent)."""
+    read = {"n": 0, "before_answer": None}
     headers = [(b"content-type", b"application/json")]
     if content_length:
         headers.append((b"content-length", str(len(body) * chunks).encode()))
@@ -44,17 +45,19 @@ def call(app, body: bytes, chunks: int, content_length: bool):
         return {"type": "http.request", "body": body, "more_body": read["n"] < chunks}
 
     async def send(message):
+        if message["type"] == "http.response.start":
+            read["before_answer"] = read["n"]
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return status, json.loads(payload) if payload else {}, min(read["n"], chunks)
+    return status, json.loads(payload) if payload else {}, min(read["n"], chunks), read["before_answer"]
 
 
 @pytest.fixture(scope="module")
 def service():
-    return EchoService(ServeConfig(max_body_bytes=4 * CHUNK))
+    return EchoService(ServeConfig(max_body_bytes=4 * CHUNK, drain_bytes=50 * CHUNK))
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +65,27 @@ def app(service):
     return make_api(service)
 
 
-def test_content_length_over_the_limit_is_refused_without_reading(app):
-    status, body, read = call(app, b"x" * CHUNK, 100, content_length=True)
-    assert status == 413 and read == 0
+def test_content_length_over_the_limit_is_refused_without_reading_then_drained_to_a_bound(app):
+    status, body, read, before_answer = call(app, b"x" * CHUNK, 100, content_length=True)
+    assert status == 413 and before_answer == 0  # answered before a byte is read
     assert "serve.max_body_bytes" in body["message"] and body["fields"][0]["field"] == "body"
+    assert read == 50  # then the rest is read and dropped up to serve.drain_bytes (50 chunks), and no further
+    assert call(app, b"x" * CHUNK, 20, content_length=True)[2] == 20  # a shorter upload is drained to its end
 
 
 def test_chunked_body_over_the_limit_is_refused_once_it_passes_it(app):
-    status, _, read = call(app, b"x" * CHUNK, 100, content_length=False)
-    assert status == 413 and read == 5  # 4 chunks fit; the fifth passes the limit; 95 are never read
+    status, _, read, before_answer = call(app, b"x" * CHUNK, 100, content_length=False)
+    assert status == 413 and before_answer == 5  # 4 chunks fit; the fifth passes the limit
+    assert read == 5 + 50  # then at most serve.drain_bytes more are read and dropped
 
 
 def test_bodies_within_the_limit_reach_the_application(app, service):
     for with_length in (True, False):
         service.seen = None
         ok = json.dumps({"inputs": [{"text": f"fine film {with_length}"}]}).encode()
-        status, _, _ = call(app, ok, 1, content_length=with_length)
+        status = call(app, ok, 1, content_length=with_length)[0]
         assert status == 200 and service.seen == f"fine film {with_length}"
-    status, body, _ = call(app, b"{not json", 1, content_length=False)  # still the JSON check behind it
+    status = call(app, b"{not json", 1, content_length=False)[0]  # still the JSON check behind it
     assert status == 422
 
 

@@ -67,6 +67,12 @@ class ServeConfig:
     max_body_bytes: int = 0
     """Largest request body in bytes; a larger one is answered 413 before it is read (a `Content-Length` over
     the limit at once). 0 = sized from the input limits (:meth:`body_limit`)."""
+    drain_bytes: int = 64 * 1024 * 1024
+    """After a 413 the rest of the refused body is read and discarded, up to this many bytes (and
+    `drain_timeout_s`), so that a client still uploading reads the answer instead of a connection reset; a
+    longer upload is cut off."""
+    drain_timeout_s: float = 10.0
+    """Longest wait for the rest of a refused body (see `drain_bytes`)."""
     abstain_threshold: float = 0.0
     """Default confidence below which an answer is flagged `abstained` (0 = never); a request may override."""
     num_replicas: int = 1
@@ -125,4 +131,6 @@ class ServeConfig:
         check(1 <= self.max_new_tokens <= 4096, "serve.max_new_tokens",
               f"must be in [1, 4096], got {self.max_new_tokens}")
         check(self.max_body_bytes >= 0, "serve.max_body_bytes", f"must be >= 0, got {self.max_body_bytes}")
+        check(self.drain_bytes >= 0, "serve.drain_bytes", f"must be >= 0, got {self.drain_bytes}")
+        check(self.drain_timeout_s >= 0, "serve.drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
 

@@ -7,6 +7,7 @@ configured limits and the token check its token. No Ray here: the routes call a 
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body type of a route defined in a function.
+import asyncio
 import hmac
 from typing import Any, AsyncIterator, Protocol, Sequence
 
@@ -135,10 +136,15 @@ def _add_bearer_check(app: FastAPI, token: str) -> None:
 class BodyLimit:
     """ASGI middleware answering 413 to a request body over `max_bytes` before the application reads it: a
     `Content-Length` over the limit at once, without reading a byte; a body without one (chunked) is read up
-    to the limit and refused as soon as it passes it, else handed on whole."""
+    to the limit and refused as soon as it passes it, else handed on whole.
 
-    def __init__(self, app, max_bytes: int):
+    Once answered, the rest of a refused body is read and discarded (up to `drain_bytes` and `drain_timeout_s`)
+    before the connection closes: a client still uploading then reads its 413, where closing at once would
+    reset the connection under it (servers drain or linger-close for the same reason)."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 0, drain_timeout_s: float = 0.0):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes, self.drain_timeout_s = drain_bytes, drain_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -169,6 +175,19 @@ class BodyLimit:
                                        "(serve.max_body_bytes)", [("body", "too large")],
                                   headers={"Connection": "close"})
         await response(scope, receive, send)
+        try:
+            await asyncio.wait_for(self._drain(receive), self.drain_timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _drain(self, receive) -> None:
+        """Read and drop the refused body's remaining messages, up to :attr:`drain_bytes`."""
+        drained = 0
+        while drained < self.drain_bytes:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
 
 def make_api(service: Service, auth_token: str = "") -> FastAPI:
@@ -179,7 +198,8 @@ def make_api(service: Service, auth_token: str = "") -> FastAPI:
     _add_error_handlers(app)
     if auth_token:
         _add_bearer_check(app, auth_token)
-    app.add_middleware(BodyLimit, max_bytes=service.config.body_limit())
+    app.add_middleware(BodyLimit, max_bytes=service.config.body_limit(), drain_bytes=service.config.drain_bytes,
+                       drain_timeout_s=service.config.drain_timeout_s)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> dict[str, str]:

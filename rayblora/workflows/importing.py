@@ -17,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rayblora.config import Config
-from rayblora.manifest import read_manifest, replace_dir, verify_files, write_json_atomic
+from rayblora.manifest import read_manifest, verify_files, write_dir_atomic, write_json_atomic
 from rayblora.model import PEFT_CONFIG, PEFT_WEIGHTS, ModelError, read_peft_adapter
 from rayblora.workflows.padded_members import Candidate, pad_members, write_members
 
@@ -92,21 +91,17 @@ def export_members(artifact: str | Path, out: str | Path, log: Callable[[str], N
     verify_files(artifact, manifest)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"export --out {out}: exists and is not empty; name a new folder")
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    def fill(tmp: Path) -> None:
         for i, member in enumerate(manifest["members"]):
             folder = tmp / f"member-{i}"
-            folder.mkdir(parents=True)
+            folder.mkdir()
             for name in (PEFT_CONFIG, PEFT_WEIGHTS):
                 shutil.copy2(artifact / member["path"] / name, folder / name)
             write_json_atomic(folder / BASE_RECORD, {
                 "base_model": manifest["base_model"]["name"], "fingerprint": manifest["base_model"]["fingerprint"],
                 "artifact": str(artifact.resolve()), "method": manifest["method"], "member": i})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, fill)
     folders = [out / f"member-{i}" for i in range(len(manifest["members"]))]
     log(f"[export] {len(folders)} member(s) of {artifact} ({manifest['method']}) -> {out}")
     return folders

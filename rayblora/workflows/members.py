@@ -16,7 +16,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from rayblora.config import Config, ConfigError
 from rayblora.data.batches import check_options_fit, length_sorted_batches
 from rayblora.data.sources import TaskData, bootstrap_rows, load_task_data
-from rayblora.manifest import replace_dir
+from rayblora.manifest import write_dir_atomic
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer, build_scorer
@@ -211,13 +210,14 @@ def check_member_adapter(cfg: Config, family: type[Posterior]) -> None:
 def keep_finished(cfg: Config, i: int, checkpoint_dir: str | Path) -> MemberResult:
     """Copy a member's final checkpoint to `<out>/members/<i>/` (atomically) and load it."""
     final = member_dir(cfg, i)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{i}.tmp-{uuid.uuid4().hex}")
-    shutil.copytree(checkpoint_dir, tmp)
-    meta = {"seed": member_seed(cfg, i), "metrics": read_step_state(tmp)["metrics"],
+    meta = {"seed": member_seed(cfg, i), "metrics": read_step_state(checkpoint_dir)["metrics"],
             "config_digest": config_digest(cfg)}
-    (tmp / MEMBER_JSON).write_text(json.dumps(meta))
-    replace_dir(tmp, final)
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+        (tmp / MEMBER_JSON).write_text(json.dumps(meta))
+
+    write_dir_atomic(final, fill)
     return MemberResult(i, meta["seed"], load_file(str(final / ADAPTER)), meta["metrics"], str(final))
 
 
