@@ -7,7 +7,9 @@ token, and one whose posterior is slowed down (a test loader) to fill the queue 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import shutil
 import socket
 import sys
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 TEXTS = ["good film the plot", "awful story was dull and weak", "the actors", "superb lovely fine great film"]
 QUESTION = {"question": "Which word is positive?", "choices": ["awful", "superb", "dull"]}
 SLOW_FORWARD_S = 1.5
+DIE_TIMEOUT_S, RETRY_AFTER_S = 60.0, 2
 TOKEN = "test-token-0123"
 
 
@@ -49,6 +52,28 @@ def slow_loader(path, scorer=None):
     from rayblora.artifact import load_posterior
 
     return SlowPosterior(load_posterior(path, scorer=scorer))
+
+
+class DyingPosterior(SlowPosterior):
+    """Test double: a posterior whose forward kills its replica's process (as an out-of-memory kill or a bad
+    kernel would) once the file `flag` exists (removing it), and otherwise predicts after a short pause."""
+
+    def __init__(self, posterior, flag: str):
+        super().__init__(posterior)
+        self._flag = flag
+
+    def predict_batch(self, batch):
+        if os.path.exists(self._flag):
+            os.remove(self._flag)
+            os._exit(1)
+        time.sleep(0.2)
+        return self._posterior.predict_batch(batch)
+
+
+def dying_loader(path, scorer=None, flag: str = ""):
+    from rayblora.artifact import load_posterior
+
+    return DyingPosterior(load_posterior(path, scorer=scorer), flag)
 
 
 def free_port() -> int:
@@ -80,7 +105,7 @@ def posteriors(trained_members, tiny_session_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, posteriors):
+def server(ray_session, posteriors, tmp_path_factory):
     """Base URLs of the three applications; Serve is shut down afterwards."""
     from ray import serve
     from ray.cloudpickle import register_pickle_by_value
@@ -94,13 +119,19 @@ def server(ray_session, posteriors):
                       replica_cpus=1.0, torch_threads=1, auth_token_env="")
     paths = {name: path for name, (_, path) in posteriors.items()}
     paths["broken"] = shutil.copytree(paths["ens"], paths["ens"].with_name("broken"))
+    die_flag = tmp_path_factory.mktemp("die") / "flag"
     try:
         urls = {"main": start_server(cfg, paths, name="test-main", route_prefix="/"),
                 "secure": start_server(dataclasses.replace(cfg, auth_token=TOKEN), {"ens": paths["ens"]},
                                        name="test-secure", route_prefix="/secure"),
                 "slow": start_server(dataclasses.replace(cfg, max_ongoing_requests=1, max_queued_requests=1),
                                      {"ens": paths["ens"]}, loader=slow_loader, name="test-slow",
-                                     route_prefix="/slow")}
+                                     route_prefix="/slow"),
+                "die": start_server(dataclasses.replace(cfg, request_timeout_s=DIE_TIMEOUT_S,
+                                                        retry_after_s=RETRY_AFTER_S),
+                                    {"ens": paths["ens"]}, loader=functools.partial(dying_loader, flag=str(die_flag)),
+                                    name="test-die", route_prefix="/die")}
+        urls["die_flag"] = die_flag
         member = paths["broken"] / "members" / "0" / "adapter_model.safetensors"
         member.write_bytes(member.read_bytes()[:-1] + b"\0")  # tampered after deployment
         urls["broken_dir"] = paths["broken"]
@@ -399,6 +430,49 @@ def test_overload_is_503_quickly_and_recovers(server, client, route, body):
     assert len(refused) >= 5 and max(refused) < SLOW_FORWARD_S, answers
     assert client.get(f"{url}/healthz").status_code == 200
     assert client.post(f"{url}/v1/{route}", json=body).status_code == 200
+
+
+def test_a_replica_killed_under_load_answers_503_with_retry_after_and_serves_again(server):
+    """8 clients send predictions; the replica's process dies inside a forward. Every request is answered 200
+    or 503 + Retry-After (never a 500, never past serve.request_timeout_s), and Serve's restarted replica
+    serves again behind the same ingress."""
+    url, body, flag = server["die"], {"inputs": [{"text": "good"}]}, server["die_flag"]
+    answers: list[tuple[float, int, str | None, float]] = []  # (sent at, status, Retry-After, seconds)
+    stop, t0 = threading.Event(), time.perf_counter()
+
+    def client_loop():
+        with httpx.Client(timeout=DIE_TIMEOUT_S + 60) as c:
+            while not stop.is_set():
+                sent = time.perf_counter()
+                r = predict(c, url, body)
+                answers.append((sent - t0, r.status_code, r.headers.get("retry-after"), time.perf_counter() - sent))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.perf_counter() + 600
+        while len(answers) < 16 and time.perf_counter() < deadline:  # under load before the kill
+            time.sleep(0.05)
+        flag.write_text("die")
+        killed = time.perf_counter() - t0
+        while time.perf_counter() < deadline and not (not flag.exists() and any(
+                sent > killed and code == 200 for sent, code, _, _ in answers[-8:])):
+            time.sleep(0.05)  # until the kill happened and requests sent after it are answered 200 again
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    codes = sorted({code for _, code, _, _ in answers})
+    refused = [(sent, wait) for sent, code, _, wait in answers if code == 503]
+    healthy = min(sent + wait for sent, code, _, wait in answers if code == 200 and sent > killed)
+    figures = {"requests": len(answers), "codes": {c: sum(a[1] == c for a in answers) for c in codes},
+               "longest_wait_s": round(max(a[3] for a in answers), 2),
+               "healthy_after_kill_s": round(healthy - killed, 2)}
+    print("replica death:", json.dumps(figures))
+    assert not flag.exists() and set(codes) <= {200, 503} and refused, figures  # the replica died, seen as 503
+    assert all(after == str(RETRY_AFTER_S) for _, code, after, _ in answers if code == 503), answers
+    assert figures["longest_wait_s"] < DIE_TIMEOUT_S + 30, figures
 
 
 def test_served_probabilities_are_a_distribution(server, client):

@@ -52,7 +52,7 @@ class LocalService:
     async def predict(self, body):
         raise NotImplementedError
 
-    def list_posteriors(self):
+    async def list_posteriors(self):
         return self.pool.describe()
 
     async def generate(self, body):

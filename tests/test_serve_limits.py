@@ -22,7 +22,7 @@ class EchoService:
         return {"posterior": "x", "method": "map", "version": "0", "created": "", "samples": 1,
                 "abstain_threshold": 0.0, "predictions": []}
 
-    def list_posteriors(self):
+    async def list_posteriors(self):
         return {"default": "x", "posteriors": []}
 
 

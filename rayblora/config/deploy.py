@@ -73,6 +73,11 @@ class ServeConfig:
     longer upload is cut off."""
     drain_timeout_s: float = 10.0
     """Longest wait for the rest of a refused body (see `drain_bytes`)."""
+    request_timeout_s: float = 300.0
+    """Longest a request waits for a replica's answer (a stream: for its first event) before it is answered 503;
+    a replica that died (out of memory, a lost node) is answered 503 at once."""
+    retry_after_s: float = 5.0
+    """The `Retry-After` (seconds) of a 503: about how long Serve takes to restart a replica."""
     abstain_threshold: float = 0.0
     """Default confidence below which an answer is flagged `abstained` (0 = never); a request may override."""
     num_replicas: int = 1
@@ -133,4 +138,6 @@ class ServeConfig:
         check(self.max_body_bytes >= 0, "serve.max_body_bytes", f"must be >= 0, got {self.max_body_bytes}")
         check(self.drain_bytes >= 0, "serve.drain_bytes", f"must be >= 0, got {self.drain_bytes}")
         check(self.drain_timeout_s >= 0, "serve.drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
+        check(self.request_timeout_s > 0, "serve.request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+        check(self.retry_after_s >= 0, "serve.retry_after_s", f"must be >= 0, got {self.retry_after_s}")
 

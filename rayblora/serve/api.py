@@ -2,7 +2,7 @@
 
 Built per replica by :func:`make_api` (Serve's late-bound ingress), so the request schema carries the
 configured limits and the token check its token. No Ray here: the routes call a service object
-(:class:`rayblora.serve.app.PosteriorServer`). Every error the application makes is an
+(:class:`rayblora.serve.deployment.PosteriorIngress`). Every error the application makes is an
 :class:`~rayblora.serve.schemas.ErrorResponse`: bad input is a 4xx naming the field, never a 5xx.
 """
 
@@ -67,7 +67,7 @@ class Service(Protocol):
 
     async def generate_stream(self, body: Any) -> AsyncIterator[dict[str, Any]]: ...
 
-    def list_posteriors(self) -> dict[str, Any]: ...
+    async def list_posteriors(self) -> dict[str, Any]: ...
 
 
 def error_response(status: int, message: str, fields: Sequence[tuple[str, str]] = (),
@@ -209,7 +209,7 @@ def make_api(service: Service, auth_token: str = "") -> FastAPI:
     @app.get("/v1/posteriors", response_model=PosteriorList, responses=ERROR_RESPONSES, tags=["posteriors"])
     async def posteriors() -> dict[str, Any]:
         """The served posteriors: method, members, samples, task and labels."""
-        return service.list_posteriors()
+        return await service.list_posteriors()
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, tags=["predict"])
     async def predict(body: body_model) -> dict[str, Any]:

@@ -6,8 +6,9 @@
 Routes (see /docs): POST /v1/predict, POST /v1/generate, GET /v1/posteriors, GET /healthz, /openapi.json,
 /docs. The endpoint binds 127.0.0.1 unless `serve.host` says otherwise; a bearer token (`serve.auth_token`, or
 the variable named by `serve.auth_token_env`) guards every route but /healthz. Artifacts are read only by the
-verified loader. The deployment itself is :class:`rayblora.serve.deployment.PosteriorServer` (imported
-lazily: Ray Serve is slow to import and the CLI builds every verb's parser).
+verified loader. The deployments themselves (an HTTP ingress in front of the PosteriorServer replicas) are in
+:mod:`rayblora.serve.deployment`, imported lazily: Ray Serve is slow to import and the CLI builds every verb's
+parser.
 """
 
 from __future__ import annotations
@@ -71,11 +72,13 @@ def build_app(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathL
 
     `loader(path, scorer=None) -> Posterior` defaults to the verified :func:`rayblora.artifact.load_posterior`.
     """
-    from rayblora.serve.deployment import PosteriorServer, deployment_options  # deferred: imports Ray Serve
+    from rayblora.serve.deployment import (PosteriorIngress, PosteriorServer,  # deferred: imports Ray Serve
+                                           deployment_options)
 
     paths = check_posteriors(posteriors)
-    return PosteriorServer.options(**deployment_options(serve_config)).bind(
-        paths, serve_config, loader or load_posterior, resolve_token(serve_config))
+    model = PosteriorServer.options(**deployment_options(serve_config)).bind(paths, serve_config,
+                                                                              loader or load_posterior)
+    return PosteriorIngress.bind(model, serve_config, resolve_token(serve_config))
 
 
 def app_builder(args: dict[str, Any]):

@@ -34,15 +34,22 @@ class UnknownPosterior(KeyError):
 
     def __init__(self, name: str, known: Sequence[str]):
         super().__init__(name)
-        self.message = f"unknown posterior {name!r}; this endpoint serves {list(known)}"
+        self.known = list(known)
+        self.message = f"unknown posterior {name!r}; this endpoint serves {self.known}"
+
+    def __reduce__(self):  # rebuilt from its own arguments when it crosses from a replica to the ingress
+        return type(self), (self.args[0], self.known)
 
 
 class InputError(ValueError):
     """Inputs that the posterior cannot answer (HTTP 422); `fields` are (field path, message) pairs."""
 
     def __init__(self, fields: Sequence[tuple[str, str]]):
-        self.fields = list(fields)
+        self.fields = [tuple(f) for f in fields]
         super().__init__("; ".join(f"{f}: {m}" for f, m in self.fields))
+
+    def __reduce__(self):
+        return type(self), (self.fields,)
 
 
 @dataclass(frozen=True)
