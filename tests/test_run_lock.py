@@ -68,12 +68,12 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is
     assert f"taking over the lock of pid {holder.pid}" in third.stdout and not (run / LOCK_FILE).exists()
 
 
-def test_a_failed_command_releases_its_lock(tmp_path):
+def test_a_failed_command_releases_its_lock_and_leaves_no_directory_it_created(tmp_path):
     run = tmp_path / "run"
     bad = _rayblora("evaluate", "--posterior", str(tmp_path / "nowhere"), "model.name=tiny-llama",
                     f"output.dir={run}", "data.task=movie")
     assert bad.returncode == 2 and "not a posterior artifact" in bad.stderr
-    assert not (run / LOCK_FILE).exists()
+    assert not run.exists()
 
 
 def test_a_reused_pid_or_another_host_is_told_apart(tmp_path):

@@ -224,14 +224,16 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
     # --ensemble 1: the completed trials are the candidates, each its last checkpoint's adapter; greedy step 1
     # takes the one of lowest NLL on the whole validation split (a trial reports its rank-0 worker's shard)
     ensemble = load_posterior(out / "ensemble" / "posterior")
-    record = json.loads((out / "ensemble" / "posterior" / "manifest.json").read_text())["training"]["hyper_ensemble"]
+    manifest = json.loads((out / "ensemble" / "posterior" / "manifest.json").read_text())
+    record, union = manifest["training"]["hyper_ensemble"], manifest["adapter"]
     alone = {c["name"]: c["val_nll"] for c in record["candidates"]}
     assert set(alone) == {r["trial"] for r in rows if r["status"] == "completed"}
     assert record["chosen"] == [min(alone, key=alone.get)] and ensemble.method == "map"  # one member: a map
     last = next(p.parent for p in (out / "trials" / record["chosen"][0]).rglob("state.json")
                 if json.loads(p.read_text())["step"] == 20)
     own = load_file(str(last / "adapter.safetensors"))
-    scale = cfg.adapter.alpha / 4  # the trial's alpha / rank; the union config's is 1
+    # the trial's scale alpha / rank over the artifact's: 1 where the trials share one LoRA config (kept as is)
+    scale = (cfg.adapter.alpha / 4) / (union["alpha"] / union["rank"])
     for key, value in ensemble.members[0].items():
         torch.testing.assert_close(value, own[key] * (scale if "lora_B" in key else 1.0), rtol=1e-6, atol=0)
 

@@ -94,10 +94,12 @@ def _take_over(path: Path, stale: dict[str, Any]) -> None:
 def acquire(directory: str | os.PathLike, command: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Take the lock of `directory` (created if missing) for `command`; returns the record written."""
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path, host = directory / LOCK_FILE, socket.gethostname()
     record = {"host": host, "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "command": command,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": uuid.uuid4().hex,
+              "created_directory": created}
     for _ in range(20):
         if _create(path, record):
             return record
@@ -119,10 +121,17 @@ def acquire(directory: str | os.PathLike, command: str, log: Callable[[str], Non
 
 
 def release(directory: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Remove the lock of `directory` if it is still the one `record` took."""
-    path = Path(directory) / LOCK_FILE
+    """Remove the lock of `directory` if it is still the one `record` took, and the directory too if the lock
+    created it and the command left it empty (a command refused at once leaves no trace)."""
+    directory = Path(directory)
+    path = directory / LOCK_FILE
     if (_read(path) or {}).get("token") == record["token"]:
         path.unlink(missing_ok=True)
+        if record.get("created_directory"):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass  # not empty: the command wrote there
 
 
 @contextmanager
