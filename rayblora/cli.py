@@ -24,12 +24,12 @@ from rayblora.data.formats import DataError
 from rayblora.generation.decode import MODES, DecodingSettings, GenerationSettingsError
 from rayblora.manifest import ArtifactError
 from rayblora.model import ModelError
+from rayblora.registry import post_hoc_methods
 from rayblora.report import render_markdown
 from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
-from rayblora.registry import post_hoc_methods
-from rayblora.workflows.fit import fit_posterior, fitted_name
+from rayblora.workflows.fit import fit_posterior
 from rayblora.workflows.importing import export_members, import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.run_lock import RunDirectoryBusy, run_lock
@@ -178,8 +178,7 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_fit(args, cfg: Config) -> int:
-    out = args.out or str(cfg.out_dir / fitted_name(args.posterior, cfg, args.method or None))
-    print(fit_posterior(args.posterior, cfg, out, method=args.method or None))
+    print(fit_posterior(args.posterior, cfg, args.out, method=args.method or None))
     return 0
 
 

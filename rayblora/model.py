@@ -22,7 +22,8 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from rayblora import assets
 from rayblora.config import AdapterConfig, ModelConfig
@@ -243,10 +244,10 @@ def pad_lora_state(state: dict[str, torch.Tensor], cfg: AdapterConfig, union: Ad
 
 
 PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 """Decoder block i in a PEFT key: its first numbered segment (`.layers.i.`, GPT-2's `.h.i.`), as PEFT's
 `layers_to_transform` reads it."""
-PEFT_WEIGHTS = "adapter_model.safetensors"
 _UNSUPPORTED_PEFT = {"use_dora": "DoRA", "modules_to_save": "fully trained modules (modules_to_save)",
                      "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas "
                      "(alpha_pattern)", "layer_replication": "layer replication"}

@@ -293,9 +293,9 @@ def tail_hidden(peft_model: nn.Module, attention_mask: torch.Tensor, position_id
                 trunk: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Final-normed hidden states (N, keep, H) at the last `keep` positions, the last decoder layer run only
     there (its keys / values everywhere); layers below it run as usual from `input_ids`, or from layer L₀ on
-    given `trunk` = (L₀, hidden states entering L₀). `attention_mask` is the (N, T) real-token mask or the additive (N, 1, T, T)
-    mask of packed multiple-choice rows (:func:`rayblora.data.batches.model_attention`). Only where
-    :func:`tail_ready` holds."""
+    given `trunk` = (L₀, hidden states entering L₀). `attention_mask` is the (N, T) real-token mask or the
+    additive (N, 1, T, T) mask of packed multiple-choice rows (:func:`rayblora.data.batches.model_attention`).
+    Only where :func:`tail_ready` holds."""
     parts = decoder_parts(peft_model)
     last = len(parts.layers) - 1
     start, hidden = trunk if trunk is not None else (0, None)

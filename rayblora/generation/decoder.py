@@ -20,9 +20,8 @@ one state at a time with their tensors swapped in (the same logits). Applies to 
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import inspect
+from typing import Sequence
 
 import torch
 from torch import nn

@@ -135,8 +135,9 @@ class PosteriorIngress:
     def _handle(self, posterior: str | None, **options):
         """The model handle, routed by the posterior's name (the body's, else the multiplexing header's)."""
         name = posterior or serve.get_multiplexed_model_id()
-        return self._model.options(multiplexed_model_id=name, **options) if name else (
-            self._model.options(**options) if options else self._model)
+        if name:
+            options["multiplexed_model_id"] = name
+        return self._model.options(**options) if options else self._model
 
     def _unavailable(self, why: str) -> HTTPException:
         return HTTPException(503, f"no posterior replica can answer now ({why}); retry after "

@@ -38,6 +38,7 @@ from rayblora.registry import get_posterior_class, post_hoc_methods
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
 
+
 def post_hoc_method(cfg: Config, n_members: int, method: str | None = None) -> str:
     """The family to fit: `method`, else `posterior.method` if it is post-hoc, else `laplace_ensemble` for
     several members and `laplace` for one (:func:`rayblora.registry.post_hoc_methods`)."""
@@ -47,11 +48,6 @@ def post_hoc_method(cfg: Config, n_members: int, method: str | None = None) -> s
     if chosen not in families:
         raise ConfigError(f"fit --method: must be one of {list(families)}, got {chosen!r}")
     return chosen
-
-
-def fitted_name(artifact_dir: str | Path, cfg: Config, method: str | None = None) -> str:
-    """The default output name of a fit of `artifact_dir`: `posterior-<the family fitted>`."""
-    return f"posterior-{post_hoc_method(cfg, len(read_manifest(artifact_dir)['members']), method)}"
 
 
 def _parent_and_data(artifact_dir: str | Path, cfg: Config, log: Callable[[str], None]):
@@ -65,12 +61,14 @@ def _parent_and_data(artifact_dir: str | Path, cfg: Config, log: Callable[[str],
     return parent, data
 
 
-def fit_posterior(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, method: str | None = None,
-                  log: Callable[[str], None] = print) -> Path:
-    """Fit the post-hoc family `method` (:func:`~rayblora.registry.post_hoc_methods`) on the members of `artifact_dir`; write the
-    new artifact (with its lineage) to `out_dir`."""
+def fit_posterior(artifact_dir: str | Path, cfg: Config, out_dir: str | Path | None = None,
+                  method: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Fit the post-hoc family `method` (:func:`~rayblora.registry.post_hoc_methods`) on the members of
+    `artifact_dir`; write the new artifact (with its lineage) to `out_dir`, by default
+    `<output.dir>/posterior-<the family fitted>`."""
     parent = read_manifest(artifact_dir)
     chosen = post_hoc_method(cfg, len(parent["members"]), method)
+    out_dir = out_dir or cfg.out_dir / f"posterior-{chosen}"
     if get_posterior_class(chosen).post_hoc == "curvature":
         return fit_laplace(artifact_dir, cfg, out_dir, chosen, log)
     parent_post, data = _parent_and_data(artifact_dir, cfg, log)

@@ -53,7 +53,8 @@ def check_fingerprint(folder: Path, fingerprint: str) -> None:
     try:
         want = json.loads(record.read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{record}: unreadable base model record ({exc!r}); delete it to import by name only")
+        raise ModelError(f"{record}: unreadable base model record ({exc!r}); delete it to import by name only"
+                         ) from None
     if want != fingerprint:
         raise ModelError(f"{folder}: trained on a base model with fingerprint {want[:12]}…, but the configured "
                          f"model.name has fingerprint {fingerprint[:12]}… (same name, other weights or dtype); "
@@ -91,6 +92,7 @@ def export_members(artifact: str | Path, out: str | Path, log: Callable[[str], N
     verify_files(artifact, manifest)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"export --out {out}: exists and is not empty; name a new folder")
+
     def fill(tmp: Path) -> None:
         for i, member in enumerate(manifest["members"]):
             folder = tmp / f"member-{i}"
