@@ -18,12 +18,17 @@ from safetensors.torch import load_file, save_file
 import rayblora
 from rayblora.config import AdapterConfig, ModelConfig
 from rayblora.data.formats import TaskSpec
+from rayblora.density import FeatureDensity
 from rayblora.manifest import (MANIFEST, SCHEMA_VERSION, ArtifactError, file_checksums, member_states,
                                parent_lineage, read_manifest, verify_files, write_dir_atomic, write_json_atomic)
 from rayblora.model import set_lora_state
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer, build_scorer
+
+DENSITY_FILE = "density.safetensors"
+"""The members' feature density (:mod:`rayblora.density`), beside any family's own files; its manifest section is
+`density` (threshold, quantile, how it was fitted). Artifacts without one load with `posterior.density = None`."""
 
 __all__ = ["ArtifactError", "load_posterior", "read_manifest", "save_derived", "save_posterior",
            "scorer_for_manifest", "verify_files"]
@@ -46,7 +51,10 @@ def save_posterior(posterior, path: str | os.PathLike, *, model_config: ModelCon
     complete new one, :func:`rayblora.manifest.write_dir_atomic`)."""
     def fill(tmp: Path) -> None:
         members = _save_members(posterior, tmp)
-        for name, tensors in posterior.artifact_tensors().items():
+        files = dict(posterior.artifact_tensors())
+        if posterior.density is not None:
+            files[DENSITY_FILE] = posterior.density.tensors()
+        for name, tensors in files.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         scorer = posterior.scorer
         manifest = {
@@ -60,6 +68,8 @@ def save_posterior(posterior, path: str | os.PathLike, *, model_config: ModelCon
             "members": members, "family": posterior.artifact_extra(), "training": training or {},
             "lineage": lineage or {}, "files": file_checksums(tmp),
         }
+        if posterior.density is not None:
+            manifest["density"] = {"file": DENSITY_FILE, **posterior.density.extra()}
         write_json_atomic(tmp / MANIFEST, manifest)
 
     return write_dir_atomic(path, fill)
@@ -127,6 +137,11 @@ def load_posterior(path: str | os.PathLike, scorer=None, base=None, method: str 
     members = member_states(root, manifest)
     info = [{k: v for k, v in m.items() if k != "path"} for m in manifest["members"]]
     tensors = {p.name: load_file(str(p)) for p in sorted(root.glob("*.safetensors"))}
+    density = tensors.pop(DENSITY_FILE, None)
     full = get_posterior_class(manifest["method"]).from_artifact(scorer, members, info, tensors,
                                                                   manifest.get("family", {}))
+    if "density" in manifest:
+        if density is None:
+            raise ArtifactError(f"{root}: the manifest names a feature density but {DENSITY_FILE} is missing")
+        full.density = FeatureDensity.from_tensors(density, manifest["density"])
     return full.view(method) if method else full

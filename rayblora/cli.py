@@ -29,7 +29,7 @@ from rayblora.report import render_markdown
 from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
-from rayblora.workflows.fit import fit_posterior
+from rayblora.workflows.fit import fit_density, fit_posterior
 from rayblora.workflows.importing import export_members, import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
 from rayblora.workflows.run_lock import RunDirectoryBusy, run_lock
@@ -174,10 +174,18 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="", choices=["", *families],
                    help=f"{' | '.join(families)} (default: posterior.method if post-hoc, else "
                         "laplace_ensemble / laplace by member count)")
+    p.add_argument("--density", action="store_true",
+                   help="fit the members' feature density instead (any family: the same artifact with an "
+                        "in-distribution score; default --out <output.dir>/posterior-density)")
     p.add_argument("--out", default=None, help="new artifact directory (default: <output.dir>/posterior-<method>)")
 
 
 def _run_fit(args, cfg: Config) -> int:
+    if args.density:
+        if args.method:
+            raise ConfigError("fit: --density keeps the artifact's family; fit --method first, then --density")
+        print(fit_density(args.posterior, cfg, args.out))
+        return 0
     print(fit_posterior(args.posterior, cfg, args.out, method=args.method or None))
     return 0
 

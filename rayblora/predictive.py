@@ -13,7 +13,7 @@ their average p(y|x) = 1/S Σ_s p_s(y|x) (probabilities, never logits, are avera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -29,7 +29,8 @@ class Predictive:
     """Predictive distribution of a posterior on B inputs with C choices from S samples.
 
     probs: (B, C) averaged probabilities; sample_probs: (S, B, C); entropy, aleatoric,
-    mutual_information: (B,) in nats.
+    mutual_information: (B,) in nats. Where the posterior carries a feature density (:mod:`rayblora.density`):
+    distance, log_density (B,) float and in_distribution (B,) bool; else None.
     """
 
     probs: torch.Tensor
@@ -37,6 +38,23 @@ class Predictive:
     entropy: torch.Tensor
     aleatoric: torch.Tensor
     mutual_information: torch.Tensor
+    distance: torch.Tensor | None = None
+    log_density: torch.Tensor | None = None
+    in_distribution: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Predictive":
+        """The same predictive with `fn` applied to every tensor field (None fields stay None)."""
+        return Predictive(**{f.name: None if getattr(self, f.name) is None else fn(f.name, getattr(self, f.name))
+                             for f in fields(self)})
+
+    def rows(self, start: int, stop: int) -> "Predictive":
+        """The predictive of inputs start..stop−1."""
+        return self._map(lambda name, t: t[:, start:stop] if name == "sample_probs" else t[start:stop])
+
+    def with_density(self, distance: torch.Tensor, log_density: torch.Tensor,
+                     in_distribution: torch.Tensor) -> "Predictive":
+        """This predictive with the feature-density scores (B,) of its inputs."""
+        return replace(self, distance=distance, log_density=log_density, in_distribution=in_distribution)
 
     @property
     def confidence(self) -> torch.Tensor:
@@ -50,8 +68,7 @@ class Predictive:
 
     def cpu(self) -> "Predictive":
         """The same predictive with every tensor in host memory (a no-op copy-free view on the CPU)."""
-        return Predictive(*(t.cpu() for t in (self.probs, self.sample_probs, self.entropy, self.aleatoric,
-                                              self.mutual_information)))
+        return self._map(lambda _, t: t.cpu())
 
 
 def from_sample_probs(sample_probs: torch.Tensor) -> Predictive:
@@ -74,17 +91,21 @@ def from_logits(sample_logits: torch.Tensor) -> Predictive:
 def in_row_order(pred: Predictive, rows: torch.Tensor) -> Predictive:
     """The predictive of B inputs given in the order `rows` (B,) (input i is row rows[i]), in row order."""
     back = torch.argsort(rows)
-    return Predictive(pred.probs[back], pred.sample_probs[:, back], pred.entropy[back], pred.aleatoric[back],
-                      pred.mutual_information[back])
+    return pred._map(lambda name, t: t[:, back] if name == "sample_probs" else t[back])
 
 
 def concat(parts: Sequence[Predictive]) -> Predictive:
     """Join predictives over consecutive batches along B."""
     if not parts:
         raise ValueError("no predictive batches to join")
-    return Predictive(torch.cat([p.probs for p in parts]), torch.cat([p.sample_probs for p in parts], dim=1),
-                      torch.cat([p.entropy for p in parts]), torch.cat([p.aleatoric for p in parts]),
-                      torch.cat([p.mutual_information for p in parts]))
+
+    def joined(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None  # a field some batches lack (a density score) is dropped, never half-filled
+        return torch.cat(values, dim=1 if name == "sample_probs" else 0)
+
+    return Predictive(**{f.name: joined(f.name) for f in fields(Predictive)})
 
 
 def greedy_selection(sample_probs: torch.Tensor, labels: torch.Tensor, size: int,

@@ -21,7 +21,7 @@ from rayblora.data.batches import choice_batch, encode, model_attention, positio
 from rayblora.data.formats import TaskSpec
 from rayblora.model import (ModelError, add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
                             lora_state, set_lora_state)
-from rayblora.trunk import above_trunk, first_adapted_layer, tail_hidden, tail_ready, trunk_hidden
+from rayblora.trunk import above_trunk, decoder_parts, first_adapted_layer, tail_hidden, tail_ready, trunk_hidden
 from rayblora.trunk_cache import TrunkCache
 
 
@@ -69,6 +69,21 @@ class AnswerScorer:
         self.tail_only = True
         """Run the last decoder layer only at the positions the logits read, where that is exact
         (:func:`rayblora.trunk.tail_hidden`); False runs every position of every layer."""
+        self._features: list[torch.Tensor] | None = None
+        """While :meth:`capturing_features` is open: the read hidden states of every answer-logit forward."""
+
+    @contextmanager
+    def capturing_features(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every answer-logit forward appends the final-normed hidden state its logits read,
+        (N, H) detached in float32 on the host, to the yielded list: the answer position of a classification
+        row, the prompt's last position of a multiple-choice row (where every option's first token is read).
+        N is the forward's rows (S·B for S batched adapter states, sample-major). No extra computation: the
+        forward holds that hidden state already (the exact tail's output, or the final norm's)."""
+        outer, self._features = self._features, []
+        try:
+            yield self._features
+        finally:
+            self._features = outer
 
     def use_trunk_cache(self, cache: TrunkCache | None) -> None:
         """Read the frozen trunk's hidden states from `cache` from now on (None: compute them every time); every
@@ -124,7 +139,8 @@ class AnswerScorer:
                              "targets' likelihood (AnswerScorer.target_scores) and decoded with Posterior.generate")
         if self.spec.by_likelihood:
             return mask_choices(self._option_scores(self.to_device(batch), trunk), batch.get("num_choices"))
-        logits = self._head_logits(self.to_device(batch), trunk, 1, self.answer_ids.to(self.device))[:, -1].float()
+        logits = self._head_logits(self.to_device(batch), trunk, 1, self.answer_ids.to(self.device),
+                                   read_at=0)[:, -1].float()
         return mask_choices(logits, batch.get("num_choices"))
 
     def attention(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,7 +156,8 @@ class AnswerScorer:
         segments = batch["segments"]
         option_tokens = (segments > 0).sum(-1)  # (B,)
         span = int(option_tokens.max())
-        logp = torch.log_softmax(self._head_logits(batch, trunk, span + 1).float(), -1)  # (B, span + 1, V)
+        logp = torch.log_softmax(self._head_logits(batch, trunk, span + 1, read_at=span - option_tokens).float(),
+                                 -1)  # (B, span + 1, V)
         window = segments[:, -span - 1:]
         targets, parts = batch["input_ids"][:, -span:], window[:, 1:]  # each read token and its option (0: none)
         previous = torch.arange(span, device=self.device)[None, :]
@@ -153,26 +170,45 @@ class AnswerScorer:
         return scores[:, 1:]
 
     def _head_logits(self, batch: dict[str, torch.Tensor], trunk: tuple[int, torch.Tensor] | None, keep: int,
-                     vocab_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     vocab_rows: torch.Tensor | None = None, read_at: int | torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """The LM head's logits (B, keep, V) at the last `keep` positions of a batch on :attr:`device` — only the
         columns `vocab_rows` (R,) of the vocabulary when given (B, keep, R) — from the trunk's hidden states where
-        there are some, and through :func:`~rayblora.trunk.tail_hidden` where that is exact."""
+        there are some, and through :func:`~rayblora.trunk.tail_hidden` where that is exact. `read_at` (an index
+        into the `keep` positions, or one per row (B,)) is where the answer is read: the hidden state there is
+        kept while :meth:`capturing_features` is open."""
         if trunk is None and self.trunk_cache is not None:
             trunk = self.shared_trunk(batch)
         trunk = None if trunk is None else (trunk[0], trunk[1].to(self.device))
         mask, positions, length = self.attention(batch), position_ids(batch), batch["input_ids"].shape[-1]
+        capture = self._features is not None and read_at is not None
         if self.tail_only and keep < length and tail_ready(self.model, length):
             with attention_kernels(self.device):
                 hidden = tail_hidden(self.model, mask, positions, keep, batch["input_ids"], trunk)
+            if capture:
+                self._keep_feature(hidden, read_at)
             head = self.model.get_output_embeddings()
             weight = head.weight if vocab_rows is None else head.weight.index_select(0, vocab_rows)
             bias = head.bias if head.bias is None or vocab_rows is None else head.bias.index_select(0, vocab_rows)
             return torch.nn.functional.linear(hidden, weight, bias)
         window = nullcontext() if trunk is None else above_trunk(self.model, *trunk)
-        with attention_kernels(self.device), window:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
-                                position_ids=positions, logits_to_keep=keep).logits
+        normed = decoder_parts(self.model).norm if capture else None
+        hook = normed.register_forward_hook(
+            lambda _m, _a, out: self._keep_feature(out[:, -keep:], read_at)) if normed is not None else None
+        try:
+            with attention_kernels(self.device), window:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
+                                    position_ids=positions, logits_to_keep=keep).logits
+        finally:
+            if hook is not None:
+                hook.remove()
         return logits if vocab_rows is None else logits.index_select(-1, vocab_rows)
+
+    def _keep_feature(self, window: torch.Tensor, read_at: int | torch.Tensor) -> None:
+        """Append the hidden state (N, H) at `read_at` of the last positions `window` (N, keep, H)."""
+        index = torch.as_tensor(read_at, device=window.device).expand(window.shape[0])
+        rows = torch.arange(window.shape[0], device=window.device)
+        self._features.append(window[rows, index].detach().float().cpu())
 
     def target_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A generation batch's target likelihood under the current adapter (with autograd as the caller's

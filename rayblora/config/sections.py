@@ -204,11 +204,22 @@ class PosteriorConfig:
     lowest-validation-NLL one, `train.keep_best`: early-stopped members, the deep-ensemble recipe of arXiv
     2402.12264). "best" applies to families built from member adapters (ensemble, laplace, tfb, temperature,
     mc_dropout, ...), not to those that collect along the trajectory (swag, multiswag, blob, hybrid_vi)."""
+    density: bool = True
+    """Fit the members' feature density when the artifact is written (a class-conditional Gaussian over the
+    hidden state the answer logits read, one pass over the training and validation rows; `rayblora.density`):
+    every prediction then carries a Mahalanobis distance, a log-density and an `in_distribution` flag."""
+    density_quantile: float = 0.99
+    """The fraction of validation rows the in-distribution threshold keeps (its distance quantile)."""
+    calibrate: str = "none"
+    """"temperature": evaluation adds, for every row, that row recalibrated after pooling (one temperature
+    fitted to its predictive on the validation split: `ensemble+T`, `laplace+T`, ...); "none": no such rows."""
 
     def __post_init__(self) -> None:
         known = available_methods()
         one_of(self.method, known, "posterior.method")
         one_of(self.member_adapter, ("final", "best"), "posterior.member_adapter")
+        one_of(self.calibrate, ("none", "temperature"), "posterior.calibrate")
+        check(0.0 < self.density_quantile <= 1.0, "posterior.density_quantile", "must be in (0, 1]")
         for m in self.eval_methods:
             one_of(m, known, "posterior.eval_methods")
         check(self.members >= 1, "posterior.members", f"must be >= 1, got {self.members}")

@@ -17,6 +17,7 @@ import torch
 
 from rayblora import predictive
 from rayblora.data.batches import eval_batches
+from rayblora.density import FeatureDensity
 from rayblora.generation import run as generation
 from rayblora.generation.decode import DecodingSettings, Generation
 from rayblora.predictive import Predictive
@@ -50,6 +51,9 @@ class Posterior(ABC):
     """How `rayblora fit` builds this family onto an artifact's trained members: "curvature" (a pass over the
     training split, then :meth:`from_curvatures`: Laplace), "build" (:meth:`build` from the members and data:
     TFB), or "" (not fitted post hoc: its members' training makes it)."""
+    feature_density: ClassVar[bool] = True
+    """Whether the members' own LoRA forward reads the features this family's predictive reads, so that a feature
+    density fitted on them (:meth:`fit_density`) describes its inputs (not so where other modules join in)."""
     provides: ClassVar[tuple[str, ...]] = ()
     """Other registered families whose predictive is part of this one's, built from the same config (e.g.
     `swag` is trajectory 0 of `multiswag`): :meth:`predict_views` returns them from the same pass."""
@@ -61,6 +65,9 @@ class Posterior(ABC):
         self.scorer = scorer
         self.members = list(members)
         self.member_info = list(member_info) if member_info is not None else [{} for _ in members]
+        self.density: FeatureDensity | None = None
+        """The members' feature density (:mod:`rayblora.density`), stored beside any family in the artifact;
+        where set, every predictive carries its distance, log-density and in-distribution flag."""
 
     @classmethod
     def training_hooks(cls, cfg) -> list[StepHook]:
@@ -106,8 +113,10 @@ class Posterior(ABC):
         `method` is its own, else built from its members; families that carry more (SWAG moments) override."""
         if method == self.method:
             return self
-        return get_posterior_class(method).build(self.scorer, self.members, self.member_info, data=data,
+        view = get_posterior_class(method).build(self.scorer, self.members, self.member_info, data=data,
                                                  config=config)
+        view.density = self.density
+        return view
 
     # --- prediction ---------------------------------------------------------------------------------
     @property
@@ -123,12 +132,65 @@ class Posterior(ABC):
         """Bayesian model average on one tokenised batch."""
         return predictive.from_logits(self.sample_logits(batch))
 
+    def predict_scored(self, batch: dict[str, torch.Tensor]) -> Predictive:
+        """:meth:`predict_batch` with the feature-density scores of :attr:`density` where there is one."""
+        return self._scored(batch, lambda b: {self.method: self.predict_batch(b)})[self.method]
+
+    def _scored(self, batch: dict[str, torch.Tensor],
+                predict: Callable[[dict[str, torch.Tensor]], dict[str, Predictive]]) -> dict[str, Predictive]:
+        """`predict`'s views of a batch, each with the density scores of the features its forwards read (the
+        members' forward when they read none: a Jacobian-cache hit, a family with its own forward)."""
+        if self.density is None:
+            return predict(batch)
+        with self.scorer.capturing_features() as features:
+            views = predict(batch)
+        rows = len(batch["input_ids"])
+        if not features or sum(len(f) for f in features) % rows:
+            with self.scorer.capturing_features() as features:
+                self.scorer.logits_for_states(batch, self.members)
+        scores = self.density.scores(torch.cat(features).reshape(-1, rows, self.density.dim))
+        return {name: pred.with_density(scores.distance, scores.log_density, scores.in_distribution)
+                for name, pred in views.items()}
+
+    # --- feature density ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def member_features(self, dataset, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' answer-reading hidden states over a split, (K, N, H), and its labels (N,): one batched
+        pass of the K members (the frozen layers once per batch, from the trunk cache where there is one)."""
+        feats, labels = [], []
+        with self.scorer.restoring_adapter():
+            for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
+                with self.scorer.capturing_features() as captured:
+                    self.scorer.logits_for_states(batch, self.members)
+                feats.append(torch.cat(captured).reshape(len(self.members), len(batch["input_ids"]), -1))
+                labels.append(batch["labels"])
+        return torch.cat(feats, 1), torch.cat(labels)
+
+    def fit_density(self, train, validation, quantile: float = 0.99, batch_size: int = 16) -> FeatureDensity:
+        """Fit :attr:`density` on the members' features of the training split (a class-conditional Gaussian per
+        member; one class for multiple choice, whose labels are option positions) and set its in-distribution
+        threshold at the `quantile` of the validation rows' distances (:mod:`rayblora.density`)."""
+        if not self.feature_density:
+            raise ValueError(f"feature density: {self.method}'s predictive reads features that its members' LoRA "
+                             "forward does not compute")
+        if self.scorer.spec.kind == "generation":
+            raise ValueError("feature density: a generation task has no answer-reading hidden state to fit yet; "
+                             "it covers classification and multiple-choice tasks")
+        features, labels = self.member_features(train, batch_size)
+        classes = self.scorer.num_choices if self.scorer.spec.kind == "classification" else 1
+        density = FeatureDensity.fit(features, labels if classes > 1 else torch.zeros_like(labels), classes,
+                                     meta={"position": "prompt_last" if self.scorer.spec.by_likelihood else "answer"})
+        val_features, _ = self.member_features(validation, batch_size)
+        density.calibrate(density.scores(val_features).distance, quantile)
+        self.density = density
+        return density
+
     def predict(self, prompts: Sequence[str], batch_size: int = 16,
                 choices: Sequence[Sequence[str]] | None = None) -> Predictive:
         """Predictive for raw prompts (already formatted, see :mod:`rayblora.data.formats`); a multiple-choice task
         scored by option likelihood also takes each row's option continuations `choices` (ragged: a row's missing
         options get probability 0)."""
-        parts = [self.predict_batch(self.scorer.encode(
+        parts = [self.predict_scored(self.scorer.encode(
             prompts[i:i + batch_size], None if choices is None else choices[i:i + batch_size]))
             for i in range(0, len(prompts), batch_size)]
         return predictive.concat(parts)
@@ -192,7 +254,7 @@ class Posterior(ABC):
         parts: dict[str, list[Predictive]] = {}
         rows, done = [], 0
         for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length, by_length=True):
-            for name, pred in predict(batch).items():
+            for name, pred in self._scored(batch, predict).items():
                 parts.setdefault(name, []).append(pred.cpu())  # a split's predictive is kept in host memory
             rows.append(batch["rows"])
             done += len(batch["labels"])

@@ -164,7 +164,7 @@ class LoadedPosterior:
         each row's option continuations, for a task scored by option likelihood)."""
         batch = self.posterior.scorer.encode(list(prompts), choices)
         batch["num_choices"] = torch.as_tensor(list(num_choices), dtype=torch.long)
-        return self.posterior.predict_batch(batch)
+        return self.posterior.predict_scored(batch)
 
 
 class PosteriorPool:
@@ -227,11 +227,6 @@ def count_inputs(jobs: Sequence[Job]) -> int:
     return sum(len(job.prompts) for job in jobs)
 
 
-def _rows(pred: Predictive, start: int, stop: int) -> Predictive:
-    return Predictive(pred.probs[start:stop], pred.sample_probs[:, start:stop], pred.entropy[start:stop],
-                      pred.aleatoric[start:stop], pred.mutual_information[start:stop])
-
-
 def predict_jobs(jobs: Sequence[Job]) -> list[Predictive]:
     """Predictives of several requests' jobs: the inputs of all jobs of one posterior go through one
     ``predict`` call, then are split back per job (same order as `jobs`)."""
@@ -247,7 +242,7 @@ def predict_jobs(jobs: Sequence[Job]) -> list[Predictive]:
         start = 0
         for i in members:
             stop = start + len(jobs[i].prompts)
-            out[i] = _rows(pred, start, stop)
+            out[i] = pred.rows(start, stop)
             start = stop
     return out  # type: ignore[return-value]
 

@@ -37,6 +37,7 @@ from rayblora.posteriors.laplace.kfac import LoraCurvature
 from rayblora.registry import get_posterior_class, post_hoc_methods
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
+from rayblora.workflows.train import fit_feature_density
 
 
 def post_hoc_method(cfg: Config, n_members: int, method: str | None = None) -> str:
@@ -61,11 +62,24 @@ def _parent_and_data(artifact_dir: str | Path, cfg: Config, log: Callable[[str],
     return parent, data
 
 
+def fit_density(artifact_dir: str | Path, cfg: Config, out_dir: str | Path | None = None,
+                log: Callable[[str], None] = print) -> Path:
+    """`rayblora fit --density`: the artifact `artifact_dir` (any family, trained, imported or fitted) with its
+    members' feature density fitted on the rows it was trained on, written to `out_dir` (default
+    `<output.dir>/posterior-density`) with its lineage."""
+    parent, data = _parent_and_data(artifact_dir, cfg, log)
+    try:
+        fit_feature_density(parent, cfg, data, log, required=True)
+    except ValueError as exc:
+        raise ConfigError(f"fit --density: {exc}") from None
+    return save_derived(parent, artifact_dir, out_dir or cfg.out_dir / "posterior-density")
+
+
 def fit_posterior(artifact_dir: str | Path, cfg: Config, out_dir: str | Path | None = None,
                   method: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Fit the post-hoc family `method` (:func:`~rayblora.registry.post_hoc_methods`) on the members of
-    `artifact_dir`; write the new artifact (with its lineage) to `out_dir`, by default
-    `<output.dir>/posterior-<the family fitted>`."""
+    `artifact_dir`; write the new artifact (with its lineage and the parent's feature density) to `out_dir`, by
+    default `<output.dir>/posterior-<the family fitted>`."""
     parent = read_manifest(artifact_dir)
     chosen = post_hoc_method(cfg, len(parent["members"]), method)
     out_dir = out_dir or cfg.out_dir / f"posterior-{chosen}"
@@ -99,6 +113,7 @@ def fit_laplace(artifact_dir: str | Path, cfg: Config, out_dir: str | Path, meth
             "n_data": curvatures[members[0]].n_data}
     post = cls.from_curvatures(parent.scorer, parent.members, parent.member_info, curvatures, cfg,
                                data.validation, fit_meta=meta)
+    post.density = parent.density
     meta["seconds"] = round(time.time() - t0, 2)
     log(f"[fit] {cls.method} on {len(members)} member(s), {meta['n_data']} examples, {meta['workers']} worker(s): "
         f"{meta['seconds']:.1f} s; prior precision {[f.prior.tolist() for f in post.fits]}")

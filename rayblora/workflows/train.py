@@ -19,20 +19,46 @@ from rayblora.scoring import AnswerScorer, build_scorer
 from rayblora.workflows.evaluate import evaluate
 from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
 from rayblora.workflows.members import (MemberResult, best_adapter, check_member_adapter, make_hooks,
-                                        prepare_trunk_cache, train_members_in_process)
+                                        prepare_trunk_cache, train_members_in_process, trunk_cache_for)
+
+
+def fit_feature_density(posterior: Posterior, cfg: Config, data: TaskData, log: Callable[[str], None] = print,
+                        required: bool = False) -> None:
+    """Fit `posterior.density` on the training and validation rows (:meth:`Posterior.fit_density`), logging its
+    cost; where the family or task has none, log why (or raise ValueError if `required`)."""
+    t0, scorer = time.time(), posterior.scorer
+    cache = scorer.trunk_cache
+    if cache is None:  # the driver of a Ray run filled the run's cache for its workers: read it here too
+        scorer.use_trunk_cache(trunk_cache_for(cfg, scorer, log, make_hooks(cfg)))
+    try:
+        density = posterior.fit_density(data.train, data.validation, cfg.posterior.density_quantile,
+                                        cfg.train.batch_size)
+    except ValueError as exc:
+        if required:
+            raise
+        log(f"[density] not fitted: {exc}")
+        return
+    finally:
+        scorer.use_trunk_cache(cache)
+    density.meta["seconds"] = round(time.time() - t0, 2)
+    log(f"[density] fitted on {density.meta['rows']} training rows x {len(posterior.members)} member(s) in "
+        f"{density.meta['seconds']:.1f} s; in-distribution up to distance {density.threshold:.2f} "
+        f"({density.quantile:.0%} of {density.meta['validation_rows']} validation rows)")
 
 
 def write_posterior(cfg: Config, scorer: AnswerScorer, members: Sequence[MemberResult], data: TaskData,
                     training: dict[str, Any], lineage: dict[str, Any] | None = None,
-                    family: type[Posterior] | None = None) -> Path:
-    """Build the configured family from finished members (their checkpoints where the family needs them) and
-    write it as the artifact `<output.dir>/posterior`."""
+                    family: type[Posterior] | None = None, log: Callable[[str], None] = print) -> Path:
+    """Build the configured family from finished members (their checkpoints where the family needs them), fit
+    its feature density (`posterior.density`), and write it as the artifact `<output.dir>/posterior`."""
     family = family or get_posterior_class(cfg.posterior.method)
     checkpoints = {"member_dirs": [m.checkpoint_dir for m in members]} if family.needs_checkpoints else {}
     early = cfg.posterior.member_adapter == "best"
     adapters = [best_adapter(m.checkpoint_dir) if early else m.adapter for m in members]
     posterior = family.build(scorer, adapters, [{**m.info(), "adapter": cfg.posterior.member_adapter}
                                                 for m in members], data=data, config=cfg, **checkpoints)
+    if cfg.posterior.density:
+        fit_feature_density(posterior, cfg, data, log)
     return save_posterior(posterior, cfg.out_dir / "posterior", model_config=cfg.model,
                           adapter_config=cfg.adapter, training=training, lineage=lineage)
 
@@ -67,7 +93,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
         members, record = outcome.members, outcome.summary()
     training = {"config": cfg.to_dict(), "seconds": round(time.time() - t0, 1), **record,
                 "splits": split_record(data)}
-    path = write_posterior(cfg, scorer, members, data, training, lineage, family)
+    path = write_posterior(cfg, scorer, members, data, training, lineage, family, log)
     log(f"[train] wrote {cfg.posterior.method} posterior with {len(members)} member(s) to {path} "
         f"({time.time() - t0:.0f} s)")
     return path

@@ -162,6 +162,7 @@ class HybridVIPosterior(Posterior):
         return super().view(method, data=data, config=config)
 
     generative = False
+    feature_density = False  # its prefix / bottleneck modules change the features the members' LoRA forward reads
 
     def generation_states(self):
         raise ValueError(f"{self.method}: its prefix / bottleneck parts are not LoRA states the decoder can "

@@ -1,0 +1,182 @@
+"""Feature density: the Gaussian fit against an independent numpy GDA, the scores on the scorer's own features,
+the artifact round trip, old artifacts, trunk cache / tail invariance, multiple choice and `rayblora fit --density`."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rayblora.artifact import load_posterior, save_posterior
+from rayblora.density import FeatureDensity
+from rayblora.posteriors.ensemble import EnsemblePosterior
+
+FAR_TEXT = "0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9"
+"""Text nothing like the synthetic reviews (digits and spaces only) for the tiny model's tokenizer."""
+
+
+def numpy_gda(features: np.ndarray, labels: np.ndarray, classes: int, queries: np.ndarray):
+    """Reference: class means, pooled covariance shrunk towards (tr S / H) I by the Ledoit–Wolf intensity (written
+    from the paper's per-row outer products), min-class Mahalanobis distance and mixture log-density."""
+    n, h = features.shape
+    means = np.stack([features[labels == c].mean(0) for c in range(classes)])
+    x = features - means[labels]
+    s = x.T @ x / n
+    m = np.trace(s) / h
+    d2 = np.sum((s - m * np.eye(h)) ** 2) / h
+    b2 = sum(np.sum((np.outer(r, r) - s) ** 2) for r in x) / (n * n * h)
+    lam = min(b2, d2) / d2
+    cov = (1 - lam) * s + lam * m * np.eye(h)
+    prec = np.linalg.inv(cov)
+    diffs = queries[:, None, :] - means[None]
+    maha = np.einsum("nch,hg,ncg->nc", diffs, prec, diffs)
+    prior = np.log(np.bincount(labels, minlength=classes) / n)
+    joint = prior[None] - 0.5 * maha
+    top = joint.max(1, keepdims=True)
+    logdens = (top[:, 0] + np.log(np.exp(joint - top).sum(1)) - 0.5 * np.linalg.slogdet(cov)[1]
+               - 0.5 * h * np.log(2 * np.pi))
+    return np.sqrt(maha.min(1)), logdens, lam
+
+
+@pytest.mark.parametrize("n,h", [(40, 12), (25, 30)])  # more rows than dimensions, and fewer (shrinkage needed)
+def test_density_equals_numpy_gda(n, h):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, n)
+    labels[:3] = [0, 1, 2]
+    feats = rng.normal(size=(n, h)) + labels[:, None] * 0.7
+    queries = rng.normal(size=(7, h)) * 2
+    dist, logdens, lam = numpy_gda(feats, labels, 3, queries)
+    density = FeatureDensity.fit(torch.tensor(feats)[None], torch.tensor(labels), 3)
+    got_dist, got_logdens = density.raw_scores(torch.tensor(queries)[None])
+    assert density.meta["shrinkage"][0] == pytest.approx(lam, abs=1e-6)
+    np.testing.assert_allclose(got_dist[0].numpy(), dist, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_logdens[0].numpy(), logdens, rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_and_nearest_member():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(50, 4)) + 10.0  # two members with far-apart features
+    density = FeatureDensity.fit(torch.tensor(np.stack([a, b])), torch.zeros(50, dtype=torch.long), 1)
+    density.calibrate(density.scores(torch.tensor(a)[None]).distance, 0.9)
+    assert (density.scores(torch.tensor(a)[None]).in_distribution.float().mean() == pytest.approx(0.9, abs=0.03))
+    # a feature near member 1's Gaussian is scored there, not by member 0
+    near_b = density.scores(torch.tensor(b)[None])
+    assert float(near_b.in_distribution.float().mean()) >= 0.8 and float(near_b.distance.mean()) < 3.0
+    far = density.scores(torch.full((1, 3, 4), 100.0, dtype=torch.float64))
+    assert not bool(far.in_distribution.any()) and bool((far.distance > density.threshold).all())
+
+
+def test_scorer_features_are_the_final_hidden_state(trained_members, tiny_data):
+    """The captured feature is the final-normed hidden state at the answer position of a full forward, with the
+    exact tail and without, with the trunk cache and without."""
+    scorer, states, _ = trained_members
+    batch = scorer.encode(list(tiny_data.test["prompt"][:6]))
+    with scorer.restoring_adapter():
+        from rayblora.model import set_lora_state
+        set_lora_state(scorer.model, states[0])
+        reference = scorer.last_hidden(batch)
+        outs = []
+        for tail in (True, False):
+            scorer.tail_only = tail
+            with scorer.capturing_features() as feats:
+                scorer.logits(batch)
+            outs.append(feats[0])
+        scorer.tail_only = True
+    for got in outs:
+        torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def with_density(trained_members, tiny_data):
+    scorer, states, infos = trained_members
+    post = EnsemblePosterior(scorer, states, infos)
+    post.fit_density(tiny_data.train, tiny_data.validation, 0.95)
+    return post
+
+
+def test_fit_equals_reference_on_member_features(with_density, tiny_data):
+    """Fitted from one batched pass of the members; equal to the numpy GDA of each member's own features."""
+    post = with_density
+    feats, labels = post.member_features(tiny_data.train)
+    assert feats.shape[:2] == (len(post.members), len(tiny_data.train))
+    queries = post.member_features(tiny_data.test)[0]
+    for k in range(len(post.members)):
+        dist, _, _ = numpy_gda(feats[k].double().numpy(), labels.numpy(), 2, queries[k].double().numpy())
+        single = FeatureDensity(post.density.means[k:k + 1], post.density.precision[k:k + 1],
+                                post.density.log_det[k:k + 1], post.density.log_prior[k:k + 1])
+        np.testing.assert_allclose(single.raw_scores(queries[k:k + 1])[0][0].numpy(), dist, rtol=1e-5, atol=1e-5)
+
+
+def test_predictions_carry_the_scores_and_far_text_is_flagged(with_density, tiny_data):
+    post = with_density
+    pred = post.predict_dataset(tiny_data.test)
+    assert pred.distance.shape == (len(tiny_data.test),) and pred.in_distribution.dtype == torch.bool
+    assert float(pred.in_distribution.float().mean()) > 0.8
+    far = post.predict([FAR_TEXT + "\nSentiment:", "!!!! ???? #### $$$$ %%%% &&&& **** @@@@\nSentiment:"])
+    assert float(far.distance.min()) > float(pred.distance.median()) and not bool(far.in_distribution.any())
+    # the same inputs through predict_batch-sized calls give the same scores (row order restored)
+    again = post.predict(list(tiny_data.test["prompt"]))
+    torch.testing.assert_close(again.distance, pred.distance, rtol=1e-5, atol=1e-5)
+
+
+def test_trunk_cache_and_tail_leave_the_scores_unchanged(with_density, tiny_data, tiny_session_config, tmp_path):
+    from rayblora.trunk_cache import TrunkCache
+    from rayblora.trunk import first_adapted_layer, trunk_dtype
+
+    post, scorer = with_density, with_density.scorer
+    plain = post.predict_dataset(tiny_data.test).distance
+    if first_adapted_layer(scorer.model) > 0:
+        cache = TrunkCache(scorer.fingerprint, first_adapted_layer(scorer.model), trunk_dtype(scorer.model),
+                           tmp_path / "cache", lambda _m: None)
+        scorer.use_trunk_cache(cache)
+        try:
+            torch.testing.assert_close(post.predict_dataset(tiny_data.test).distance, plain, rtol=1e-5, atol=1e-5)
+        finally:
+            scorer.use_trunk_cache(None)
+    scorer.tail_only = False
+    try:
+        torch.testing.assert_close(post.predict_dataset(tiny_data.test).distance, plain, rtol=1e-5, atol=1e-5)
+    finally:
+        scorer.tail_only = True
+
+
+def test_artifact_round_trip_and_old_artifacts(with_density, tiny_data, tiny_session_config, tmp_path):
+    post = with_density
+    path = save_posterior(post, tmp_path / "posterior", model_config=tiny_session_config.model,
+                          adapter_config=tiny_session_config.adapter)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["density"]["file"] == "density.safetensors" and "density.safetensors" in manifest["files"]
+    loaded = load_posterior(path, scorer=post.scorer)
+    torch.testing.assert_close(loaded.density.precision, post.density.precision)
+    assert loaded.density.threshold == post.density.threshold
+    a, b = post.predict_dataset(tiny_data.test), loaded.predict_dataset(tiny_data.test)
+    torch.testing.assert_close(a.distance, b.distance)
+    # views carry the density (map, the temperature rows)
+    assert loaded.view("map").density is loaded.density
+    # an artifact written before the density existed: no section, no file -> loads, predictions without scores
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    (old / "density.safetensors").unlink()
+    del manifest["density"], manifest["files"]["density.safetensors"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    legacy = load_posterior(old, scorer=post.scorer)
+    assert legacy.density is None and legacy.predict_dataset(tiny_data.test).distance is None
+
+
+def test_multiple_choice_density_reads_the_prompts_last_position(choice_files, tmp_path):
+    from rayblora.config import load_config
+    from rayblora.data import load_task_data
+    from rayblora.workflows.members import train_members_in_process
+    from conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(choice_files, tmp_path / "run", **{
+        "data.shift_tasks": "[]", "data.val_size": "20", "data.test_size": "30", "data.max_length": "256",
+        "model.tiny_layers": "3", "adapter.layers": "[1,2]", "train.steps": "4", "posterior.members": "1"}))
+    data = load_task_data(cfg.data)
+    scorer, members = train_members_in_process(cfg, log=lambda _m: None, data=data)
+    post = EnsemblePosterior(scorer, [m.adapter for m in members], [m.info() for m in members])
+    post.fit_density(data.train, data.validation)
+    assert post.density.means.shape[1] == 1 and post.density.meta["position"] == "prompt_last"
+    pred = post.predict_dataset(data.test)
+    assert pred.distance.shape == (len(data.test),) and torch.isfinite(pred.log_density).all()
