@@ -6,11 +6,13 @@ exact layout::
     {"methods": {METHOD: {SPLIT: {accuracy, nll, ece, ece_em, brier, auroc, aurc, acc_at_90, reject10,
                                   [sd: {...}, members: K]  (a row of members predicting alone: map)
                                   [member_disagreement]}}},   (an ensemble row)
-     "ood":     {METHOD: {SHIFT_OR_FAR_OOD_SPLIT: {"auroc_entropy", "auroc_mi"}}},
+     "ood":     {METHOD: {SHIFT_OR_FAR_OOD_SPLIT: {"auroc_entropy", "auroc_mi", ["auroc_density"]}}},
      "meta":    meta, "far_ood": [FAR_OOD_SPLIT, ...]}
 
 Per-split uncertainty metrics (auroc, aurc, acc_at_90, reject10) use total predictive
-entropy. OOD AUROCs treat the shifted split as the positive class.
+entropy. OOD AUROCs treat the shifted split as the positive class; "auroc_density" (the feature density's
+Mahalanobis distance, :mod:`rayblora.density`) where the posterior carries one, and then a density histogram
+(density.png) beside the other plots.
 Plots are drawn with matplotlib's Agg canvas (no pyplot global state).
 """
 
@@ -60,6 +62,7 @@ class SplitResult:
         its metrics are the mean over the members, with their standard deviation under "sd" (the plots draw
         `probs`, member 0).
     extra: further scalar metrics of the row (e.g. the ensemble's member disagreement).
+    distance: (N,) feature-density distance (:mod:`rayblora.density`), or None where the posterior has none.
     """
 
     probs: np.ndarray
@@ -68,6 +71,7 @@ class SplitResult:
     mutual_information: np.ndarray
     member_probs: np.ndarray | None = None
     extra: dict | None = None
+    distance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Coerce fields to numpy arrays and check that their lengths agree."""
@@ -78,7 +82,9 @@ class SplitResult:
         if self.probs.ndim != 2:
             raise ValueError(f"probs must be 2-D (N, C), got shape {self.probs.shape}")
         n = self.probs.shape[0]
-        for name in ("labels", "entropy", "mutual_information"):
+        if self.distance is not None:
+            self.distance = np.asarray(self.distance, dtype=float)
+        for name in ("labels", "entropy", "mutual_information") + (("distance",) if self.distance is not None else ()):
             shape = getattr(self, name).shape
             if shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {shape}")
@@ -134,15 +140,18 @@ def build_report(results: dict, in_domain: str, meta: dict, n_bins: int = 15, fa
     for method, splits in results.items():
         methods[method] = {split: split_metrics(r, n_bins) for split, r in splits.items() if split not in far_ood}
         ref = splits[in_domain]
-        ood[method] = {
-            split: {
-                "auroc_entropy": ood_auroc(ref.entropy, r.entropy),
-                "auroc_mi": ood_auroc(ref.mutual_information, r.mutual_information),
-            }
-            for split, r in splits.items()
-            if split != in_domain
-        }
+        ood[method] = {split: ood_scores(ref, r) for split, r in splits.items() if split != in_domain}
     return {"methods": methods, "ood": ood, "meta": dict(meta or {}), "far_ood": list(far_ood)}
+
+
+def ood_scores(reference: SplitResult, shifted: SplitResult) -> dict:
+    """OOD AUROCs of `shifted` (positive) against `reference` by entropy, MI and, where both carry one, the
+    feature density's distance."""
+    out = {"auroc_entropy": ood_auroc(reference.entropy, shifted.entropy),
+           "auroc_mi": ood_auroc(reference.mutual_information, shifted.mutual_information)}
+    if reference.distance is not None and shifted.distance is not None:
+        out["auroc_density"] = ood_auroc(reference.distance, shifted.distance)
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -187,13 +196,13 @@ def render_markdown(report: dict) -> str:
     lines += _table(header, ["---", "---"] + ["---:"] * len(METRIC_COLUMNS), rows)
     lines += ["", "## OOD detection (shift split = positive class)", ""]
     rows = [
-        [_cell(method), _cell(split), _fmt(v["auroc_entropy"]), _fmt(v["auroc_mi"])]
+        [_cell(method), _cell(split), _fmt(v["auroc_entropy"]), _fmt(v["auroc_mi"]), _fmt(v.get("auroc_density"))]
         for method, splits in report["ood"].items()
         for split, v in splits.items()
     ]
     if rows:
-        header = ["Method", "Shift split", "AUROC (entropy)", "AUROC (MI)"]
-        lines += _table(header, ["---", "---", "---:", "---:"], rows)
+        header = ["Method", "Shift split", "AUROC (entropy)", "AUROC (MI)", "AUROC (density)"]
+        lines += _table(header, ["---", "---", "---:", "---:", "---:"], rows)
     else:
         lines.append("_No shift splits._")
     return "\n".join(lines) + "\n"
@@ -258,6 +267,29 @@ def _coverage_figure(results: dict, in_domain: str) -> Figure:
     return fig
 
 
+def _density_figure(results: dict, in_domain: str) -> Figure | None:
+    """Histograms of the feature-density distance per split (in-domain, shifts, far-OOD), one panel per method
+    that carries one, with its in-distribution threshold where known; None when no method does."""
+    methods = [m for m, splits in results.items() if splits[in_domain].distance is not None]
+    if not methods:
+        return None
+    fig, axes = _panel_figure(len(methods))
+    for ax, method in zip(axes, methods):
+        splits = results[method]
+        values = np.concatenate([r.distance for r in splits.values() if r.distance is not None])
+        bins = np.linspace(values.min(), np.quantile(values, 0.995), 40)
+        for split, r in splits.items():
+            if r.distance is not None:
+                ax.hist(np.clip(r.distance, None, bins[-1]), bins=bins, histtype="step", density=True,
+                        lw=1.8 if split == in_domain else 1.2, label=split)
+        threshold = (splits[in_domain].extra or {}).get("density_threshold")
+        if threshold is not None:
+            ax.axvline(threshold, color="k", ls="--", lw=1, label="in-distribution threshold")
+        ax.set(title=f"{method}: feature distance", xlabel="Mahalanobis distance", ylabel="density")
+        ax.legend(fontsize=8)
+    return fig
+
+
 def write_coverage_png(path, results: dict, in_domain: str) -> None:
     """Write the accuracy-vs-coverage figure of ``results[method][split]`` (SplitResult) to ``path``."""
     fig = _coverage_figure(results, in_domain)
@@ -302,12 +334,13 @@ def _atomic_write(path: str, write_fn) -> None:
 
 def write_report(out_dir, results: dict, in_domain: str, meta: dict,
                  n_bins: int = 15, far_ood=()) -> dict:
-    """Write report.json, report.md, reliability.png and coverage.png atomically.
+    """Write report.json, report.md, reliability.png, coverage.png (and density.png) atomically.
 
     Returns the report dict from ``build_report`` (NaN kept as float NaN; the
     JSON file stores them as null and is strict JSON).
     """
     report = build_report(results, in_domain, meta, n_bins=n_bins, far_ood=far_ood)
+    all_results = results
     results = {m: {s: r for s, r in splits.items() if s not in far_ood} for m, splits in results.items()}
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -319,6 +352,9 @@ def write_report(out_dir, results: dict, in_domain: str, meta: dict,
         "reliability.png": _reliability_figure(results, in_domain, n_bins),
         "coverage.png": _coverage_figure(results, in_domain),
     }
+    histogram = _density_figure(all_results, in_domain)
+    if histogram is not None:
+        figures["density.png"] = histogram
     for name, fig in figures.items():
         _atomic_write(os.path.join(out_dir, name),
                       lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))

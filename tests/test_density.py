@@ -88,16 +88,26 @@ def test_scorer_features_are_the_final_hidden_state(trained_members, tiny_data):
 
 
 @pytest.fixture(scope="module")
-def with_density(trained_members, tiny_data):
-    scorer, states, infos = trained_members
-    post = EnsemblePosterior(scorer, states, infos)
-    post.fit_density(tiny_data.train, tiny_data.validation, 0.95)
+def with_density(sentiment_files, tmp_path_factory):
+    """Two tiny members adapting layers 1-2 of 3 (so the frozen layer 0 can be cached), with a feature density."""
+    from rayblora.config import load_config
+    from rayblora.data import load_task_data
+    from rayblora.workflows.members import train_members_in_process
+    from conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path_factory.mktemp("density-run"), **{
+        "model.tiny_layers": "3", "adapter.layers": "[1,2]"}))
+    data = load_task_data(cfg.data)
+    scorer, members = train_members_in_process(cfg, log=lambda _m: None, data=data)
+    post = EnsemblePosterior(scorer, [m.adapter for m in members], [m.info() for m in members])
+    post.fit_density(data.train, data.validation, 0.95)
+    post.test_config, post.test_data = cfg, data
     return post
 
 
-def test_fit_equals_reference_on_member_features(with_density, tiny_data):
+def test_fit_equals_reference_on_member_features(with_density):
     """Fitted from one batched pass of the members; equal to the numpy GDA of each member's own features."""
-    post = with_density
+    post, tiny_data = with_density, with_density.test_data
     feats, labels = post.member_features(tiny_data.train)
     assert feats.shape[:2] == (len(post.members), len(tiny_data.train))
     queries = post.member_features(tiny_data.test)[0]
@@ -108,8 +118,8 @@ def test_fit_equals_reference_on_member_features(with_density, tiny_data):
         np.testing.assert_allclose(single.raw_scores(queries[k:k + 1])[0][0].numpy(), dist, rtol=1e-5, atol=1e-5)
 
 
-def test_predictions_carry_the_scores_and_far_text_is_flagged(with_density, tiny_data):
-    post = with_density
+def test_predictions_carry_the_scores_and_far_text_is_flagged(with_density):
+    post, tiny_data = with_density, with_density.test_data
     pred = post.predict_dataset(tiny_data.test)
     assert pred.distance.shape == (len(tiny_data.test),) and pred.in_distribution.dtype == torch.bool
     assert float(pred.in_distribution.float().mean()) > 0.8
@@ -120,20 +130,21 @@ def test_predictions_carry_the_scores_and_far_text_is_flagged(with_density, tiny
     torch.testing.assert_close(again.distance, pred.distance, rtol=1e-5, atol=1e-5)
 
 
-def test_trunk_cache_and_tail_leave_the_scores_unchanged(with_density, tiny_data, tiny_session_config, tmp_path):
+def test_trunk_cache_and_tail_leave_the_scores_unchanged(with_density, tmp_path):
     from rayblora.trunk_cache import TrunkCache
     from rayblora.trunk import first_adapted_layer, trunk_dtype
 
-    post, scorer = with_density, with_density.scorer
+    post, scorer, tiny_data = with_density, with_density.scorer, with_density.test_data
     plain = post.predict_dataset(tiny_data.test).distance
-    if first_adapted_layer(scorer.model) > 0:
-        cache = TrunkCache(scorer.fingerprint, first_adapted_layer(scorer.model), trunk_dtype(scorer.model),
-                           tmp_path / "cache", lambda _m: None)
-        scorer.use_trunk_cache(cache)
-        try:
+    assert first_adapted_layer(scorer.model) == 1
+    cache = TrunkCache(scorer.fingerprint, 1, trunk_dtype(scorer.model), tmp_path / "cache", lambda _m: None)
+    scorer.use_trunk_cache(cache)
+    try:
+        for _ in range(2):  # filling the cache, then reading it
             torch.testing.assert_close(post.predict_dataset(tiny_data.test).distance, plain, rtol=1e-5, atol=1e-5)
-        finally:
-            scorer.use_trunk_cache(None)
+        assert cache.hits > 0
+    finally:
+        scorer.use_trunk_cache(None)
     scorer.tail_only = False
     try:
         torch.testing.assert_close(post.predict_dataset(tiny_data.test).distance, plain, rtol=1e-5, atol=1e-5)
@@ -141,10 +152,9 @@ def test_trunk_cache_and_tail_leave_the_scores_unchanged(with_density, tiny_data
         scorer.tail_only = True
 
 
-def test_artifact_round_trip_and_old_artifacts(with_density, tiny_data, tiny_session_config, tmp_path):
-    post = with_density
-    path = save_posterior(post, tmp_path / "posterior", model_config=tiny_session_config.model,
-                          adapter_config=tiny_session_config.adapter)
+def test_artifact_round_trip_and_old_artifacts(with_density, tmp_path):
+    post, tiny_data, cfg = with_density, with_density.test_data, with_density.test_config
+    path = save_posterior(post, tmp_path / "posterior", model_config=cfg.model, adapter_config=cfg.adapter)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["density"]["file"] == "density.safetensors" and "density.safetensors" in manifest["files"]
     loaded = load_posterior(path, scorer=post.scorer)
@@ -180,3 +190,51 @@ def test_multiple_choice_density_reads_the_prompts_last_position(choice_files, t
     assert post.density.means.shape[1] == 1 and post.density.meta["position"] == "prompt_last"
     pred = post.predict_dataset(data.test)
     assert pred.distance.shape == (len(data.test),) and torch.isfinite(pred.log_density).all()
+
+
+def test_trained_artifact_reports_density_and_pooled_temperature_rows(sentiment_files, tmp_path):
+    """train (in process) fits the density at training end; evaluate reports its OOD AUROC per split, the
+    in-distribution rate, the histogram, and a `+T` row per family (one temperature after pooling)."""
+    from rayblora.config import load_config
+    from rayblora.workflows.evaluate import evaluate
+    from rayblora.workflows.train import train
+    from conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run", **{
+        "model.tiny_layers": "3", "adapter.layers": "[1,2]", "posterior.calibrate": "temperature",
+        "posterior.eval_methods": "[map, temperature, ensemble, laplace]", "laplace.fit_batches": "3",
+        "laplace.link_samples": "20"}))
+    logs = []
+    artifact = train(cfg, log=logs.append, in_process=True)
+    assert any(line.startswith("[density] fitted on") for line in logs)
+    report = evaluate(artifact, cfg, log=lambda _m: None)
+    assert set(report["methods"]) == {"map", "temperature", "ensemble", "laplace", "ensemble+T", "laplace+T"}
+    shift = next(iter(report["ood"]["ensemble"]))
+    assert 0.0 <= report["ood"]["ensemble"][shift]["auroc_density"] <= 1.0
+    assert {"auroc_density"} <= set(report["ood"]["ensemble+T"][shift]) & set(report["ood"]["laplace"][shift])
+    in_domain = next(iter(report["methods"]["ensemble"]))
+    assert 0.5 <= report["methods"]["ensemble"][in_domain]["in_distribution"] <= 1.0
+    assert report["methods"]["ensemble+T"][in_domain]["temperature"] > 0
+    assert (cfg.out_dir / "density.png").is_file()
+    assert "AUROC (density)" in (cfg.out_dir / "report.md").read_text()
+
+
+def test_fit_density_onto_an_artifact_without_one(sentiment_files, tmp_path, capsys):
+    """`rayblora fit --density` adds the density to an artifact trained without it (same family, lineage)."""
+    from rayblora.cli import main
+    from rayblora.config import load_config
+    from rayblora.workflows.train import train
+    from conftest import tiny_overrides
+
+    overrides = tiny_overrides(sentiment_files, tmp_path / "run", **{"posterior.members": "1", "train.steps": "4"})
+    artifact = train(load_config(None, [*overrides, "posterior.density=false"]), log=lambda _m: None,
+                     in_process=True)
+    assert load_posterior(artifact).density is None
+    argv = ["fit", "--posterior", str(artifact), "--density"]
+    assert main(argv + overrides) == 0
+    out = tmp_path / "run" / "posterior-density"
+    fitted = load_posterior(out)
+    assert fitted.method == "ensemble" and fitted.density is not None
+    assert json.loads((out / "manifest.json").read_text())["lineage"]["parent"]
+    assert main(argv + ["--method", "laplace", *overrides]) == 2
+    assert "fit: --density keeps the artifact's family" in capsys.readouterr().err

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from rayblora import predictive
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
+from rayblora.posteriors.baselines import fit_temperature
 from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
 from rayblora.workflows.members import trunk_cache_for
@@ -26,9 +28,40 @@ MEMBER_VIEWS = ("map", "ensemble", "temperature", "temperature_ensemble")
 """Rows computed from one pass of the members over a split (the temperature rows rescale it)."""
 
 
-def _split_result(pred: predictive.Predictive, labels, **fields) -> SplitResult:
+CALIBRATION_SPLIT = "_calibration"
+"""The name under which the `+T` rows' temperature fit sees the validation split (`posterior.calibrate:
+temperature`); never reported."""
+
+
+def _split_result(pred: predictive.Predictive, labels, density=None, extra=None, **fields) -> SplitResult:
+    """A report row; `density` (the posterior's FeatureDensity) adds the in-distribution rate to its metrics."""
+    distance = None if pred.distance is None else pred.distance.numpy()
+    if distance is not None and density is not None:
+        extra = {**(extra or {}), "in_distribution": float(pred.in_distribution.float().mean()),
+                 "density_threshold": density.threshold}
     return SplitResult(pred.probs.numpy(), np.asarray(labels), pred.entropy.numpy(),
-                       pred.mutual_information.numpy(), **fields)
+                       pred.mutual_information.numpy(), distance=distance, extra=extra, **fields)
+
+
+def pooled_temperature_rows(results: dict[str, dict[str, SplitResult]],
+                            calibration: dict[str, SplitResult]) -> dict[str, dict[str, SplitResult]]:
+    """Calibration after pooling (Ashukha et al., ICLR 2020, "Pitfalls of in-domain uncertainty estimation",
+    sec. 4): for each row with predictions on the calibration split, one temperature T fitted there to its
+    predictive p (the BMA, not the samples), and the row `<name>+T` with softmax(log p / T) on every split
+    (entropy recomputed; the posterior's mutual information and feature distance unchanged)."""
+    out = {}
+    for name, val in calibration.items():
+        temperature = fit_temperature(torch.from_numpy(np.log(np.clip(val.probs, 1e-30, None))).float(),
+                                      torch.as_tensor(val.labels))
+        out[f"{name}+T"] = {split: _tempered(r, temperature) for split, r in results[name].items()}
+    return out
+
+
+def _tempered(result: SplitResult, temperature: float) -> SplitResult:
+    logs = torch.from_numpy(np.where(result.probs > 0, np.log(np.clip(result.probs, 1e-30, None)), -np.inf))
+    probs = torch.softmax(logs / temperature, -1)
+    return SplitResult(probs.numpy(), result.labels, predictive.entropy(probs).numpy(), result.mutual_information,
+                       distance=result.distance, extra={**(result.extra or {}), "temperature": temperature})
 
 
 def member_disagreement(sample_probs) -> float:
@@ -39,16 +72,22 @@ def member_disagreement(sample_probs) -> float:
     return float(sum(pairs) / len(pairs)) if pairs else 0.0
 
 
-def member_view_results(pred: predictive.Predictive, labels, views, scaled=None) -> dict[str, SplitResult]:
+def member_view_results(pred: predictive.Predictive, labels, views, scaled=None,
+                        density=None) -> dict[str, SplitResult]:
     """The member views of one pass over the members: `map` = each member alone (reported as mean ± sd over
     members, plotted as member 0), `ensemble` = their average (with the members' pairwise disagreement), and
-    the fitted temperature posteriors in `scaled` (name -> posterior) applied to the same probabilities."""
-    out = {name: _split_result(post.rescale(pred.sample_probs), labels) for name, post in (scaled or {}).items()}
+    the fitted temperature posteriors in `scaled` (name -> posterior) applied to the same probabilities; every
+    row carries the pass's feature-density scores (where the members have a `density`)."""
+    def scored(p: predictive.Predictive) -> predictive.Predictive:
+        return p if pred.distance is None else p.with_density(pred.distance, pred.log_density, pred.in_distribution)
+
+    out = {name: _split_result(scored(post.rescale(pred.sample_probs)), labels, density)
+           for name, post in (scaled or {}).items()}
     if "map" in views:
         alone = predictive.from_sample_probs(pred.sample_probs[:1])
-        out["map"] = _split_result(alone, labels, member_probs=pred.sample_probs.numpy())
+        out["map"] = _split_result(scored(alone), labels, density, member_probs=pred.sample_probs.numpy())
     if "ensemble" in views:
-        out["ensemble"] = _split_result(pred, labels,
+        out["ensemble"] = _split_result(pred, labels, density,
                                         extra={"member_disagreement": member_disagreement(pred.sample_probs)})
     return out
 
@@ -112,19 +151,30 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     scaled = _temperature_views(full, member_views, data, cfg, timings)
     if member_views:
         built = {"members": full.view("ensemble"), **built}
+    if cfg.posterior.calibrate == "temperature":
+        splits = {**splits, CALIBRATION_SPLIT: data.validation}
     for name, ds in splits.items():
         for m, post in built.items():
             t0 = time.time()
             views = post.predict_dataset_views(ds, batch_size, _progress(log, f"{m} on {name}"))
             if m == "members":
-                views = member_view_results(views["ensemble"], ds["label"], member_views, scaled)
+                views = member_view_results(views["ensemble"], ds["label"], member_views, scaled, full.density)
             for view, pred in views.items():
                 if view in results:
-                    results[view][name] = pred if m == "members" else _split_result(pred, ds["label"])
+                    results[view][name] = pred if m == "members" else _split_result(pred, ds["label"],
+                                                                                     full.density)
             timings[f"predict:{m}"] = timings.get(f"predict:{m}", 0.0) + time.time() - t0
     if full.scorer.trunk_cache is not None:
         log(f"[evaluate] {full.scorer.trunk_cache.summary()}")
+    if cfg.posterior.calibrate == "temperature":
+        calibration = {m: results[m].pop(CALIBRATION_SPLIT) for m in methods if not _is_calibrated(m)}
+        results.update(pooled_temperature_rows(results, calibration))
     return results
+
+
+def _is_calibrated(method: str) -> bool:
+    """Rows that are a temperature already (the map row's is `temperature`): no `+T` row of their own."""
+    return method == "map" or method.startswith("temperature")
 
 
 def evaluate(artifact: str | Path, cfg: Config, out_dir: str | Path | None = None,
