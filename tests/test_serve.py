@@ -39,9 +39,9 @@ class SlowPosterior:
     def __getattr__(self, name):
         return getattr(self._posterior, name)
 
-    def predict_batch(self, batch):
+    def predict_scored(self, batch):
         time.sleep(SLOW_FORWARD_S)
-        return self._posterior.predict_batch(batch)
+        return self._posterior.predict_scored(batch)
 
     def generate(self, prompts, settings):
         time.sleep(SLOW_FORWARD_S)
@@ -62,12 +62,12 @@ class DyingPosterior(SlowPosterior):
         super().__init__(posterior)
         self._flag = flag
 
-    def predict_batch(self, batch):
+    def predict_scored(self, batch):
         if os.path.exists(self._flag):
             os.remove(self._flag)
             os._exit(1)
         time.sleep(0.2)
-        return self._posterior.predict_batch(batch)
+        return self._posterior.predict_scored(batch)
 
 
 def dying_loader(path, scorer=None, flag: str = ""):
@@ -83,9 +83,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def posteriors(trained_members, tiny_session_config, tmp_path_factory):
+def posteriors(trained_members, tiny_session_config, tiny_data, tmp_path_factory):
     """name -> (in-memory posterior, artifact dir): a K=2 and a K=1 ensemble and two 3-way multiple-choice ones
-    (scored by letter and by option likelihood).
+    (scored by letter and by option likelihood), and the K=2 ensemble with a feature density ("dens").
 
     The scorers read 128 tokens so that the whole review reaches the model (predictions differ per text)."""
     from rayblora.artifact import save_posterior
@@ -99,7 +99,9 @@ def posteriors(trained_members, tiny_session_config, tmp_path_factory):
     choice = build_scorer(cfg.model, cfg.adapter, multiple_choice_spec(3, "letter"), 128)
     likelihood = build_scorer(cfg.model, cfg.adapter, multiple_choice_spec(3), 128)
     made = {"ens": EnsemblePosterior(text, states, infos), "solo": EnsemblePosterior(text, states[1:], infos[1:]),
-            "mc": EnsemblePosterior(choice, states, infos), "mcl": EnsemblePosterior(likelihood, states, infos)}
+            "mc": EnsemblePosterior(choice, states, infos), "mcl": EnsemblePosterior(likelihood, states, infos),
+            "dens": EnsemblePosterior(text, states, infos)}
+    made["dens"].fit_density(tiny_data.train, tiny_data.validation)
     return {name: (post, save_posterior(post, root / name, model_config=cfg.model, adapter_config=cfg.adapter))
             for name, post in made.items()}
 
@@ -218,6 +220,33 @@ def test_abstain_flag_follows_threshold(server, client):
     assert all(row["abstained"] for row in everything["predictions"])
 
 
+def test_far_text_is_flagged_and_a_review_is_not(server, client, posteriors):
+    """The feature density over real HTTP: a served posterior with one returns distance, log-density and
+    in_distribution per input, as the in-process predictive does; far text is outside, a review inside; the
+    density may abstain; a posterior without one answers null and refuses the density as abstain score (422)."""
+    from test_density import FAR_TEXT
+
+    inputs = [{"text": TEXTS[0]}, {"text": FAR_TEXT}]
+    r = predict(client, server["main"], {"posterior": "dens", "inputs": inputs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    review, far = body["predictions"]
+    assert review["in_distribution"] is True and far["in_distribution"] is False
+    assert far["distance"] > body["density_threshold"] >= review["distance"]
+    post = posteriors["dens"][0]
+    expected = post.predict(prompts_of(post, [TEXTS[0], FAR_TEXT]))
+    assert [row["distance"] for row in body["predictions"]] == pytest.approx(expected.distance.tolist(), rel=1e-5)
+    assert [row["log_density"] for row in body["predictions"]] == pytest.approx(expected.log_density.tolist(),
+                                                                                rel=1e-5)
+    abstaining = predict(client, server["main"], {"posterior": "dens", "inputs": inputs,
+                                                  "abstain_score": "density"}).json()
+    assert [row["abstained"] for row in abstaining["predictions"]] == [False, True]
+    plain = predict(client, server["main"], {"posterior": "ens", "inputs": inputs}).json()
+    assert plain["density_threshold"] is None and plain["predictions"][1]["in_distribution"] is None
+    refused = predict(client, server["main"], {"posterior": "ens", "inputs": inputs, "abstain_score": "either"})
+    assert refused.status_code == 422 and "abstain_score" in refused.text
+
+
 def test_multiple_choice_posterior(server, client, posteriors):
     post = posteriors["mc"][0]
     from rayblora.data.formats import format_multiple_choice
@@ -251,14 +280,14 @@ def test_option_likelihood_posterior_equals_posterior_predict_on_ragged_rows(ser
 
 
 def test_posteriors_are_multiplexed_with_an_lru_bound(server, client, posteriors):
-    """Four posteriors, at most two resident: after using ens, solo, mc the least recent (ens) is unloaded."""
+    """Five posteriors, at most two resident: after using ens, solo, mc the least recent (ens) is unloaded."""
     for name in ("ens", "solo", "mc"):
         body = {"inputs": [QUESTION if name == "mc" else {"text": TEXTS[0]}]}
         r = predict(client, server["main"], body, headers={"serve_multiplexed_model_id": name})
         assert r.status_code == 200 and r.json()["posterior"] == name, r.text
     listing = client.get(f"{server['main']}/v1/posteriors").json()
     rows = {row["name"]: row for row in listing["posteriors"]}
-    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc", "mcl", "broken"}
+    assert listing["default"] == "ens" and set(rows) == {"ens", "solo", "mc", "mcl", "dens", "broken"}
     assert [rows[n]["loaded"] for n in ("ens", "solo", "mc")] == [False, True, True]
     assert (rows["solo"]["samples"], rows["mc"]["task"], rows["mc"]["labels"]) == (1, "multiple_choice",
                                                                                    ["A", "B", "C"])
@@ -388,6 +417,8 @@ def test_openapi_and_docs(server, client):
     spec = client.get(f"{server['main']}/openapi.json").json()
     assert {"/v1/predict", "/v1/posteriors", "/healthz"} <= set(spec["paths"])
     assert spec["components"]["schemas"]["PredictRequest"]["additionalProperties"] is False
+    assert {"distance", "log_density", "in_distribution"} <= set(
+        spec["components"]["schemas"]["InputPrediction"]["properties"])
     assert client.get(f"{server['main']}/docs").status_code == 200
 
 

@@ -32,7 +32,7 @@ from rayblora.manifest import ArtifactError
 from rayblora.predictive import Predictive
 from rayblora.serve.api import make_api
 from rayblora.serve.engine import (InputError, Job, LoadedPosterior, Loader, PosteriorPool, UnknownPosterior,
-                                   count_inputs, predict_jobs, predictions)
+                                   check_abstain_score, count_inputs, predict_jobs, predictions)
 from rayblora.serve.generate import Generating
 from rayblora.serve.schemas import generate_request_model, request_model
 
@@ -86,14 +86,16 @@ class PosteriorServer:
         body = self._bodies["predict"].model_validate(fields)
         loaded = await self._loaded(body.posterior)
         job = loaded.rows(body.inputs, self.config.max_tokens_per_input)
+        check_abstain_score(loaded.posterior, body.abstain_score)
         pred = await self._predict_batched(job)
         num_choices = job.num_choices
         threshold = self.config.abstain_threshold if body.abstain_threshold is None else body.abstain_threshold
-        entry = loaded.entry
+        entry, density = loaded.entry, loaded.posterior.density
         return {"posterior": entry.name, "method": entry.method, "version": entry.version,
                 "created": entry.created, "samples": loaded.posterior.num_samples,
-                "abstain_threshold": threshold,
-                "predictions": predictions(loaded.spec, pred, num_choices, threshold)}
+                "abstain_threshold": threshold, "abstain_score": body.abstain_score,
+                "density_threshold": None if density is None else density.threshold,
+                "predictions": predictions(loaded.spec, pred, num_choices, threshold, body.abstain_score)}
 
     async def generate(self, fields: dict[str, Any]) -> dict[str, Any]:
         """The POST /v1/generate answer for a validated body (the fields of a `schemas.generate_request_model`)."""

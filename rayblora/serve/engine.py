@@ -247,16 +247,32 @@ def predict_jobs(jobs: Sequence[Job]) -> list[Predictive]:
     return out  # type: ignore[return-value]
 
 
-def predictions(spec: TaskSpec, pred: Predictive, num_choices: Sequence[int], threshold: float) -> list[dict]:
-    """Per-input response rows: label name, probabilities over the input's own options, uncertainty, abstain."""
+def check_abstain_score(posterior, abstain_score: str) -> None:
+    """InputError (422) for an `abstain_score` that needs a feature density the posterior does not carry."""
+    if abstain_score != "confidence" and posterior.density is None:
+        raise InputError([("abstain_score", f"{abstain_score!r} needs a posterior with a feature density; this one "
+                                            "has none (add one with `rayblora fit --density`)")])
+
+
+def predictions(spec: TaskSpec, pred: Predictive, num_choices: Sequence[int], threshold: float,
+                abstain_score: str = "confidence") -> list[dict]:
+    """Per-input response rows: label name, probabilities over the input's own options, uncertainty, the feature
+    density's scores (None without one), and whether `abstain_score` abstains (see `PREDICT_ABSTAIN_SCORES`)."""
     rows = []
     for i, n in enumerate(num_choices):
         probs = pred.probs[i, :n]
         index = int(probs.argmax())
         confidence = float(probs[index])
+        scored = pred.distance is not None
+        outside = scored and not bool(pred.in_distribution[i])
+        unsure = confidence < threshold
+        abstained = {"confidence": unsure, "density": outside, "either": unsure or outside}[abstain_score]
         rows.append({"label": spec.label_names[index], "label_index": index, "probs": probs.tolist(),
                      "confidence": confidence, "entropy": float(pred.entropy[i]),
                      "aleatoric": float(pred.aleatoric[i]),
                      "mutual_information": float(pred.mutual_information[i]),
-                     "abstained": confidence < threshold})
+                     "distance": float(pred.distance[i]) if scored else None,
+                     "log_density": float(pred.log_density[i]) if scored else None,
+                     "in_distribution": not outside if scored else None,
+                     "abstained": abstained})
     return rows

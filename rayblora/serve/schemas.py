@@ -26,6 +26,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """Posterior names: letters, digits, '.', '_', '-'; at most 64 characters."""
 BMA_SCORES = tuple(sequence_scores([], [], [], []))
 """Sequence scores of a BMA answer (:func:`rayblora.generation.decode.sequence_scores`); higher = less certain."""
+PREDICT_ABSTAIN_SCORES = ("confidence", "density", "either")
+"""What a prediction may abstain on: its confidence, its feature density, or either of them."""
 PER_STATE_SCORES = ("group_entropy",)
 """Per-state scores an abstain threshold may apply to (entropy over the states' answer groups)."""
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 32
@@ -75,7 +77,12 @@ def request_model(cfg: ServeConfig) -> type[BaseModel]:
                 Field(description="texts to classify or multiple-choice questions")),
         abstain_threshold=(Optional[Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]],
                            Field(None, description="abstain when confidence is below this "
-                                                   f"(default {cfg.abstain_threshold})")))
+                                                   f"(default {cfg.abstain_threshold})")),
+        abstain_score=(Literal[PREDICT_ABSTAIN_SCORES],
+                       Field("confidence", description='what abstains: "confidence" (below the threshold), '
+                                                       '"density" (the input lies outside the training features: '
+                                                       '`in_distribution` false; needs a posterior with a feature '
+                                                       'density) or "either"')))
 
 
 def _text(cfg: ServeConfig):
@@ -173,7 +180,15 @@ class InputPrediction(BaseModel):
     entropy: float = Field(description="total predictive entropy = aleatoric + mutual_information")
     aleatoric: float = Field(description="expected entropy of the samples")
     mutual_information: float = Field(description="epistemic part: total minus expected entropy")
-    abstained: bool = Field(description="confidence is below the abstain threshold")
+    distance: Optional[float] = Field(None, description="Mahalanobis distance of the input's features to the "
+                                                        "training features (null without a feature density)")
+    log_density: Optional[float] = Field(None, description="log-density of the input's features under the "
+                                                           "training features' Gaussian (null without one)")
+    in_distribution: Optional[bool] = Field(None, description="distance within the threshold that keeps "
+                                                              "`density_quantile` of validation rows (null without "
+                                                              "a feature density)")
+    abstained: bool = Field(description="the request's `abstain_score` says so: confidence below the abstain "
+                                        "threshold, or (density) the input outside the training features")
 
 
 class PredictResponse(BaseModel):
@@ -186,6 +201,9 @@ class PredictResponse(BaseModel):
     created: str = Field(description="creation time stamp of the artifact")
     samples: int = Field(description="parameter samples averaged per prediction")
     abstain_threshold: float
+    abstain_score: Literal[PREDICT_ABSTAIN_SCORES]
+    density_threshold: Optional[float] = Field(None, description="the distance up to which an input is "
+                                                                 "`in_distribution` (null without a density)")
     predictions: list[InputPrediction]
 
 
