@@ -20,7 +20,13 @@ markdown tables for benchmarks/RESULTS.md.
     {"meta": {...}, "tasks": {TASK: {"seeds": S, "n_test": {SPLIT: n}, "methods": {METHOD: {SPLIT: {"accuracy",
      "nll", "ece", ..., "delta_vs_map": {"accuracy": [lo, hi], "nll": [lo, hi], "ece": [lo, hi]}}}},
      "far_ood_auroc_mi": {METHOD: x}, "reject10_error_cut": {METHOD: {SPLIT: x}},
+     "far_ood_auroc" / "shift_auroc": {METHOD: {SPLIT | "mean": {"entropy", "mi", "density"}}},
+     "reject10_by_score": {METHOD: {"entropy", "mi", "density"}},
      "vs_temperature": {SPLIT: {"best": METHOD, "families": {METHOD: {"delta", "lo", "hi"}}}}, "targets": {...}}}}
+
+With `posterior.calibrate` the rows recalibrated after pooling (`+T`, `+DT`) are Bayesian rows like the others;
+with `posterior.density` every row carries the feature distance, and the OOD AUROCs and rejection cuts are given
+per score (entropy, MI, density).
 
 `vs_temperature` is ΔNLL = family − temperature-scaled map (one temperature on member 0's probabilities, fitted
 on the validation split) with its paired-bootstrap interval, for every Bayesian row; "best" is the row of lowest
@@ -37,20 +43,22 @@ from pathlib import Path
 import numpy as np
 
 from record import BenchmarkRecord
-from rayblora.artifact import load_posterior
+from rayblora.artifact import load_posterior, read_manifest
 from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
 from rayblora.config import Config, load_config
 from rayblora.data.sources import split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.manifest import write_json_atomic
-from rayblora.metrics import ood_auroc
+from rayblora.metrics import ood_auroc, rejection_error_reduction
 from rayblora.posteriors import get_posterior_class
 from rayblora.report import SplitResult, split_metrics
 from rayblora.workflows.evaluate import evaluate_methods, member_view_results
 from rayblora.workflows.members import config_digest, early_stopped_adapters, trunk_cache_for
 from rayblora.workflows.train import train
 
-FIELDS = ("probs", "labels", "entropy", "mutual_information", "member_probs")
+FIELDS = ("probs", "labels", "entropy", "mutual_information", "member_probs", "distance")
+SCORES = {"entropy": lambda r: r.entropy, "mi": lambda r: r.mutual_information, "density": lambda r: r.distance}
+"""The per-input uncertainty scores compared for OOD detection and rejection (density: the feature distance)."""
 TABLE = (("accuracy", "ACC"), ("nll", "NLL"), ("ece", "ECE"), ("ece_em", "ECE-EM"), ("brier", "Brier"),
          ("aurc", "AURC"), ("reject10", "Rej10"))
 BAYESIAN = ("ensemble", "multiswag", "laplace")
@@ -115,7 +123,9 @@ def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, Split
         results.update(early_stopped_rows(artifact, cfg))
     eval_s = time.time() - t0 - train_s
     log(f"seed done: training {train_s:.0f} s, evaluation {eval_s:.0f} s")
-    return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()}}
+    density = read_manifest(artifact).get("density", {})
+    return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()},
+                     **({"fit:density": density["seconds"]} if "seconds" in density else {})}
 
 
 def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
@@ -205,6 +215,31 @@ def far_ood_aurocs(per_seed: list[dict], in_domain: str, far: list[str], methods
                               for seed in per_seed for f in far])) for m in methods if far}
 
 
+def score_aurocs(per_seed: list[dict], in_domain: str, others: list[str], methods: list[str]) -> dict[str, dict]:
+    """Seed-mean AUROC of each score (entropy, MI, density) separating in-domain rows from each split of `others`
+    (positive), per method: {METHOD: {SPLIT: {SCORE: x}, "mean": {SCORE: x over the splits}}}; a score a row
+    lacks (density without a feature density) is left out."""
+    out = {}
+    for m in methods:
+        rows = {}
+        for split in others:
+            rows[split] = {name: float(np.mean([ood_auroc(score(seed[m][in_domain]), score(seed[m][split]))
+                                                for seed in per_seed]))
+                           for name, score in SCORES.items() if score(per_seed[0][m][in_domain]) is not None}
+        rows["mean"] = {name: float(np.mean([rows[s][name] for s in others])) for name in rows[others[0]]}
+        out[m] = rows
+    return out
+
+
+def reject10_by_score(per_seed: list[dict], in_domain: str, methods: list[str]) -> dict[str, dict[str, float]]:
+    """Seed-mean in-domain error reduction when the 10 % of rows highest by each score are rejected (the
+    `+DT` rows' entropy is the combination of entropy and feature distance that calibration fitted)."""
+    return {m: {name: float(np.mean([rejection_error_reduction(seed[m][in_domain].probs, seed[m][in_domain].labels,
+                                                               score(seed[m][in_domain]), 0.1) for seed in per_seed]))
+                for name, score in SCORES.items() if score(per_seed[0][m][in_domain]) is not None}
+            for m in methods if per_seed[0][m][in_domain].member_probs is None}
+
+
 def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
     """The issue's pass/fail checks, computed from the tables (not asserted: a benchmark reports)."""
     table, out = task["methods"], {}
@@ -233,6 +268,27 @@ def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
     out["vs_temperature_pass"] = in_domain_won and wins >= min(2, len(shifts))
     out["far_ood_auroc_mi_max"] = max(task["far_ood_auroc_mi"].values(), default=float("nan"))
     out["reject10_error_cut_max"] = max(v[in_domain] for v in task["reject10_error_cut"].values())
+    out.update(density_targets(task))
+    return out
+
+
+def density_targets(task: dict) -> dict[str, object]:
+    """Issue 34's checks: far-OOD AUROC by density ≥ 0.98 on each far-OOD set, its shift AUROC ≥ 0.85 averaged
+    over the shift splits (the best row of each), and the best in-domain reject-10 % cut ≥ 0.30 over every row
+    and score."""
+    out: dict[str, object] = {}
+    dens = {m: v for m, v in task["far_ood_auroc"].items() if "density" in v.get("mean", {})}
+    if dens:
+        best = max(dens, key=lambda m: dens[m]["mean"]["density"])
+        each = {s: v["density"] for s, v in dens[best].items() if s != "mean"}
+        out["far_ood_density"] = {"row": best, **each, "pass": all(v >= 0.98 for v in each.values())}
+    shift = {m: v["mean"]["density"] for m, v in task["shift_auroc"].items() if "density" in v.get("mean", {})}
+    if shift:
+        best = max(shift, key=shift.get)
+        out["shift_density"] = {"row": best, "mean": shift[best], "pass": shift[best] >= 0.85}
+    cuts = [(v, m, score) for m, scores in task["reject10_by_score"].items() for score, v in scores.items()]
+    value, row, score = max(cuts)
+    out["reject10_best"] = {"row": row, "score": score, "cut": value, "pass": value >= 0.30}
     return out
 
 
@@ -265,6 +321,10 @@ def aggregate(per_seed: list[dict], cfg: Config, n_boot: int) -> tuple[dict, dic
     task = {"seeds": len(per_seed), "n_test": {s: int(len(per_seed[0]["map"][s].labels)) for s in [*splits, *far]},
             "methods": {m: {s: tables[s][m] for s in splits} for m in methods},
             "far_ood_auroc_mi": far_ood_aurocs(per_seed, in_domain, far, methods),
+            "far_ood_auroc": score_aurocs(per_seed, in_domain, far, methods) if far else {},
+            "shift_auroc": score_aurocs(per_seed, in_domain, [s for s in splits if s != in_domain], methods)
+            if len(splits) > 1 else {},
+            "reject10_by_score": reject10_by_score(per_seed, in_domain, methods),
             "reject10_error_cut": {m: {s: tables[s][m]["reject10"] for s in splits} for m in methods},
             "vs_temperature": vs_temperature(per_seed, splits, n_boot)}
     task["targets"] = targets(task, in_domain, [s for s in splits if s != in_domain])
@@ -291,11 +351,30 @@ def markdown(task_name: str, task: dict) -> str:
             f"{m} {d['delta']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" for m, d in row["families"].items())
             + f" (best: {row['best']})")
     lines.append("")
-    if task["far_ood_auroc_mi"]:
-        lines += ["Far-OOD AUROC (MI): " + ", ".join(f"{m} {v:.3f}" for m, v in task["far_ood_auroc_mi"].items()), ""]
+    for title, key in (("Far-OOD", "far_ood_auroc"), ("Shift", "shift_auroc")):
+        lines += auroc_table(title, task.get(key, {}))
+    if task.get("reject10_by_score"):
+        lines += ["In-domain error cut when rejecting the 10 % highest by each score:", "",
+                  "| Method | entropy | MI | density |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | " + " | ".join(f"{v[s]:.3f}" if s in v else "n/a" for s in SCORES) + " |"
+                  for m, v in task["reject10_by_score"].items()]
+        lines.append("")
     for run, phases in task.get("seconds_per_seed", {}).items():
         lines += [f"Seconds per seed ({run} run): " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()), ""]
     return "\n".join(lines)
+
+
+def auroc_table(title: str, aurocs: dict[str, dict]) -> list[str]:
+    """Markdown rows: per method, each split's AUROC by entropy / MI / density."""
+    if not aurocs:
+        return []
+    splits = [s for s in next(iter(aurocs.values())) if s != "mean"] + ["mean"]
+    lines = [f"{title} AUROC (seed mean; entropy / MI / density):", "",
+             "| Method | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for m, rows in aurocs.items():
+        lines.append(f"| {m} | " + " | ".join(" / ".join(f"{rows[s][k]:.3f}" if k in rows[s] else "–"
+                                                          for k in SCORES) for s in splits) + " |")
+    return lines + [""]
 
 
 def write_figures(json_path: Path, task_name: str, deltas: dict, per_seed: list[dict], in_domain: str) -> None:

@@ -201,20 +201,22 @@ def test_trained_artifact_reports_density_and_pooled_temperature_rows(sentiment_
     from conftest import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run", **{
-        "model.tiny_layers": "3", "adapter.layers": "[1,2]", "posterior.calibrate": "temperature",
+        "model.tiny_layers": "3", "adapter.layers": "[1,2]", "posterior.calibrate": "[temperature, distance_temperature]",
         "posterior.eval_methods": "[map, temperature, ensemble, laplace]", "laplace.fit_batches": "3",
         "laplace.link_samples": "20"}))
     logs = []
     artifact = train(cfg, log=logs.append, in_process=True)
     assert any(line.startswith("[density] fitted on") for line in logs)
     report = evaluate(artifact, cfg, log=lambda _m: None)
-    assert set(report["methods"]) == {"map", "temperature", "ensemble", "laplace", "ensemble+T", "laplace+T"}
+    assert set(report["methods"]) == {"map", "temperature", "ensemble", "laplace", "ensemble+T", "laplace+T",
+                                      "ensemble+DT", "laplace+DT"}
     shift = next(iter(report["ood"]["ensemble"]))
     assert 0.0 <= report["ood"]["ensemble"][shift]["auroc_density"] <= 1.0
     assert {"auroc_density"} <= set(report["ood"]["ensemble+T"][shift]) & set(report["ood"]["laplace"][shift])
     in_domain = next(iter(report["methods"]["ensemble"]))
     assert 0.5 <= report["methods"]["ensemble"][in_domain]["in_distribution"] <= 1.0
     assert report["methods"]["ensemble+T"][in_domain]["temperature"] > 0
+    assert report["methods"]["laplace+DT"][in_domain]["distance_slope"] >= 0
     assert (cfg.out_dir / "density.png").is_file()
     assert "AUROC (density)" in (cfg.out_dir / "report.md").read_text()
 

@@ -189,6 +189,10 @@ class TrainConfig:
         check(not self.offload_params or self.zero_stage == 3, "train.offload_params", "needs train.zero_stage 3")
 
 
+CALIBRATIONS = ("temperature", "distance_temperature")
+"""Calibrations after pooling that evaluation can add as rows (`posterior.calibrate`)."""
+
+
 @dataclass(frozen=True)
 class PosteriorConfig:
     method: str = "ensemble"
@@ -210,15 +214,18 @@ class PosteriorConfig:
     every prediction then carries a Mahalanobis distance, a log-density and an `in_distribution` flag."""
     density_quantile: float = 0.99
     """The fraction of validation rows the in-distribution threshold keeps (its distance quantile)."""
-    calibrate: str = "none"
-    """"temperature": evaluation adds, for every row, that row recalibrated after pooling (one temperature
-    fitted to its predictive on the validation split: `ensemble+T`, `laplace+T`, ...); "none": no such rows."""
+    calibrate: tuple[str, ...] = ()
+    """Rows evaluation adds for every family, each recalibrated after pooling on the validation split:
+    "temperature" (one temperature fitted to its predictive: `ensemble+T`, `laplace+T`, ...) and
+    "distance_temperature" (a temperature that grows with the feature-density distance, T·sqrt(1 + λ (d/τ)²),
+    both fitted: `ensemble+DT`, ...; needs `posterior.density`)."""
 
     def __post_init__(self) -> None:
         known = available_methods()
         one_of(self.method, known, "posterior.method")
         one_of(self.member_adapter, ("final", "best"), "posterior.member_adapter")
-        one_of(self.calibrate, ("none", "temperature"), "posterior.calibrate")
+        for kind in self.calibrate:
+            one_of(kind, CALIBRATIONS, "posterior.calibrate")
         check(0.0 < self.density_quantile <= 1.0, "posterior.density_quantile", "must be in (0, 1]")
         for m in self.eval_methods:
             one_of(m, known, "posterior.eval_methods")

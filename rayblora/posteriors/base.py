@@ -109,14 +109,19 @@ class Posterior(ABC):
         return {}
 
     def view(self, method: str, data=None, config=None) -> "Posterior":
-        """This posterior seen as the registered family `method` (e.g. "map" of an ensemble): itself when
-        `method` is its own, else built from its members; families that carry more (SWAG moments) override."""
+        """This posterior seen as the registered family `method` (e.g. "map" of an ensemble), carrying its feature
+        density; families that carry more than their members (SWAG moments) say how in :meth:`_view`."""
+        view = self._view(method, data=data, config=config)
+        if view is not self:
+            view.density = self.density
+        return view
+
+    def _view(self, method: str, data=None, config=None) -> "Posterior":
+        """The view of :meth:`view`: itself when `method` is its own, else built from its members."""
         if method == self.method:
             return self
-        view = get_posterior_class(method).build(self.scorer, self.members, self.member_info, data=data,
+        return get_posterior_class(method).build(self.scorer, self.members, self.member_info, data=data,
                                                  config=config)
-        view.density = self.density
-        return view
 
     # --- prediction ---------------------------------------------------------------------------------
     @property

@@ -253,7 +253,7 @@ class BlobPosterior(SampledStatesPosterior):
         return {"a_keys": sorted(self.stds[0]), "samples": self.samples, "seed": self.seed,
                 "mean_std": [float(torch.cat([v.reshape(-1) for v in s.values()]).mean()) for s in self.stds]}
 
-    def view(self, method: str, data=None, config=None) -> Posterior:
+    def _view(self, method: str, data=None, config=None) -> Posterior:
         """The other BLoB variant from the same Ω; any other family from the members (A = M)."""
         if method == self.method:
             return self
@@ -261,7 +261,7 @@ class BlobPosterior(SampledStatesPosterior):
             swag = config.swag if config is not None else SwagConfig(samples=self.samples, sample_seed=self.seed)
             cls = BlobMeanPosterior if method == "blob_mean" else BlobPosterior
             return cls(self.scorer, self.members, self.member_info, self.stds, swag.samples, swag.sample_seed)
-        return super().view(method, data=data, config=config)
+        return super()._view(method, data=data, config=config)
 
 
 class BlobMeanPosterior(BlobPosterior):

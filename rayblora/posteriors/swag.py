@@ -321,7 +321,7 @@ class SwagFamily(SampledStatesPosterior):
                 "samples": self.sampling.samples, "scale": self.sampling.scale,
                 "sample_seed": self.sampling.seed}
 
-    def view(self, method: str, data=None, config=None) -> Posterior:
+    def _view(self, method: str, data=None, config=None) -> Posterior:
         """Another SWAG family from the same moments; any other family from the final iterates (the MAPs)."""
         cls = get_posterior_class(method)
         if method == self.method:

@@ -150,7 +150,7 @@ class HybridVIPosterior(Posterior):
                 "layers": list(self.layers), "samples": self.hybrid.samples, "sample_seed": self.hybrid.sample_seed,
                 "mean_std": [float(g.std.mean()) for g in self.gaussians]}
 
-    def view(self, method: str, data=None, config=None) -> Posterior:
+    def _view(self, method: str, data=None, config=None) -> Posterior:
         """`map` / `ensemble`: the posterior mean of member 0 / of every member (hybrid parts included);
         other families: built from the members' LoRA means alone (no prefix / bottleneck)."""
         if method == self.method:
@@ -159,7 +159,7 @@ class HybridVIPosterior(Posterior):
             keep = 1 if method == "map" else len(self.members)
             return HybridVIPosterior(self.scorer, self.members[:keep], self.member_info[:keep],
                                      self.gaussians[:keep], self.hybrid, self.layers, mean_only=True)
-        return super().view(method, data=data, config=config)
+        return super()._view(method, data=data, config=config)
 
     generative = False
     feature_density = False  # its prefix / bottleneck modules change the features the members' LoRA forward reads
