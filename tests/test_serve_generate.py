@@ -64,15 +64,16 @@ class LocalService:
 
 @pytest.fixture(scope="module")
 def artifacts(trained_members, tiny_data, tiny_session_config, tmp_path_factory):
-    """name -> (in-memory posterior, artifact dir): a K=2 ensemble (the default) and its temperature-scaled
-    view, a family without a generative form."""
+    """name -> (in-memory posterior, artifact dir): a K=2 ensemble (the default), its temperature-scaled
+    view, a family without a generative form, and the ensemble with a feature density."""
     from rayblora.artifact import save_posterior
     from rayblora.registry import get_posterior_class
 
     scorer, states, infos = trained_members
     cfg, root = tiny_session_config, tmp_path_factory.mktemp("generate-artifacts")
     made = {name: get_posterior_class(method).build(scorer, states, infos, data=tiny_data, config=cfg)
-            for name, method in (("ens", "ensemble"), ("temp", "temperature"))}
+            for name, method in (("ens", "ensemble"), ("temp", "temperature"), ("dens", "ensemble"))}
+    made["dens"].fit_density(tiny_data.train, tiny_data.validation)
     return {name: (post, save_posterior(post, root / name, model_config=cfg.model, adapter_config=cfg.adapter))
             for name, post in made.items()}
 
@@ -174,6 +175,27 @@ def test_abstain_flag_follows_the_threshold(client):
     groups, rows = flags(mode="per_state", abstain_threshold=0.0, abstain_score="group_entropy")
     assert groups == [row["scores"]["group_entropy"] > 0 for row in rows]
     assert all(len(row["samples"]) == 2 for row in rows)
+
+
+def test_generations_carry_the_prompts_feature_density(client, artifacts):
+    from test_density import FAR_TEXT
+
+    body = {"posterior": "dens", "prompts": [PROMPTS[0], FAR_TEXT], "max_new_tokens": 2, "stop": []}
+    rows = client.post("/v1/generate", json=body).json()["generations"]
+    distances = [row["scores"]["feature_distance"] for row in rows]
+    post = artifacts["dens"][0]
+    expected = post.generate(body["prompts"], DecodingSettings(max_new_tokens=2, stop=()))
+    assert distances == pytest.approx([a.scores["feature_distance"] for a in expected], rel=1e-5)
+    assert [row["in_distribution"] for row in rows] == [True, False]
+    cut = sum(distances) / 2
+    flagged = client.post("/v1/generate", json={**body, "abstain_threshold": cut,
+                                                "abstain_score": "feature_distance"}).json()["generations"]
+    assert [row["abstained"] for row in flagged] == [False, True]
+    plain = client.post("/v1/generate", json={**body, "posterior": "ens"}).json()["generations"]
+    assert plain[0]["in_distribution"] is None and "feature_distance" not in plain[0]["scores"]
+    refused = client.post("/v1/generate", json={**body, "posterior": "ens", "abstain_threshold": 1.0,
+                                                "abstain_score": "feature_distance"})
+    assert refused.status_code == 422 and refused.json()["fields"][0]["field"] == "abstain_score"
 
 
 BAD_REQUESTS = [

@@ -18,12 +18,16 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
-from rayblora import assets
+from rayblora import assets, qa_benchmarks
 from rayblora.config import DataConfig
 from rayblora.data.formats import (DataError, TaskSpec, classification_spec, generation_spec, multiple_choice_spec,
                                    rows_to_examples)
 
 BUILTIN_TASKS = ("movie", "tweets", "amazon", "nyt")
+QA_TASKS = tuple(qa_benchmarks.TASKS)
+"""The seed papers' benchmarks (OpenBookQA, ARC, WinoGrande, BoolQ, MMLU chemistry / physics, TriviaQA, NQ-open):
+`rayblora assets fetch --tasks ...`; their test rows come from the data set's evaluation rows, their training and
+validation rows from its training rows (:mod:`rayblora.qa_benchmarks`)."""
 FAR_OOD_TASKS = ("newsgroups", "reuters")
 USER_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -57,7 +61,7 @@ def bootstrap_rows(dataset, seed: int):
 
 def split_name(task: str) -> str:
     """Short name of a task for reports: the built-in name or the file stem."""
-    return task if task in BUILTIN_TASKS + FAR_OOD_TASKS else Path(task).stem
+    return task if task in BUILTIN_TASKS + QA_TASKS + FAR_OOD_TASKS else Path(task).stem
 
 
 def _far_ood_rows(task: str) -> list[dict[str, Any]]:
@@ -117,9 +121,11 @@ def read_rows(task: str) -> list[dict[str, Any]]:
     """Raw rows of a built-in task or a user file/folder (raises DataError naming the file)."""
     if task in BUILTIN_TASKS:
         return _builtin_rows(task)
+    if task in QA_TASKS:
+        return qa_benchmarks.read_task(task)
     path = Path(task)
     if not path.exists():
-        raise DataError(f"data.task: {task!r} is neither a built-in task {list(BUILTIN_TASKS)} "
+        raise DataError(f"data.task: {task!r} is neither a built-in task {list(BUILTIN_TASKS + QA_TASKS)} "
                         "nor an existing file or folder")
     rows = _read_user_rows(path)
     if not rows:
@@ -194,8 +200,24 @@ def _task_splits(task: str, cfg: DataConfig, sizes: tuple[int, ...], spec: TaskS
                         f"{list(spec.choices)}; a {role} must share the labels")
     spec = spec or own
     examples = rows_to_examples(rows, spec, task)
-    blocks = _split_indices(len(examples), sizes, cfg.seed, task, limits)
+    blocks = _official_split_indices(rows, sizes, cfg.seed, task, limits)
     return spec, [[examples[i] for i in idx] for idx in blocks], [_row_ids(task, idx) for idx in blocks]
+
+
+def _official_split_indices(rows: list[dict[str, Any]], sizes: tuple[int, ...], seed: int, source: str,
+                            limits: tuple[int | None, ...] = ()) -> list[np.ndarray]:
+    """:func:`_split_indices` respecting a data set's own split where its rows carry one (`split` "train" /
+    "eval", :mod:`rayblora.qa_benchmarks`): the first block (the test rows) from the "eval" rows, the others
+    (validation, training) from the "train" rows, each by its own seeded permutation; rows without a training
+    part are split as any file is."""
+    where = np.array([r.get("split") for r in rows], dtype=object)
+    if not (where == "train").any():
+        return _split_indices(len(rows), sizes, seed, source, limits)
+    pools = (np.flatnonzero(where == "eval"), np.flatnonzero(where == "train"))
+    test = pools[0][_split_indices(len(pools[0]), sizes[:1], seed, f"{source} (evaluation rows)", limits[:1])[0]]
+    rest = _split_indices(len(pools[1]), sizes[1:], seed, f"{source} (training rows)", limits[1:]) \
+        if len(sizes) > 1 else []
+    return [np.sort(test), *(np.sort(pools[1][idx]) for idx in rest)]
 
 
 def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:

@@ -184,7 +184,9 @@ class Generation:
     token (lists of floats, nats) under the BMA (BMA mode only); scores: sequence-level scores
     (:func:`sequence_scores`, :func:`rayblora.generation.answers.group_scores`); samples: the per-state answers
     and state_scores: each one's own "mean_token_entropy" and "sequence_nll" under its state (per-state mode
-    only: each state alone is a single adapter's answer).
+    only: each state alone is a single adapter's answer); log_density / in_distribution: the prompt's
+    feature-density scores (:mod:`rayblora.density`; its distance is `scores["feature_distance"]`), None where
+    the posterior has no density.
     """
 
     text: str
@@ -196,11 +198,14 @@ class Generation:
     scores: dict[str, float] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
     state_scores: list[dict[str, float]] = field(default_factory=list)
+    log_density: float | None = None
+    in_distribution: bool | None = None
 
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "entropy": self.entropy, "aleatoric": self.aleatoric,
                 "mutual_information": self.mutual_information, "log_prob": self.log_prob,
-                "scores": self.scores, "samples": self.samples, "state_scores": self.state_scores}
+                "scores": self.scores, "samples": self.samples, "state_scores": self.state_scores,
+                "log_density": self.log_density, "in_distribution": self.in_distribution}
 
 
 def sequence_scores(entropy: Sequence[float], aleatoric: Sequence[float], mutual_information: Sequence[float],

@@ -145,11 +145,15 @@ class StackedDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the left-padded prompts (B, T); returns the next-token logits (S, B, V) in float32."""
+        """Run the left-padded prompts (B, T); returns the next-token logits (S, B, V) in float32 and keeps
+        `prompt_features` (S, B, H), the final-normed hidden state at each prompt's last position under each state
+        (what a feature density scores, :mod:`rayblora.density`)."""
         s, rows, device = self.num_states, input_ids.shape[0], self.parts.embed.weight.device
         self.trunk, self.shared = _Rows(rows, device), True
         self.upper = [_Rows(s * rows, device)] if self.batched else [_Rows(rows, device) for _ in range(s)]
-        return self._forward(input_ids, attention_mask)
+        logits = self._forward(input_ids, attention_mask)
+        self.prompt_features = self.last_hidden.float().reshape(s, rows, -1).cpu()
+        return logits
 
     def split(self) -> None:
         """From the next step on, each state reads its own tokens: the trunk's B rows become S·B rows."""
@@ -182,7 +186,9 @@ class StackedDecoder:
             else:
                 blocks = zip(hidden.chunk(self.num_states), new_mask.chunk(self.num_states))
                 hidden = torch.cat([self._run_state(i, h, m, upper_layers) for i, (h, m) in enumerate(blocks)])
-        logits = self.parts.head(self.parts.norm(hidden[:, -1:])).float()[:, 0]
+        normed = self.parts.norm(hidden[:, -1:])
+        self.last_hidden = normed[:, 0]
+        logits = self.parts.head(normed).float()[:, 0]
         return logits.reshape(self.num_states, -1, logits.shape[-1])
 
     def _run_state(self, index: int, hidden: torch.Tensor, new_mask: torch.Tensor, layers) -> torch.Tensor:

@@ -19,12 +19,13 @@ from rayblora.generation.decode import Generation
 
 LOWER_IS_CERTAIN = ("mean_token_mi", "max_token_mi", "mean_token_entropy", "max_token_entropy",
                     "mean_token_aleatoric", "sequence_nll", "mean_token_nll", "group_entropy", "num_groups",
-                    "mean_state_nll")
+                    "mean_state_nll", "feature_distance")
 """Sequence scores that grow with uncertainty; `modal_share` shrinks with it (its uncertainty is 1 − share)."""
 
 
 def uncertainty_scores(answers: Sequence[Generation]) -> dict[str, np.ndarray]:
-    """Every sequence score the answers carry, as uncertainties (N,) (higher = less certain)."""
+    """Every sequence score the answers carry (the prompts' "feature_distance" too, where the posterior has a
+    feature density), as uncertainties (N,) (higher = less certain)."""
     names = sorted(set.intersection(*(set(a.scores) for a in answers))) if answers else []
     out = {}
     for name in names:

@@ -6,11 +6,13 @@ use; the model is put in eval mode and its adapter tensors are left as they were
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from rayblora.data.batches import encode
+from rayblora.density import DensityScores, FeatureDensity
 from rayblora.generation.answers import group_scores
 from rayblora.generation.decode import (DecodingSettings, Generation, GenerationSettingsError, answer_text,
                                         bma_steps, per_state_tokens, sequence_scores, stop_token_ids)
@@ -44,20 +46,31 @@ def check_prompts(prompts: Sequence[str]) -> None:
 
 
 def generate(states: StateSet, prompts: Sequence[str], settings: DecodingSettings, batch_size: int = 8,
-             batched: bool | None = None) -> list[Generation]:
+             batched: bool | None = None, density: FeatureDensity | None = None) -> list[Generation]:
     """One :class:`Generation` per prompt, in order, decoded `batch_size` prompts at a time. In "per_state"
-    mode its `samples` / `state_scores` are S · `samples_per_state` answers, state s's r-th at index r·S + s."""
+    mode its `samples` / `state_scores` are S · `samples_per_state` answers, state s's r-th at index r·S + s.
+    With a `density`, each carries its prompt's feature-density scores (from the prefill, no extra forward)."""
     check_prompts(prompts)
     stop_ids = stop_token_ids(states.tokenizer, settings.stop)
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         batch = states.encode(prompts[start:start + batch_size])
         if settings.mode == "bma":
-            out += _bma_batch(states, states.decoder(batched), batch, settings, stop_ids)
+            decoder = states.decoder(batched)
+            answers = _bma_batch(states, decoder, batch, settings, stop_ids)
         else:
             decoder = states.decoder(batched, settings.samples_per_state)
-            out += _per_state_batch(states, decoder, batch, settings, stop_ids)
+            answers = _per_state_batch(states, decoder, batch, settings, stop_ids)
+        out += answers if density is None else with_density(answers, density.scores(decoder.prompt_features))
     return out
+
+
+def with_density(answers: list[Generation], scores: DensityScores) -> list[Generation]:
+    """The answers with their prompts' feature-density scores (B,): the distance as the sequence score
+    "feature_distance" (higher = further from the training prompts), the log-density and in-distribution flag."""
+    return [dataclasses.replace(a, scores={**a.scores, "feature_distance": float(scores.distance[i])},
+                                log_density=float(scores.log_density[i]),
+                                in_distribution=bool(scores.in_distribution[i])) for i, a in enumerate(answers)]
 
 
 def _bma_batch(states: StateSet, decoder, batch, settings, stop_ids) -> list[Generation]:
@@ -90,10 +103,12 @@ def _per_state_batch(states: StateSet, decoder, batch, settings, stop_ids) -> li
     return out
 
 
-def stream(states: StateSet, prompt: str, settings: DecodingSettings) -> Iterator[dict[str, Any]]:
+def stream(states: StateSet, prompt: str, settings: DecodingSettings,
+           density: FeatureDensity | None = None) -> Iterator[dict[str, Any]]:
     """BMA decoding of one prompt as events: {"event": "token", "index", "token", "text" (the new text, possibly
     empty), "entropy", "aleatoric", "mutual_information", "log_prob"} per token, then {"event": "done",
-    "text", "tokens", "scores"}. The "text" pieces of the token events concatenate to the final text."""
+    "text", "tokens", "scores"} (with a `density`, the scores hold the prompt's "feature_distance" and the event
+    its "log_density" and "in_distribution"). The "text" pieces of the token events concatenate to the final text."""
     if settings.mode != "bma":
         raise GenerationSettingsError("mode: streaming decodes by the Bayesian model average; use mode 'bma'")
     check_prompts([prompt])
@@ -101,7 +116,8 @@ def stream(states: StateSet, prompt: str, settings: DecodingSettings) -> Iterato
     tokens: list[int] = []
     values: dict[str, list[float]] = {k: [] for k in ("entropy", "aleatoric", "mutual_information", "log_prob")}
     sent, pending = "", None
-    for step in bma_steps(states.decoder(), states.encode([prompt]), settings, stop_ids):
+    decoder = states.decoder()
+    for step in bma_steps(decoder, states.encode([prompt]), settings, stop_ids):
         tokens.append(int(step.token[0]))
         text = answer_text(states.tokenizer, tokens, settings.stop)
         piece = ""
@@ -117,6 +133,11 @@ def stream(states: StateSet, prompt: str, settings: DecodingSettings) -> Iterato
     if pending is not None:  # sent one step late, so it can carry a piece held back (an incomplete character)
         pending["text"] += final[len(sent):] if final.startswith(sent) else ""
         yield pending
-    yield {"event": "done", "text": final, "tokens": tokens,
-           "scores": sequence_scores(values["entropy"], values["aleatoric"], values["mutual_information"],
-                                     values["log_prob"])}
+    done = {"event": "done", "text": final, "tokens": tokens,
+            "scores": sequence_scores(values["entropy"], values["aleatoric"], values["mutual_information"],
+                                      values["log_prob"])}
+    if density is not None:
+        scored = with_density([Generation(final, tokens, scores=done["scores"])],
+                              density.scores(decoder.prompt_features))[0]
+        done.update(scores=scored.scores, log_density=scored.log_density, in_distribution=scored.in_distribution)
+    yield done

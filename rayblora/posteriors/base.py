@@ -162,6 +162,9 @@ class Posterior(ABC):
     def member_features(self, dataset, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """The members' answer-reading hidden states over a split, (K, N, H), and its labels (N,): one batched
         pass of the K members (the frozen layers once per batch, from the trunk cache where there is one)."""
+        if self.scorer.spec.kind == "generation":
+            labels = torch.zeros(len(dataset), dtype=torch.long)
+            return self._prompt_features(list(dataset["prompt"]), batch_size), labels
         feats, labels = [], []
         with self.scorer.restoring_adapter():
             for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
@@ -171,20 +174,35 @@ class Posterior(ABC):
                 labels.append(batch["labels"])
         return torch.cat(feats, 1), torch.cat(labels)
 
+    def _prompt_features(self, prompts: list[str], batch_size: int) -> torch.Tensor:
+        """The members' final hidden states at each prompt's last position (K, N, H), from the decoder's
+        prefill: what generation reads its first answer token from."""
+        states = generation.StateSet(self.scorer.model, self.scorer.tokenizer, self.members, False,
+                                     self.scorer.max_length)
+        feats = []
+        with self.scorer.restoring_adapter():
+            for start in range(0, len(prompts), batch_size):
+                batch = states.encode(prompts[start:start + batch_size])
+                decoder = states.decoder()
+                decoder.prefill(batch["input_ids"], batch["attention_mask"])
+                feats.append(decoder.prompt_features)
+        return torch.cat(feats, 1)
+
     def fit_density(self, train, validation, quantile: float = 0.99, batch_size: int = 16) -> FeatureDensity:
         """Fit :attr:`density` on the members' features of the training split (a class-conditional Gaussian per
-        member; one class for multiple choice, whose labels are option positions) and set its in-distribution
-        threshold at the `quantile` of the validation rows' distances (:mod:`rayblora.density`)."""
+        member; one class for multiple choice, whose labels are option positions, and for generation) and set its
+        in-distribution threshold at the `quantile` of the validation rows' distances (:mod:`rayblora.density`).
+        The features: classification, the answer position; multiple choice by option likelihood and generation,
+        the prompt's last position (where the first answer token is read)."""
         if not self.feature_density:
             raise ValueError(f"feature density: {self.method}'s predictive reads features that its members' LoRA "
                              "forward does not compute")
-        if self.scorer.spec.kind == "generation":
-            raise ValueError("feature density: a generation task has no answer-reading hidden state to fit yet; "
-                             "it covers classification and multiple-choice tasks")
         features, labels = self.member_features(train, batch_size)
-        classes = self.scorer.num_choices if self.scorer.spec.kind == "classification" else 1
+        spec = self.scorer.spec
+        classes = self.scorer.num_choices if spec.kind == "classification" else 1
+        reads_answer = spec.kind == "classification" or (spec.kind == "multiple_choice" and not spec.by_likelihood)
         density = FeatureDensity.fit(features, labels if classes > 1 else torch.zeros_like(labels), classes,
-                                     meta={"position": "prompt_last" if self.scorer.spec.by_likelihood else "answer"})
+                                     meta={"position": "answer" if reads_answer else "prompt_last"})
         val_features, _ = self.member_features(validation, batch_size)
         density.calibrate(density.scores(val_features).distance, quantile)
         self.density = density
@@ -225,13 +243,13 @@ class Posterior(ABC):
         """
         settings = settings or DecodingSettings()
         with self.scorer.restoring_adapter(), self._seeded(settings):
-            return generation.generate(self.state_set(), list(prompts), settings, batch_size)
+            return generation.generate(self.state_set(), list(prompts), settings, batch_size, density=self.density)
 
     def generate_stream(self, prompt: str, settings: DecodingSettings | None = None) -> Iterator[dict[str, Any]]:
         """BMA decoding of one prompt as token events, then a "done" event (:func:`rayblora.generation.run.stream`)."""
         settings = settings or DecodingSettings()
         with self.scorer.restoring_adapter(), self._seeded(settings):
-            yield from generation.stream(self.state_set(), prompt, settings)
+            yield from generation.stream(self.state_set(), prompt, settings, density=self.density)
 
     def _seeded(self, settings: DecodingSettings):
         """Seeds torch's generator for LoRA-dropout masks (MC dropout), so a prompt's answer repeats."""

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from rayblora.generation.decode import DecodingSettings, Generation, GenerationSettingsError
 from rayblora.serve.engine import InputError, LoadedPosterior
+from rayblora.serve.schemas import DENSITY_SCORES
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 """Headers of a stream: no caching, no buffering by a reverse proxy."""
@@ -144,6 +145,10 @@ class Generating:
             raise InputError([("posterior", f"posterior {loaded.entry.name!r} ({loaded.entry.method}) has no "
                                             "generative form: its samples are not adapter states a decoder runs")])
         check_prompt_lengths(loaded, body.prompts, self._max_tokens)
+        if body.abstain_threshold is not None and body.abstain_score in DENSITY_SCORES \
+                and loaded.posterior.density is None:
+            raise InputError([("abstain_score", f"{body.abstain_score!r} needs a posterior with a feature density; "
+                                                "this one has none (add one with `rayblora fit --density`)")])
         return decoding_settings(body)
 
     async def answer(self, loaded: LoadedPosterior, body: Any) -> dict[str, Any]:

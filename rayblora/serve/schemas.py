@@ -30,6 +30,8 @@ PREDICT_ABSTAIN_SCORES = ("confidence", "density", "either")
 """What a prediction may abstain on: its confidence, its feature density, or either of them."""
 PER_STATE_SCORES = ("group_entropy",)
 """Per-state scores an abstain threshold may apply to (entropy over the states' answer groups)."""
+DENSITY_SCORES = ("feature_distance",)
+"""Scores of either mode from the posterior's feature density (the prompt's distance to the training prompts)."""
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 32
 """Most stop strings of one generate request, and most characters of each."""
 MIN_TEMPERATURE = 0.05
@@ -105,7 +107,7 @@ def _score_of_mode(score: str, info: ValidationInfo) -> str:
     mode = info.data.get("mode")
     if info.data.get("abstain_threshold") is None or mode is None:
         return score
-    known = PER_STATE_SCORES if mode == "per_state" else BMA_SCORES
+    known = (PER_STATE_SCORES if mode == "per_state" else BMA_SCORES) + DENSITY_SCORES
     if score not in known:
         raise ValueError(f"mode {mode!r} scores an answer by {list(known)}, not {score!r}")
     return score
@@ -151,10 +153,11 @@ def generate_request_model(cfg: ServeConfig) -> type[BaseModel]:
         abstain_threshold=(Optional[Annotated[StrictFloat, Field(ge=0.0, allow_inf_nan=False)]],
                            Field(None, description="abstain when the answer's `abstain_score` is above this "
                                                    "(default: never)")),
-        abstain_score=(Literal[BMA_SCORES + PER_STATE_SCORES],
+        abstain_score=(Literal[BMA_SCORES + PER_STATE_SCORES + DENSITY_SCORES],
                        Field("mean_token_mi", validate_default=True,
                              description="the sequence score the threshold applies to (per_state mode: "
-                                         "group_entropy)")))
+                                         "group_entropy; either mode: feature_distance, with a feature "
+                                         "density)")))
 
 
 def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -218,11 +221,16 @@ class GenerationOut(BaseModel):
     aleatoric: list[float] = Field(description="per token: expected entropy of the states")
     mutual_information: list[float] = Field(description="per token: epistemic part (entropy minus aleatoric)")
     log_prob: list[float] = Field(description="per token: log-probability under the model average")
-    scores: dict[str, float] = Field(description="sequence scores (mean_token_mi, ...; group_entropy, ...)")
+    scores: dict[str, float] = Field(description="sequence scores (mean_token_mi, ...; group_entropy, ...; "
+                                                 "feature_distance with a feature density)")
     samples: list[str] = Field(description="per_state mode: each state's answer")
     state_scores: list[dict[str, float]] = Field(
         default_factory=list, description="per_state mode: each answer's mean_token_entropy and sequence_nll "
                                           "under its own state (each state alone is a single adapter)")
+    log_density: Optional[float] = Field(None, description="log-density of the prompt's features under the "
+                                                           "training prompts' Gaussian (null without a density)")
+    in_distribution: Optional[bool] = Field(None, description="the prompt's distance within the density's "
+                                                              "threshold (null without a feature density)")
     abstained: bool = Field(description="the `abstain_score` is above the request's threshold")
 
 
