@@ -24,7 +24,7 @@ markdown tables for benchmarks/RESULTS.md.
      "reject10_by_score": {METHOD: {"entropy", "mi", "density"}},
      "vs_temperature": {SPLIT: {"best": METHOD, "families": {METHOD: {"delta", "lo", "hi"}}}}, "targets": {...}}}}
 
-With `posterior.calibrate` the rows recalibrated after pooling (`+T`, `+DT`) are Bayesian rows like the others;
+With `posterior.calibrate: temperature` the rows recalibrated after pooling (`+T`) are Bayesian rows like the others;
 with `posterior.density` every row carries the feature distance, and the OOD AUROCs and rejection cuts are given
 per score (entropy, MI, density).
 
@@ -232,8 +232,7 @@ def score_aurocs(per_seed: list[dict], in_domain: str, others: list[str], method
 
 
 def reject10_by_score(per_seed: list[dict], in_domain: str, methods: list[str]) -> dict[str, dict[str, float]]:
-    """Seed-mean in-domain error reduction when the 10 % of rows highest by each score are rejected (the
-    `+DT` rows' entropy is the combination of entropy and feature distance that calibration fitted)."""
+    """Seed-mean in-domain error reduction when the 10 % of rows highest by each score are rejected."""
     return {m: {name: float(np.mean([rejection_error_reduction(seed[m][in_domain].probs, seed[m][in_domain].labels,
                                                                score(seed[m][in_domain]), 0.1) for seed in per_seed]))
                 for name, score in SCORES.items() if score(per_seed[0][m][in_domain]) is not None}

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -326,11 +327,37 @@ def _describe(kind: str, rows: list[Row], skips: Skips) -> str:
     return f"{len(rows)} rows (skipped: {_skipped(skips)})"
 
 
+NOT_SERVED = ("bigbench==1.0.0 is no longer served by the package registry (only the 0.0.1 stub is, checked "
+              "2026-12-06); if you have its release file bigbench-1.0.0.tar.gz (358 MB, e.g. in the downloads/ folder of "
+              "an older rayblora cache), pass it with `rayblora assets fetch --bigbench-sdist PATH`. The seed "
+              "papers' own tasks need no BIG-bench: `rayblora assets fetch --tasks all`")
+
+
+def _sdist(given: str | Path | None, progress: Progress) -> Path:
+    """The BIG-bench release file: `given` (copied into the download cache), the cached one, or a download."""
+    downloads = assets.cache_dir() / "downloads"
+    if given is not None:
+        given = Path(given).expanduser()
+        if not given.is_file() or not tarfile.is_tarfile(given):
+            raise AssetError(f"--bigbench-sdist {given}: not a readable .tar.gz release file")
+        downloads.mkdir(parents=True, exist_ok=True)
+        target = downloads / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+        if not target.is_file() or sha256_file(target) != sha256_file(given):
+            write_atomic(target, lambda tmp: shutil.copyfile(given, tmp), mode=0o644)
+        progress(f"using {given} as {target.name}")
+        return target
+    try:
+        return assets.download(BIGBENCH_PACKAGE, BIGBENCH_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
+    except AssetError as exc:
+        raise AssetError(f"{NOT_SERVED}.\n{exc}") from None
+
+
 def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Progress = print,
-                   choice_tasks: Iterable[str] = ()) -> dict[str, Path]:
+                   choice_tasks: Iterable[str] = (), sdist: str | Path | None = None) -> dict[str, Path]:
     """Build (once) the parquet file of each generative task in ``tasks`` and each multiple-choice task in
-    ``choice_tasks`` from the ``bigbench`` sdist (downloaded once, never installed; one pass for both kinds); files
-    that match the manifest are verified, not rebuilt. Returns ``{task_key(kind, task): path}``."""
+    ``choice_tasks`` from the ``bigbench`` sdist (`sdist`, the cached copy, or downloaded once; never installed;
+    one pass for both kinds); files that match the manifest are verified, not rebuilt. Returns
+    ``{task_key(kind, task): path}``."""
     paths = _selected_paths(tasks, choice_tasks)
     folder = bigbench_dir()
     recorded = assets.read_asset_manifest(folder).get("files") or {}
@@ -340,7 +367,7 @@ def fetch_bigbench(tasks: Iterable[str] = DEFAULT_GENERATIVE_TASKS, progress: Pr
     if not todo:
         progress(f"bigbench ok ({', '.join(keyed)})")
         return keyed
-    sdist = assets.download(BIGBENCH_PACKAGE, BIGBENCH_VERSION, ".tar.gz", ("--no-binary", ":all:"), progress)
+    sdist = _sdist(sdist, progress)
     selection: dict[str, list[str]] = {}
     for kind, task in todo:
         selection.setdefault(kind, []).append(task)

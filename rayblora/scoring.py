@@ -10,6 +10,7 @@ curvature and GLM Jacobian is over the option scores.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -21,7 +22,8 @@ from rayblora.data.batches import choice_batch, encode, model_attention, positio
 from rayblora.data.formats import TaskSpec
 from rayblora.model import (ModelError, add_lora, answer_token_ids, base_fingerprint, load_base_model, lora_parameters,
                             lora_state, set_lora_state)
-from rayblora.trunk import above_trunk, decoder_parts, first_adapted_layer, tail_hidden, tail_ready, trunk_hidden
+from rayblora.trunk import (above_trunk, decoder_parts, first_adapted_layer, prompt_summary, tail_hidden, tail_ready,
+                            trunk_hidden)
 from rayblora.trunk_cache import TrunkCache
 
 
@@ -33,6 +35,21 @@ def attention_kernels(device: torch.device):
         return nullcontext()
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@dataclass
+class CapturedFeatures:
+    """What the forwards inside :meth:`AnswerScorer.capturing_features` read.
+
+    answer: per answer-logit forward, the final-normed hidden state (N, H) its logits read — the answer position of
+        a classification row, the prompt's last position of a multiple-choice row (where every option's first token
+        is read); N is the forward's rows (S·B for S batched adapter states, sample-major).
+    trunk: per :meth:`AnswerScorer.shared_trunk` call, the frozen layers' output summarised per prompt (B, 2H)
+        (:func:`rayblora.trunk.prompt_summary`): the same for every adapter state.
+    """
+
+    answer: list[torch.Tensor]
+    trunk: list[torch.Tensor]
 
 
 class AnswerScorer:
@@ -69,17 +86,15 @@ class AnswerScorer:
         self.tail_only = True
         """Run the last decoder layer only at the positions the logits read, where that is exact
         (:func:`rayblora.trunk.tail_hidden`); False runs every position of every layer."""
-        self._features: list[torch.Tensor] | None = None
-        """While :meth:`capturing_features` is open: the read hidden states of every answer-logit forward."""
+        self._features: CapturedFeatures | None = None
+        """While :meth:`capturing_features` is open: what the forwards read (:class:`CapturedFeatures`)."""
 
     @contextmanager
-    def capturing_features(self) -> Iterator[list[torch.Tensor]]:
-        """Within the block, every answer-logit forward appends the final-normed hidden state its logits read,
-        (N, H) detached in float32 on the host, to the yielded list: the answer position of a classification
-        row, the prompt's last position of a multiple-choice row (where every option's first token is read).
-        N is the forward's rows (S·B for S batched adapter states, sample-major). No extra computation: the
-        forward holds that hidden state already (the exact tail's output, or the final norm's)."""
-        outer, self._features = self._features, []
+    def capturing_features(self) -> Iterator["CapturedFeatures"]:
+        """Within the block, the forwards keep what a feature density scores (:mod:`rayblora.density`), detached
+        in float32 on the host, in the yielded :class:`CapturedFeatures`. No extra computation: each forward holds
+        those hidden states already."""
+        outer, self._features = self._features, CapturedFeatures([], [])
         try:
             yield self._features
         finally:
@@ -208,7 +223,7 @@ class AnswerScorer:
         """Append the hidden state (N, H) at `read_at` of the last positions `window` (N, keep, H)."""
         index = torch.as_tensor(read_at, device=window.device).expand(window.shape[0])
         rows = torch.arange(window.shape[0], device=window.device)
-        self._features.append(window[rows, index].detach().float().cpu())
+        self._features.answer.append(window[rows, index].detach().float().cpu())
 
     def target_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """A generation batch's target likelihood under the current adapter (with autograd as the caller's
@@ -249,8 +264,13 @@ class AnswerScorer:
                 return trunk_hidden(self.model, inputs, position_ids(rows), start)
 
         if self.trunk_cache is not None and self.trunk_cache.start == start:
-            return start, self.trunk_cache.hidden(batch, compute).to(self.device)
-        return start, compute(batch)
+            hidden = self.trunk_cache.hidden(batch, compute).to(self.device)
+        else:
+            hidden = compute(batch)
+        if self._features is not None:
+            self._features.trunk.append(
+                prompt_summary(hidden, batch["attention_mask"], batch.get("segments")).cpu())
+        return start, hidden
 
     @torch.no_grad()
     def logits_for_states(self, batch: dict[str, torch.Tensor], states: Sequence[dict[str, torch.Tensor]],

@@ -307,3 +307,17 @@ def tail_hidden(peft_model: nn.Module, attention_mask: torch.Tensor, position_id
         hidden = parts.embed(input_ids)
     rotary = parts.inner.rotary_emb(hidden, position_ids=position_ids)
     return parts.norm(_last_layer_tail(parts.layers[last], hidden, attention_mask, rotary, keep))
+
+
+def prompt_summary(hidden: torch.Tensor, attention_mask: torch.Tensor,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
+    """A prompt's summary (B, 2H) from hidden states (B, T, H) of left-padded rows: the state at the prompt's last
+    position (where the first answer token is read) and the mean over the prompt's real tokens, concatenated.
+    Packed multiple-choice rows (`segments` > 0: option tokens after the prompt) summarise their prompt only."""
+    prompt = attention_mask.bool() if segments is None else attention_mask.bool() & (segments == 0)
+    options = torch.zeros_like(attention_mask) if segments is None else (segments > 0).long()
+    last = hidden.shape[1] - 1 - options.sum(-1)
+    at_read = hidden[torch.arange(len(hidden), device=hidden.device), last.to(hidden.device)]
+    weights = prompt.to(hidden.dtype)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+    return torch.cat([at_read, mean], -1).float()

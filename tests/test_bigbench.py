@@ -153,3 +153,24 @@ def test_cli_fetches_bigbench_only_when_asked(downloads, monkeypatch, capsys):
     assert main(["assets", "check", "--bigbench", "--bigbench-tasks", "toy_qa"]) == 0
     assert main(["assets", "check", "--bigbench", "--bigbench-tasks", "nope"]) == 2
     assert "nope.parquet" in capsys.readouterr().err
+
+
+def test_the_release_file_a_user_has_replaces_the_download(downloads, tmp_path, monkeypatch):
+    """The registry no longer serves bigbench==1.0.0: a download that fails says so and names --bigbench-sdist;
+    a release file given by path is used without pip."""
+    def failing(spec, dest, extra_args=()):
+        raise assets.AssetError("could not download bigbench==1.0.0 with pip (exit 1)")
+
+    fake = assets._pip_download
+    monkeypatch.setattr(assets, "_pip_download", failing)
+    with pytest.raises(assets.AssetError, match="no longer served.*--bigbench-sdist"):
+        bigbench.fetch_bigbench(["toy_qa"], progress=_quiet)
+    monkeypatch.setattr(assets, "_pip_download", fake)
+    release = tmp_path / "bigbench-1.0.0.tar.gz"
+    release.write_bytes(_fake_sdist())
+    paths = bigbench.fetch_bigbench(["toy_qa"], progress=_quiet, sdist=release)
+    assert pq.read_table(paths["toy_qa"]).num_rows == 2 and downloads == []
+    not_a_release = tmp_path / "notes.txt"
+    not_a_release.write_text("no")
+    with pytest.raises(assets.AssetError, match="not a readable"):
+        bigbench.fetch_bigbench(["toy_arith"], progress=_quiet, sdist=not_a_release)

@@ -81,7 +81,7 @@ def test_scorer_features_are_the_final_hidden_state(trained_members, tiny_data):
             scorer.tail_only = tail
             with scorer.capturing_features() as feats:
                 scorer.logits(batch)
-            outs.append(feats[0])
+            outs.append(feats.answer[0])
         scorer.tail_only = True
     for got in outs:
         torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-5)
@@ -106,16 +106,33 @@ def with_density(sentiment_files, tmp_path_factory):
 
 
 def test_fit_equals_reference_on_member_features(with_density):
-    """Fitted from one batched pass of the members; equal to the numpy GDA of each member's own features."""
+    """Trunk features (the default where frozen layers lie below the adapter): one Gaussian over the frozen layers'
+    prompt summaries; answer features: one per member over its own final hidden states. Each equals the numpy GDA
+    of its features, and the trunk summary equals the model's own hidden states entering layer 1."""
     post, tiny_data = with_density, with_density.test_data
-    feats, labels = post.member_features(tiny_data.train)
+    assert post.density.features == "trunk" and post.density.means.shape[0] == 1
+    feats, labels = post.member_features(tiny_data.train, "trunk")
+    queries = post.member_features(tiny_data.test, "trunk")[0]
+    dist, _, _ = numpy_gda(feats[0].double().numpy(), labels.numpy(), 2, queries[0].double().numpy())
+    np.testing.assert_allclose(post.density.raw_scores(queries)[0][0].numpy(), dist, rtol=1e-5, atol=1e-5)
+    batch = post.scorer.encode(list(tiny_data.test["prompt"][:5]))
+    with torch.no_grad():
+        hidden = post.scorer.model(**{k: batch[k] for k in ("input_ids", "attention_mask")},
+                                   output_hidden_states=True).hidden_states[1]
+    mask = batch["attention_mask"].bool()
+    mean = torch.stack([hidden[i][mask[i]].mean(0) for i in range(5)])
+    torch.testing.assert_close(queries[0, :5], torch.cat([hidden[:, -1], mean], -1), rtol=1e-4, atol=1e-4)
+    answer = EnsemblePosterior(post.scorer, post.members, post.member_info)
+    answer.fit_density(tiny_data.train, tiny_data.validation, 0.95, features="answer")
+    feats, labels = answer.member_features(tiny_data.train, "answer")
+    queries = answer.member_features(tiny_data.test, "answer")[0]
     assert feats.shape[:2] == (len(post.members), len(tiny_data.train))
-    queries = post.member_features(tiny_data.test)[0]
     for k in range(len(post.members)):
         dist, _, _ = numpy_gda(feats[k].double().numpy(), labels.numpy(), 2, queries[k].double().numpy())
-        single = FeatureDensity(post.density.means[k:k + 1], post.density.precision[k:k + 1],
-                                post.density.log_det[k:k + 1], post.density.log_prior[k:k + 1])
+        single = FeatureDensity(answer.density.means[k:k + 1], answer.density.precision[k:k + 1],
+                                answer.density.log_det[k:k + 1], answer.density.log_prior[k:k + 1])
         np.testing.assert_allclose(single.raw_scores(queries[k:k + 1])[0][0].numpy(), dist, rtol=1e-5, atol=1e-5)
+    assert answer.predict_dataset(tiny_data.test).distance.shape == (len(tiny_data.test),)
 
 
 def test_predictions_carry_the_scores_and_far_text_is_flagged(with_density):
@@ -186,10 +203,16 @@ def test_multiple_choice_density_reads_the_prompts_last_position(choice_files, t
     data = load_task_data(cfg.data)
     scorer, members = train_members_in_process(cfg, log=lambda _m: None, data=data)
     post = EnsemblePosterior(scorer, [m.adapter for m in members], [m.info() for m in members])
-    post.fit_density(data.train, data.validation)
-    assert post.density.means.shape[1] == 1 and post.density.meta["position"] == "prompt_last"
-    pred = post.predict_dataset(data.test)
-    assert pred.distance.shape == (len(data.test),) and torch.isfinite(pred.log_density).all()
+    for kind in ("trunk", "answer"):
+        post.fit_density(data.train, data.validation, features=kind)
+        assert post.density.means.shape[1] == 1 and post.density.meta["position"] == "prompt_last"
+        pred = post.predict_dataset(data.test)
+        assert pred.distance.shape == (len(data.test),) and torch.isfinite(pred.log_density).all()
+    # the options do not move a row's trunk summary (only its prompt is summarised)
+    batch = post.scorer.encode(["Which one is good? the film"] * 2, [["bad", "good"], ["awful", "superb", "dull"]])
+    with post.scorer.capturing_features() as captured:
+        post.scorer.shared_trunk(batch)
+    torch.testing.assert_close(captured.trunk[0][0], captured.trunk[0][1], rtol=1e-5, atol=1e-5)
 
 
 def test_trained_artifact_reports_density_and_pooled_temperature_rows(sentiment_files, tmp_path):
@@ -201,22 +224,20 @@ def test_trained_artifact_reports_density_and_pooled_temperature_rows(sentiment_
     from conftest import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run", **{
-        "model.tiny_layers": "3", "adapter.layers": "[1,2]", "posterior.calibrate": "[temperature, distance_temperature]",
+        "model.tiny_layers": "3", "adapter.layers": "[1,2]", "posterior.calibrate": "temperature",
         "posterior.eval_methods": "[map, temperature, ensemble, laplace]", "laplace.fit_batches": "3",
         "laplace.link_samples": "20"}))
     logs = []
     artifact = train(cfg, log=logs.append, in_process=True)
-    assert any(line.startswith("[density] fitted on") for line in logs)
+    assert any(line.startswith("[density] trunk features, fitted on") for line in logs)
     report = evaluate(artifact, cfg, log=lambda _m: None)
-    assert set(report["methods"]) == {"map", "temperature", "ensemble", "laplace", "ensemble+T", "laplace+T",
-                                      "ensemble+DT", "laplace+DT"}
+    assert set(report["methods"]) == {"map", "temperature", "ensemble", "laplace", "ensemble+T", "laplace+T"}
     shift = next(iter(report["ood"]["ensemble"]))
     assert 0.0 <= report["ood"]["ensemble"][shift]["auroc_density"] <= 1.0
     assert {"auroc_density"} <= set(report["ood"]["ensemble+T"][shift]) & set(report["ood"]["laplace"][shift])
     in_domain = next(iter(report["methods"]["ensemble"]))
     assert 0.5 <= report["methods"]["ensemble"][in_domain]["in_distribution"] <= 1.0
     assert report["methods"]["ensemble+T"][in_domain]["temperature"] > 0
-    assert report["methods"]["laplace+DT"][in_domain]["distance_slope"] >= 0
     assert (cfg.out_dir / "density.png").is_file()
     assert "AUROC (density)" in (cfg.out_dir / "report.md").read_text()
 
@@ -263,10 +284,15 @@ def test_generation_density_reads_the_prompts_last_position_from_the_prefill(tmp
     data = load_task_data(cfg.data)
     scorer, members = train_members_in_process(cfg, log=lambda _m: None, data=data)
     post = EnsemblePosterior(scorer, [m.adapter for m in members], [m.info() for m in members])
-    density = post.fit_density(data.train, data.validation)
+    assert post.fit_density(data.train, data.validation).features == "trunk"
+    trunk_answers = post.generate(list(data.test["prompt"][:4]), DecodingSettings(max_new_tokens=2, stop=()))
+    expected_trunk = post.density.scores(post.member_features(data.test.select(range(4)), "trunk")[0])
+    np.testing.assert_allclose([a.scores["feature_distance"] for a in trunk_answers],
+                               expected_trunk.distance.numpy(), rtol=1e-5, atol=1e-5)
+    density = post.fit_density(data.train, data.validation, features="answer")
     assert density.means.shape[:2] == (2, 1) and density.meta["position"] == "prompt_last"
     prompts = list(data.test["prompt"][:4])
-    feats, _ = post.member_features(data.test.select(range(4)))
+    feats, _ = post.member_features(data.test.select(range(4)), "answer")
     with scorer.restoring_adapter():
         set_lora_state(scorer.model, post.members[1])
         reference = scorer.last_hidden(scorer.encode(prompts))
@@ -274,7 +300,7 @@ def test_generation_density_reads_the_prompts_last_position_from_the_prefill(tmp
     settings = DecodingSettings(max_new_tokens=3, stop=())
     answers = post.generate(prompts + [FAR_TEXT + " plus"], settings)
     expected = density.scores(torch.cat([feats, post.member_features(
-        data.test.select(range(1)).map(lambda _r: {"prompt": FAR_TEXT + " plus"}))[0]], 1))
+        data.test.select(range(1)).map(lambda _r: {"prompt": FAR_TEXT + " plus"}), "answer")[0]], 1))
     got = [a.scores["feature_distance"] for a in answers]
     np.testing.assert_allclose(got, expected.distance.numpy(), rtol=1e-5, atol=1e-5)
     assert answers[-1].in_distribution is False and all(isinstance(a.log_density, float) for a in answers)

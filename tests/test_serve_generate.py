@@ -180,7 +180,7 @@ def test_abstain_flag_follows_the_threshold(client):
 def test_generations_carry_the_prompts_feature_density(client, artifacts):
     from test_density import FAR_TEXT
 
-    body = {"posterior": "dens", "prompts": [PROMPTS[0], FAR_TEXT], "max_new_tokens": 2, "stop": []}
+    body = {"posterior": "dens", "prompts": ["good film\nSentiment:", FAR_TEXT], "max_new_tokens": 2, "stop": []}
     rows = client.post("/v1/generate", json=body).json()["generations"]
     distances = [row["scores"]["feature_distance"] for row in rows]
     post = artifacts["dens"][0]

@@ -189,10 +189,6 @@ class TrainConfig:
         check(not self.offload_params or self.zero_stage == 3, "train.offload_params", "needs train.zero_stage 3")
 
 
-CALIBRATIONS = ("temperature", "distance_temperature")
-"""Calibrations after pooling that evaluation can add as rows (`posterior.calibrate`)."""
-
-
 @dataclass(frozen=True)
 class PosteriorConfig:
     method: str = "ensemble"
@@ -212,21 +208,23 @@ class PosteriorConfig:
     """Fit the members' feature density when the artifact is written (a class-conditional Gaussian over the
     hidden state the answer logits read, one pass over the training and validation rows; `rayblora.density`):
     every prediction then carries a Mahalanobis distance, a log-density and an `in_distribution` flag."""
+    density_features: str = "auto"
+    """What the density scores: "trunk" (the frozen layers' output at the read position and averaged over the
+    prompt: one Gaussian, the same for every member), "answer" (the final hidden state the logits read, one
+    Gaussian per member), "auto" (trunk where the adapter leaves frozen layers below it, else answer)."""
     density_quantile: float = 0.99
     """The fraction of validation rows the in-distribution threshold keeps (its distance quantile)."""
-    calibrate: tuple[str, ...] = ()
-    """Rows evaluation adds for every family, each recalibrated after pooling on the validation split:
-    "temperature" (one temperature fitted to its predictive: `ensemble+T`, `laplace+T`, ...) and
-    "distance_temperature" (a temperature that grows with the feature-density distance, T·sqrt(1 + λ (d/τ)²),
-    both fitted: `ensemble+DT`, ...; needs `posterior.density`)."""
+    calibrate: str = "none"
+    """"temperature": evaluation adds, for every family, that family recalibrated after pooling — one temperature
+    fitted to its predictive on the validation split (`ensemble+T`, `laplace+T`, ...); "none": no such rows."""
 
     def __post_init__(self) -> None:
         known = available_methods()
         one_of(self.method, known, "posterior.method")
         one_of(self.member_adapter, ("final", "best"), "posterior.member_adapter")
-        for kind in self.calibrate:
-            one_of(kind, CALIBRATIONS, "posterior.calibrate")
+        one_of(self.calibrate, ("none", "temperature"), "posterior.calibrate")
         check(0.0 < self.density_quantile <= 1.0, "posterior.density_quantile", "must be in (0, 1]")
+        one_of(self.density_features, ("auto", "trunk", "answer"), "posterior.density_features")
         for m in self.eval_methods:
             one_of(m, known, "posterior.eval_methods")
         check(self.members >= 1, "posterior.members", f"must be >= 1, got {self.members}")

@@ -28,7 +28,7 @@ from torch import nn
 
 from rayblora.batched import lora_dropout_active, stacked_adapters, supports_batching
 from rayblora.model import set_lora_state
-from rayblora.trunk import UnsupportedArchitecture, decoder_parts, first_adapted_layer
+from rayblora.trunk import UnsupportedArchitecture, decoder_parts, first_adapted_layer, prompt_summary
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -146,13 +146,15 @@ class StackedDecoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the left-padded prompts (B, T); returns the next-token logits (S, B, V) in float32 and keeps
-        `prompt_features` (S, B, H), the final-normed hidden state at each prompt's last position under each state
-        (what a feature density scores, :mod:`rayblora.density`)."""
+        `prompt_features` (S, B, H), the final-normed hidden state at each prompt's last position under each state,
+        and `prompt_trunk` (B, 2H), the frozen layers' prompt summary (what a feature density scores,
+        :mod:`rayblora.density`)."""
         s, rows, device = self.num_states, input_ids.shape[0], self.parts.embed.weight.device
         self.trunk, self.shared = _Rows(rows, device), True
         self.upper = [_Rows(s * rows, device)] if self.batched else [_Rows(rows, device) for _ in range(s)]
         logits = self._forward(input_ids, attention_mask)
         self.prompt_features = self.last_hidden.float().reshape(s, rows, -1).cpu()
+        self.prompt_trunk = prompt_summary(self.trunk_hidden, attention_mask.to(self.trunk_hidden.device)).cpu()
         return logits
 
     def split(self) -> None:
@@ -176,6 +178,7 @@ class StackedDecoder:
         """ids / new_mask: (B, q) while the states share their tokens, else (S·B, q)."""
         ids = ids.to(self.parts.embed.weight.device)
         hidden = self._run(self.parts.embed(ids), self.parts.layers[:self.start], self.trunk, new_mask)
+        self.trunk_hidden = hidden
         if self.shared:
             hidden, new_mask = hidden.repeat(self.num_states, 1, 1), new_mask.repeat(self.num_states, 1)
         upper_layers = self.parts.layers[self.start:]

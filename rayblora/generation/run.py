@@ -61,8 +61,13 @@ def generate(states: StateSet, prompts: Sequence[str], settings: DecodingSetting
         else:
             decoder = states.decoder(batched, settings.samples_per_state)
             answers = _per_state_batch(states, decoder, batch, settings, stop_ids)
-        out += answers if density is None else with_density(answers, density.scores(decoder.prompt_features))
+        out += answers if density is None else with_density(answers, prompt_scores(decoder, density))
     return out
+
+
+def prompt_scores(decoder: StackedDecoder, density: FeatureDensity) -> DensityScores:
+    """The feature-density scores (B,) of a prefilled decoder's prompts."""
+    return density.scores(decoder.prompt_trunk[None] if density.features == "trunk" else decoder.prompt_features)
 
 
 def with_density(answers: list[Generation], scores: DensityScores) -> list[Generation]:
@@ -138,6 +143,6 @@ def stream(states: StateSet, prompt: str, settings: DecodingSettings,
                                       values["log_prob"])}
     if density is not None:
         scored = with_density([Generation(final, tokens, scores=done["scores"])],
-                              density.scores(decoder.prompt_features))[0]
+                              prompt_scores(decoder, density))[0]
         done.update(scores=scored.scores, log_density=scored.log_density, in_distribution=scored.in_distribution)
     yield done

@@ -22,8 +22,9 @@ from rayblora.generation import run as generation
 from rayblora.generation.decode import DecodingSettings, Generation
 from rayblora.predictive import Predictive
 from rayblora.registry import get_posterior_class
-from rayblora.scoring import AnswerScorer
+from rayblora.scoring import AnswerScorer, CapturedFeatures
 from rayblora.train.loop import StepHook
+from rayblora.trunk import first_adapted_layer
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -147,36 +148,53 @@ class Posterior(ABC):
         members' forward when they read none: a Jacobian-cache hit, a family with its own forward)."""
         if self.density is None:
             return predict(batch)
-        with self.scorer.capturing_features() as features:
+        with self.scorer.capturing_features() as captured:
             views = predict(batch)
-        rows = len(batch["input_ids"])
-        if not features or sum(len(f) for f in features) % rows:
-            with self.scorer.capturing_features() as features:
-                self.scorer.logits_for_states(batch, self.members)
-        scores = self.density.scores(torch.cat(features).reshape(-1, rows, self.density.dim))
+        scores = self.density.scores(self._density_features(batch, captured))
         return {name: pred.with_density(scores.distance, scores.log_density, scores.in_distribution)
                 for name, pred in views.items()}
 
+    def _density_features(self, batch: dict[str, torch.Tensor], captured: CapturedFeatures) -> torch.Tensor:
+        """The (S, B, D) features :attr:`density` scores from what a batch's forwards read; where they read none
+        (a Jacobian-cache hit, a forward of the whole model) the frozen trunk, or the members' forward, runs."""
+        rows = len(batch["input_ids"])
+        if self.density.features == "trunk":
+            if not captured.trunk:
+                with self.scorer.capturing_features() as captured:
+                    self.scorer.shared_trunk(batch)
+            return captured.trunk[0][None]
+        if not captured.answer or sum(len(f) for f in captured.answer) % rows:
+            with self.scorer.capturing_features() as captured:
+                self.scorer.logits_for_states(batch, self.members)
+        return torch.cat(captured.answer).reshape(-1, rows, self.density.dim)
+
     # --- feature density ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def member_features(self, dataset, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """The members' answer-reading hidden states over a split, (K, N, H), and its labels (N,): one batched
-        pass of the K members (the frozen layers once per batch, from the trunk cache where there is one)."""
+    def member_features(self, dataset, kind: str, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a feature density of `kind` scores over a split, (K, N, D), and its labels (N,): "answer", the
+        members' answer-reading hidden states from one batched pass of the K members; "trunk", the frozen layers'
+        prompt summaries (K = 1; from the trunk cache where there is one). A generation task reads the prompts'
+        last position from the decoder's prefill."""
         if self.scorer.spec.kind == "generation":
             labels = torch.zeros(len(dataset), dtype=torch.long)
-            return self._prompt_features(list(dataset["prompt"]), batch_size), labels
+            return self._prompt_features(list(dataset["prompt"]), kind, batch_size), labels
         feats, labels = [], []
         with self.scorer.restoring_adapter():
             for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
                 with self.scorer.capturing_features() as captured:
-                    self.scorer.logits_for_states(batch, self.members)
-                feats.append(torch.cat(captured).reshape(len(self.members), len(batch["input_ids"]), -1))
+                    if kind == "trunk":
+                        self.scorer.shared_trunk(batch)
+                    else:
+                        self.scorer.logits_for_states(batch, self.members)
+                rows = len(batch["input_ids"])
+                feats.append(captured.trunk[0][None] if kind == "trunk"
+                             else torch.cat(captured.answer).reshape(len(self.members), rows, -1))
                 labels.append(batch["labels"])
         return torch.cat(feats, 1), torch.cat(labels)
 
-    def _prompt_features(self, prompts: list[str], batch_size: int) -> torch.Tensor:
-        """The members' final hidden states at each prompt's last position (K, N, H), from the decoder's
-        prefill: what generation reads its first answer token from."""
+    def _prompt_features(self, prompts: list[str], kind: str, batch_size: int) -> torch.Tensor:
+        """(K, N, D) features of generation prompts from the members' decoder prefill: the final hidden state at
+        each prompt's last position ("answer"), or the frozen layers' prompt summary (K = 1, "trunk")."""
         states = generation.StateSet(self.scorer.model, self.scorer.tokenizer, self.members, False,
                                      self.scorer.max_length)
         feats = []
@@ -185,26 +203,32 @@ class Posterior(ABC):
                 batch = states.encode(prompts[start:start + batch_size])
                 decoder = states.decoder()
                 decoder.prefill(batch["input_ids"], batch["attention_mask"])
-                feats.append(decoder.prompt_features)
+                feats.append(decoder.prompt_trunk[None] if kind == "trunk" else decoder.prompt_features)
         return torch.cat(feats, 1)
 
-    def fit_density(self, train, validation, quantile: float = 0.99, batch_size: int = 16) -> FeatureDensity:
-        """Fit :attr:`density` on the members' features of the training split (a class-conditional Gaussian per
-        member; one class for multiple choice, whose labels are option positions, and for generation) and set its
-        in-distribution threshold at the `quantile` of the validation rows' distances (:mod:`rayblora.density`).
-        The features: classification, the answer position; multiple choice by option likelihood and generation,
-        the prompt's last position (where the first answer token is read)."""
+    def fit_density(self, train, validation, quantile: float = 0.99, batch_size: int = 16,
+                    features: str = "auto") -> FeatureDensity:
+        """Fit :attr:`density` on the training split (a class-conditional Gaussian; one class for multiple choice,
+        whose labels are option positions, and for generation) and set its in-distribution threshold at the
+        `quantile` of the validation rows' distances (:mod:`rayblora.density`). `features`: "trunk" (the frozen
+        layers' prompt summary), "answer" (per member, the hidden state the logits read: the answer position, or
+        the prompt's last position for options scored by likelihood and for generation), or "auto" (trunk where
+        the adapter leaves frozen layers below it, else answer)."""
         if not self.feature_density:
             raise ValueError(f"feature density: {self.method}'s predictive reads features that its members' LoRA "
                              "forward does not compute")
-        features, labels = self.member_features(train, batch_size)
+        frozen = first_adapted_layer(self.scorer.model) > 0
+        kind = ("trunk" if frozen else "answer") if features == "auto" else features
+        if kind == "trunk" and not frozen:
+            raise ValueError("feature density: trunk features need frozen layers below the adapter "
+                             "(adapter.layers leaves none); use posterior.density_features=answer")
+        train_features, labels = self.member_features(train, kind, batch_size)
         spec = self.scorer.spec
         classes = self.scorer.num_choices if spec.kind == "classification" else 1
         reads_answer = spec.kind == "classification" or (spec.kind == "multiple_choice" and not spec.by_likelihood)
-        density = FeatureDensity.fit(features, labels if classes > 1 else torch.zeros_like(labels), classes,
-                                     meta={"position": "answer" if reads_answer else "prompt_last"})
-        val_features, _ = self.member_features(validation, batch_size)
-        density.calibrate(density.scores(val_features).distance, quantile)
+        density = FeatureDensity.fit(train_features, labels if classes > 1 else torch.zeros_like(labels), classes,
+                                     meta={"position": "answer" if reads_answer else "prompt_last"}, kind=kind)
+        density.calibrate(density.scores(self.member_features(validation, kind, batch_size)[0]).distance, quantile)
         self.density = density
         return density
 

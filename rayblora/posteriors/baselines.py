@@ -99,35 +99,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return temperature
 
 
-def fit_distance_temperature(log_probs: torch.Tensor, labels: torch.Tensor, spread: torch.Tensor,
-                             max_iter: int = 100) -> tuple[float, float]:
-    """(T, λ) minimising the NLL of softmax(log_probs / (T · sqrt(1 + λ · spread))) over validation rows, with
-    log_probs (N, C) a predictive's log-probabilities and spread (N,) ≥ 0 how far each input lies from the
-    training features (the feature density's (distance / threshold)², :mod:`rayblora.density`).
-
-    A temperature that grows with the distance: the mean-field form of a distance-aware predictive, logits
-    divided by sqrt(1 + λ σ²(x)) with the variance σ² growing away from the data (Liu et al., NeurIPS 2020,
-    "Simple and principled uncertainty estimation ... distance awareness" (SNGP), sec. 3.2; Lu et al., 2020,
-    "Uncertainty estimation with infinitesimal jackknife", mean-field approximation). λ = softplus(u) ≥ 0."""
-    log_probs = log_probs.detach().float().cpu().clamp_min(FINITE_FLOOR)
-    labels, spread = labels.cpu(), spread.detach().float().cpu()
-    log_t, u = torch.zeros((), requires_grad=True), torch.full((), -3.0, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t, u], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        scale = log_t.exp() * torch.sqrt(1 + F.softplus(u) * spread)[:, None]
-        loss = F.cross_entropy(log_probs / scale, labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature, slope = float(log_t.detach().exp()), float(F.softplus(u.detach()))
-    if not (torch.isfinite(torch.tensor(temperature)) and torch.isfinite(torch.tensor(slope))):
-        raise RuntimeError("distance-aware temperature fit diverged")
-    return temperature, slope
-
-
 class TemperaturePosterior(Posterior):
     """The MAP adapter with its logits divided by a temperature fitted on the validation split (S = 1)."""
 

@@ -19,7 +19,7 @@ from rayblora.artifact import load_posterior, read_manifest
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
-from rayblora.posteriors.baselines import fit_distance_temperature, fit_temperature
+from rayblora.posteriors.baselines import fit_temperature
 from rayblora.registry import get_posterior_class
 from rayblora.report import SplitResult, write_report
 from rayblora.workflows.members import trunk_cache_for
@@ -43,55 +43,27 @@ def _split_result(pred: predictive.Predictive, labels, density=None, extra=None,
                        pred.mutual_information.numpy(), distance=distance, extra=extra, **fields)
 
 
-CALIBRATED_SUFFIX = {"temperature": "+T", "distance_temperature": "+DT"}
-"""The row name suffix of each calibration after pooling (`posterior.calibrate`)."""
-
-
-def calibrated_rows(results: dict[str, dict[str, SplitResult]], calibration: dict[str, SplitResult],
-                    kinds: Sequence[str]) -> dict[str, dict[str, SplitResult]]:
+def pooled_temperature_rows(results: dict[str, dict[str, SplitResult]],
+                            calibration: dict[str, SplitResult]) -> dict[str, dict[str, SplitResult]]:
     """Calibration after pooling (Ashukha et al., ICLR 2020, "Pitfalls of in-domain uncertainty estimation",
-    sec. 4): for each row with predictions on the calibration split, its predictive p (the BMA, not the samples)
-    refitted there and applied to every split as the row `<name><suffix>`:
-
-        "temperature"           softmax(log p / T)                      (`+T`)
-        "distance_temperature"  softmax(log p / (T sqrt(1 + λ s)))      (`+DT`; s = (distance / threshold)²,
-                                                                          rows with a feature density only)
-
-    The entropy is recomputed; the posterior's mutual information and feature distance are kept."""
+    sec. 4): for each row with predictions on the calibration split, one temperature T fitted there to its
+    predictive p (the BMA, not the samples), and the row `<name>+T` with softmax(log p / T) on every split (the
+    entropy recomputed; the posterior's mutual information and feature distance kept)."""
     out = {}
     for name, val in calibration.items():
-        for kind in kinds:
-            fitted, scale = _fit_calibration(kind, val)
-            if scale is not None:
-                out[f"{name}{CALIBRATED_SUFFIX[kind]}"] = {split: _tempered(r, scale(r), fitted)
-                                                          for split, r in results[name].items()}
+        temperature = fit_temperature(torch.from_numpy(_log(val.probs)).float(), torch.as_tensor(val.labels))
+        out[f"{name}+T"] = {split: _tempered(r, temperature) for split, r in results[name].items()}
     return out
-
-
-def _fit_calibration(kind: str, val: SplitResult) -> tuple[dict, Callable[[SplitResult], np.ndarray] | None]:
-    """The fitted values of calibration `kind` on the validation row `val` and the per-row scale (N,) it divides
-    log p by on any split; no scale for "distance_temperature" on a row without a feature distance."""
-    logs, labels = torch.from_numpy(_log(val.probs)).float(), torch.as_tensor(val.labels)
-    if kind == "temperature":
-        temperature = fit_temperature(logs, labels)
-        return {"temperature": temperature}, lambda r: np.full(len(r.labels), temperature)
-    if val.distance is None:
-        return {}, None
-    threshold = val.extra["density_threshold"]
-    temperature, slope = fit_distance_temperature(logs, labels, torch.from_numpy((val.distance / threshold) ** 2))
-    return ({"temperature": temperature, "distance_slope": slope},
-            lambda r: temperature * np.sqrt(1 + slope * (r.distance / threshold) ** 2))
 
 
 def _log(probs: np.ndarray) -> np.ndarray:
     return np.where(probs > 0, np.log(np.clip(probs, 1e-30, None)), -np.inf)
 
 
-def _tempered(result: SplitResult, scale: np.ndarray, fitted: dict) -> SplitResult:
-    """`result` with its probabilities softmax(log p / scale) (scale (N,), one per row)."""
-    probs = torch.softmax(torch.from_numpy(_log(result.probs) / scale[:, None]), -1)
+def _tempered(result: SplitResult, temperature: float) -> SplitResult:
+    probs = torch.softmax(torch.from_numpy(_log(result.probs) / temperature), -1)
     return SplitResult(probs.numpy(), result.labels, predictive.entropy(probs).numpy(), result.mutual_information,
-                       distance=result.distance, extra={**(result.extra or {}), **fitted})
+                       distance=result.distance, extra={**(result.extra or {}), "temperature": temperature})
 
 
 def member_disagreement(sample_probs) -> float:
@@ -181,7 +153,7 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
     scaled = _temperature_views(full, member_views, data, cfg, timings)
     if member_views:
         built = {"members": full.view("ensemble"), **built}
-    if cfg.posterior.calibrate:
+    if cfg.posterior.calibrate == "temperature":
         splits = {**splits, CALIBRATION_SPLIT: data.validation}
     for name, ds in splits.items():
         for m, post in built.items():
@@ -196,10 +168,10 @@ def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] |
             timings[f"predict:{m}"] = timings.get(f"predict:{m}", 0.0) + time.time() - t0
     if full.scorer.trunk_cache is not None:
         log(f"[evaluate] {full.scorer.trunk_cache.summary()}")
-    if cfg.posterior.calibrate:
+    if cfg.posterior.calibrate == "temperature":
         calibration = {m: results[m].pop(CALIBRATION_SPLIT) for m in methods}
-        results.update(calibrated_rows(results, {m: r for m, r in calibration.items() if not _is_calibrated(m)},
-                                       cfg.posterior.calibrate))
+        results.update(pooled_temperature_rows(results, {m: r for m, r in calibration.items()
+                                                         if not _is_calibrated(m)}))
     return results
 
 

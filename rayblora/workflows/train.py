@@ -32,7 +32,7 @@ def fit_feature_density(posterior: Posterior, cfg: Config, data: TaskData, log: 
         scorer.use_trunk_cache(trunk_cache_for(cfg, scorer, log, make_hooks(cfg)))
     try:
         density = posterior.fit_density(data.train, data.validation, cfg.posterior.density_quantile,
-                                        cfg.train.batch_size)
+                                        cfg.train.batch_size, cfg.posterior.density_features)
     except ValueError as exc:
         if required:
             raise
@@ -41,7 +41,8 @@ def fit_feature_density(posterior: Posterior, cfg: Config, data: TaskData, log: 
     finally:
         scorer.use_trunk_cache(cache)
     density.meta["seconds"] = round(time.time() - t0, 2)
-    log(f"[density] fitted on {density.meta['rows']} training rows x {len(posterior.members)} member(s) in "
+    log(f"[density] {density.features} features, fitted on {density.meta['rows']} training rows x "
+        f"{len(density.means)} Gaussian(s) in "
         f"{density.meta['seconds']:.1f} s; in-distribution up to distance {density.threshold:.2f} "
         f"({density.quantile:.0%} of {density.meta['validation_rows']} validation rows)")
 
