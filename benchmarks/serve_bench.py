@@ -9,7 +9,8 @@ Measures, over real HTTP on loopback against one replica that holds both posteri
      `--overload-s`: share answered 503, p50 of those refusals, p99 of accepted requests; then recovery, the
      time from the end of the load until a probe answers 200 within 2x the batch-1 p50.
 With `--density` the two posteriors are the K = 4 one without and with the source's feature density (its p50
-overhead, issue 34). The K = 4 posterior is the first 4 members of `--posterior` (any artifact with >= 4 members, e.g. the demo's MultiSWAG
+overhead, issue 34).
+The K = 4 posterior is the first 4 members of `--posterior` (any artifact with >= 4 members, e.g. the demo's MultiSWAG
 run, whose members are the trajectories' SWA means; default runs/demo/posterior), or,
 if absent, 4 SmolLM2 adapters trained for `--train-steps` steps each on VADER movie, cached under
 ~/.cache/rayblora/bench. The K = 1 posterior is its member 0 alone (MAP), saved next to it. The load generator

@@ -328,8 +328,8 @@ def _describe(kind: str, rows: list[Row], skips: Skips) -> str:
 
 
 NOT_SERVED = ("bigbench==1.0.0 is no longer served by the package registry (only the 0.0.1 stub is, checked "
-              "2026-12-06); if you have its release file bigbench-1.0.0.tar.gz (358 MB, e.g. in the downloads/ folder of "
-              "an older rayblora cache), pass it with `rayblora assets fetch --bigbench-sdist PATH`. The seed "
+              "2026-12-06); if you have its release file bigbench-1.0.0.tar.gz (358 MB, e.g. in the downloads/ "
+              "folder of an older rayblora cache), pass it with `rayblora assets fetch --bigbench-sdist PATH`. The seed "
               "papers' own tasks need no BIG-bench: `rayblora assets fetch --tasks all`")
 
 

@@ -119,6 +119,11 @@ class FeatureDensity:
     def dim(self) -> int:
         return self.means.shape[-1]
 
+    def member(self, k: int) -> "FeatureDensity":
+        """Member k's Gaussian alone (same threshold)."""
+        return FeatureDensity(self.means[k:k + 1], self.precision[k:k + 1], self.log_det[k:k + 1],
+                              self.log_prior[k:k + 1], self.threshold, self.quantile, self.meta, self.features)
+
     def squared_distances(self, features: torch.Tensor) -> torch.Tensor:
         """(f − μ_kc)ᵀ Σ_k⁻¹ (f − μ_kc) of features (N, H) under every member and class: (N, K, C)."""
         diff = features.double()[:, None, None, :] - self.means[None]  # (N, K, C, H)

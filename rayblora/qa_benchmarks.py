@@ -70,8 +70,8 @@ def _oe_choice(doc: dict) -> Row:
 
 def _winogrande(doc: dict) -> Row:
     """{sentence with "_", option1, option2, answer "1" | "2"}: which option fills the blank."""
-    return {"question": f"{doc['sentence'].strip()}\nWhat does _ stand for?", "choices": [doc["option1"], doc["option2"]],
-            "label": int(doc["answer"]) - 1}
+    return {"question": f"{doc['sentence'].strip()}\nWhat does _ stand for?",
+            "choices": [doc["option1"], doc["option2"]], "label": int(doc["answer"]) - 1}
 
 
 def _mmlu(record: dict) -> Row:

@@ -129,8 +129,7 @@ def test_fit_equals_reference_on_member_features(with_density):
     assert feats.shape[:2] == (len(post.members), len(tiny_data.train))
     for k in range(len(post.members)):
         dist, _, _ = numpy_gda(feats[k].double().numpy(), labels.numpy(), 2, queries[k].double().numpy())
-        single = FeatureDensity(answer.density.means[k:k + 1], answer.density.precision[k:k + 1],
-                                answer.density.log_det[k:k + 1], answer.density.log_prior[k:k + 1])
+        single = answer.density.member(k)
         np.testing.assert_allclose(single.raw_scores(queries[k:k + 1])[0][0].numpy(), dist, rtol=1e-5, atol=1e-5)
     assert answer.predict_dataset(tiny_data.test).distance.shape == (len(tiny_data.test),)
 

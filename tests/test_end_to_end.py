@@ -18,7 +18,9 @@ import pytest
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT_KEYS = {"accuracy", "nll", "ece", "ece_em", "brier", "auroc", "aurc", "acc_at_90", "reject10"}
+REPORT_KEYS = {"accuracy", "nll", "ece", "ece_em", "brier", "auroc", "aurc", "acc_at_90", "reject10",
+               "in_distribution", "density_threshold"}
+"""Every row's metrics: the feature density (fitted at training end by default) adds the last two."""
 ROW_EXTRAS = {"map": {"sd", "members"}, "ensemble": {"member_disagreement"}}
 pytestmark = pytest.mark.slow
 
@@ -32,7 +34,7 @@ def _check_report(report: dict, splits: set[str]) -> None:
             assert set(metrics) == REPORT_KEYS | ROW_EXTRAS[method]
             assert 0.0 <= metrics["accuracy"] <= 1.0
             assert 0.0 <= metrics.get("member_disagreement", 0.0) <= 1.0
-    assert set(report["ood"]["ensemble"]["shift"]) == {"auroc_entropy", "auroc_mi"}
+    assert set(report["ood"]["ensemble"]["shift"]) == {"auroc_entropy", "auroc_mi", "auroc_density"}
 
 
 def test_ensemble_on_ray_to_report(ray_session, sentiment_files, tmp_path):

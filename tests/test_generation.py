@@ -310,7 +310,7 @@ def test_cli_trains_evaluates_and_generates_a_generation_task(tmp_path, capsys):
     assert set(report["methods"]) == {"map", "ensemble"}  # temperature has no generative form: skipped
     ensemble = report["methods"]["ensemble"]
     assert ensemble["n"] == 30 and 0 <= ensemble["exact_match"] <= 1
-    assert {"mean_token_mi", "group_entropy", "sequence_nll"} <= set(ensemble["scores"])
+    assert {"mean_token_mi", "group_entropy", "sequence_nll", "feature_distance"} <= set(ensemble["scores"])
     capsys.readouterr()
     assert main(["generate", "--posterior", str(tmp_path / "run" / "posterior"), "--prompt", "3 plus 4 is",
                  "--max-new-tokens", "3"]) == 0

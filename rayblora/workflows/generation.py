@@ -87,7 +87,7 @@ def evaluate_generation(artifact: str | Path, cfg: Config, methods: Sequence[str
 
 def markdown_table(results: dict[str, MethodAnswers], task: str) -> str:
     """Exact match and AUROC (wrong vs right) of the main scores per method."""
-    names = ("mean_token_entropy", "mean_token_mi", "max_token_mi", "sequence_nll", "group_entropy")
+    names = ("mean_token_entropy", "mean_token_mi", "max_token_mi", "sequence_nll", "group_entropy", "feature_distance")
     lines = [f"### {task}: generated answers", "",
              "| method | N | exact match | " + " | ".join(f"AUROC {n}" for n in names) + " | tokens/s |",
              "|---|---|---|" + "---|" * len(names) + "---|"]
