@@ -20,7 +20,7 @@ class EchoService:
     async def predict(self, body):
         self.seen = body.inputs[0].text
         return {"posterior": "x", "method": "map", "version": "0", "created": "", "samples": 1,
-                "abstain_threshold": 0.0, "predictions": []}
+                "abstain_threshold": 0.0, "abstain_score": "confidence", "predictions": []}
 
     async def list_posteriors(self):
         return {"default": "x", "posteriors": []}

@@ -79,11 +79,13 @@ class McDropoutPosterior(Posterior):
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """T > 0 minimising the NLL of 1/K Σ_k softmax(logits_k / T) (logits (N, C), or (K, N, C) for K members;
     labels (N,)), by L-BFGS over log T."""
-    logits = logits.detach().float().cpu().clamp_min(FINITE_FLOOR)  # one scalar: fitted on the CPU
+    # one scalar, fitted on the CPU in float64: in float32 the NLL is flat to rounding over a range of T wide
+    # enough that logits equal to 1e-7 gave temperatures 1e-4 apart
+    logits = logits.detach().double().cpu().clamp_min(FINITE_FLOOR)
     logits, labels = (logits[None] if logits.dim() == 2 else logits), labels.cpu()
-    log_t = torch.zeros((), requires_grad=True)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-    log_k = torch.log(torch.tensor(float(logits.shape[0])))
+    log_k = torch.log(torch.tensor(float(logits.shape[0]), dtype=torch.float64))
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
