@@ -157,6 +157,11 @@ class StackedDecoder:
         self.prompt_trunk = prompt_summary(self.trunk_hidden, attention_mask.to(self.trunk_hidden.device)).cpu()
         return logits
 
+    def prompt_features_of(self, kind: str) -> torch.Tensor:
+        """After :meth:`prefill`, what a feature density of `kind` scores for the prompts: (1, B, 2H) for "trunk",
+        (S, B, H) for "answer" (:mod:`rayblora.density`)."""
+        return self.prompt_trunk[None] if kind == "trunk" else self.prompt_features
+
     def split(self) -> None:
         """From the next step on, each state reads its own tokens: the trunk's B rows become S·B rows."""
         if self.shared:

@@ -67,7 +67,7 @@ def generate(states: StateSet, prompts: Sequence[str], settings: DecodingSetting
 
 def prompt_scores(decoder: StackedDecoder, density: FeatureDensity) -> DensityScores:
     """The feature-density scores (B,) of a prefilled decoder's prompts."""
-    return density.scores(decoder.prompt_trunk[None] if density.features == "trunk" else decoder.prompt_features)
+    return density.scores(decoder.prompt_features_of(density.features))
 
 
 def with_density(answers: list[Generation], scores: DensityScores) -> list[Generation]:

@@ -150,23 +150,25 @@ class Posterior(ABC):
             return predict(batch)
         with self.scorer.capturing_features() as captured:
             views = predict(batch)
-        scores = self.density.scores(self._density_features(batch, captured))
+        scores = self.density.scores(self._density_features(batch, self.density.features, captured))
         return {name: pred.with_density(scores.distance, scores.log_density, scores.in_distribution)
                 for name, pred in views.items()}
 
-    def _density_features(self, batch: dict[str, torch.Tensor], captured: CapturedFeatures) -> torch.Tensor:
-        """The (S, B, D) features :attr:`density` scores from what a batch's forwards read; where they read none
-        (a Jacobian-cache hit, a forward of the whole model) the frozen trunk, or the members' forward, runs."""
+    def _density_features(self, batch: dict[str, torch.Tensor], kind: str,
+                          captured: CapturedFeatures | None = None) -> torch.Tensor:
+        """The (S, B, D) features a density of `kind` scores, from what a batch's forwards read (`captured`);
+        where they read none (a Jacobian-cache hit, a forward of the whole model) the frozen trunk ("trunk"), or
+        the members' batched forward ("answer"), runs."""
         rows = len(batch["input_ids"])
-        if self.density.features == "trunk":
-            if not captured.trunk:
+        if kind == "trunk":
+            if captured is None or not captured.trunk:
                 with self.scorer.capturing_features() as captured:
                     self.scorer.shared_trunk(batch)
             return captured.trunk[0][None]
-        if not captured.answer or sum(len(f) for f in captured.answer) % rows:
+        if captured is None or not captured.answer or sum(len(f) for f in captured.answer) % rows:
             with self.scorer.capturing_features() as captured:
                 self.scorer.logits_for_states(batch, self.members)
-        return torch.cat(captured.answer).reshape(-1, rows, self.density.dim)
+        return torch.cat(captured.answer).reshape(-1, rows, captured.answer[0].shape[-1])
 
     # --- feature density ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -181,14 +183,7 @@ class Posterior(ABC):
         feats, labels = [], []
         with self.scorer.restoring_adapter():
             for batch in eval_batches(dataset, self.scorer.tokenizer, batch_size, self.scorer.max_length):
-                with self.scorer.capturing_features() as captured:
-                    if kind == "trunk":
-                        self.scorer.shared_trunk(batch)
-                    else:
-                        self.scorer.logits_for_states(batch, self.members)
-                rows = len(batch["input_ids"])
-                feats.append(captured.trunk[0][None] if kind == "trunk"
-                             else torch.cat(captured.answer).reshape(len(self.members), rows, -1))
+                feats.append(self._density_features(batch, kind))
                 labels.append(batch["labels"])
         return torch.cat(feats, 1), torch.cat(labels)
 
@@ -203,7 +198,7 @@ class Posterior(ABC):
                 batch = states.encode(prompts[start:start + batch_size])
                 decoder = states.decoder()
                 decoder.prefill(batch["input_ids"], batch["attention_mask"])
-                feats.append(decoder.prompt_trunk[None] if kind == "trunk" else decoder.prompt_features)
+                feats.append(decoder.prompt_features_of(kind))
         return torch.cat(feats, 1)
 
     def fit_density(self, train, validation, quantile: float = 0.99, batch_size: int = 16,
