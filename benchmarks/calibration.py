@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,14 +131,40 @@ def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, Split
 
 
 def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
-              seconds: dict[str, float]) -> None:
-    arrays = {f"{m}/{s}/{f}": getattr(r, f) for m, splits in results.items() for s, r in splits.items()
+              seconds: dict[str, float], row_ids: dict[str, list[str]]) -> None:
+    """Write a seed's cell: `path` (.npz: "<method>/<split>/<field>" arrays and "ids/<split>", each split's row
+    ids "<task>:<row>") and its .json (config digest, wall seconds, config, machine, date and load)."""
+    arrays = {f"{m}/{s}/{f}": _compact(getattr(r, f)) for m, splits in results.items() for s, r in splits.items()
               for f in FIELDS if getattr(r, f) is not None}
+    arrays.update({f"ids/{s}": np.asarray(row_ids[s], dtype=str) for s in results["map"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
     write_json_atomic(path.with_suffix(".json"), {"config_digest": config_digest(cfg), "seconds": seconds,
-                                                  "config": cfg.to_dict()})
+                                                  "record": BenchmarkRecord().meta(), "config": cfg.to_dict()})
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """A cell's array stored small: floats as float32 (the probabilities' own precision), labels as int16."""
+    values = np.asarray(values)
+    return values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int16)
+
+
+def split_ids(artifact: Path, cfg: Config) -> dict[str, list[str]]:
+    """Row ids of every evaluation split of a trained seed, by split name (the in-domain test split by its
+    task's name)."""
+    data = artifact_data(artifact, cfg.data, log)
+    names = {"test": split_name(cfg.data.task)}
+    return {names.get(k, k): v for k, v in data.ids.items() if k not in ("train", "validation")}
+
+
+def commit_cell(path: Path, seed: int) -> None:
+    """`git commit` a finished cell's two files (only them: other changes in the tree stay as they are)."""
+    files = [str(path), str(path.with_suffix(".json"))]
+    subprocess.run(["git", "add", "--", *files], check=True)
+    subprocess.run(["git", "commit", "-q", "-m", f"Benchmark cell {path.parent.name}/{path.stem} "
+                    f"(seed {seed}), from {' '.join(sys.argv)}", "--", *files], check=True)
 
 
 def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | None:
@@ -145,35 +173,53 @@ def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | No
     if not (path.is_file() and meta.is_file()) or json.loads(meta.read_text())["config_digest"] != config_digest(cfg):
         return None
     with np.load(path) as blob:
-        keys = {tuple(k.split("/")) for k in blob.files}
+        keys = {tuple(k.split("/")) for k in blob.files if not k.startswith("ids/")}
         out: dict[str, dict[str, SplitResult]] = {}
         for m, s in sorted({(m, s) for m, s, _ in keys}):
             fields = {f: blob[f"{m}/{s}/{f}"] for f in FIELDS if (m, s, f) in keys}
+            fields["labels"] = fields["labels"].astype(np.int64)
             out.setdefault(m, {})[s] = SplitResult(**fields)
     return out
 
 
+def cell_path(args, cfg: Config, seed: int, extra: tuple[str, list[str]] | None = None) -> Path:
+    """Where a seed's predictions are kept: `<--cells>/seed<s>[-<extra>].npz` (committed cells), else
+    `<output.dir>/predictions.npz` beside its artifact."""
+    if not args.cells:
+        return cfg.out_dir / "predictions.npz"
+    return Path(args.cells) / (f"seed{seed}-{extra[0]}.npz" if extra else f"seed{seed}.npz")
+
+
 def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) -> dict[str, dict[str, SplitResult]]:
     """A seed's rows: kept predictions where they were made with this config, the rows they lack evaluated on
-    the seed's artifact (e.g. a family added to `posterior.eval_methods`), else a new training run."""
+    the seed's artifact (e.g. a family added to `posterior.eval_methods`; a new run where it is gone), else a
+    new training run. With `--commit`, a cell written is committed at once."""
     cfg = seed_config(args, seed, extra)
-    path = cfg.out_dir / "predictions.npz"
+    path = cell_path(args, cfg, seed, extra)
     kept = load_seed(path, cfg)
+    missing = [m for m in cfg.posterior.eval_methods if kept is not None and m not in kept]
+    artifact = cfg.out_dir / "posterior"
+    if kept is not None and missing and not artifact.is_dir():
+        log(f"seed {seed}: {path} lacks rows {missing} and its artifact {artifact} is gone: training it again")
+        kept = None
     t0 = time.time()
     if kept is None:
         results, seconds = run_seed(cfg, early=extra is None)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_seed(path, cfg, results, seconds)
-        return results
-    missing = [m for m in cfg.posterior.eval_methods if m not in kept]
-    log(f"seed {seed}: predictions kept from an earlier run ({path})"
-        + (f"; evaluating the rows it lacks: {missing}" if missing else ""))
-    if missing:
+        save_seed(path, cfg, results, seconds, split_ids(artifact, cfg))
+        results = load_seed(path, cfg)  # as stored: a rerun that finds this cell aggregates the same numbers
+    else:
+        log(f"seed {seed}: predictions kept from an earlier run ({path})"
+            + (f"; evaluating the rows it lacks: {missing}" if missing else ""))
+        if not missing:
+            return kept
         fits: dict[str, float] = {}
-        kept.update(evaluate_methods(cfg.out_dir / "posterior", cfg, missing, log=log, timings=fits))
+        kept.update(evaluate_methods(artifact, cfg, missing, log=log, timings=fits))
         save_seed(path, cfg, kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
-                                    **{f"fit:{m}": s for m, s in fits.items()}})
-    return kept
+                                    **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(artifact, cfg))
+        results = load_seed(path, cfg)
+    if args.commit:
+        commit_cell(path, seed)
+    return results
 
 
 def seed_seconds(path: Path) -> dict[str, float]:
@@ -395,6 +441,10 @@ def main() -> None:
                         help="another training run per seed whose posterior.eval_methods rows join the table "
                              "(same data, so the same test rows), e.g. 'blob:posterior.method=blob "
                              "posterior.members=1 posterior.eval_methods=[blob,blob_mean]'")
+    parser.add_argument("--cells", default="", metavar="DIR",
+                        help="keep each seed's predictions as DIR/seed<s>.npz + .json (a committed campaign cell, "
+                             "e.g. benchmarks/results/campaign/obqa/seed) instead of beside its artifact")
+    parser.add_argument("--commit", action="store_true", help="git-commit each cell as it is written")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()
     record = BenchmarkRecord()
@@ -403,12 +453,12 @@ def main() -> None:
     per_seed = [seed_results(args, s) for s in seeds]
     cfg = seed_config(args, seeds[0])
     task_name = args.task_name or split_name(cfg.data.task)
-    seconds = {"": mean_seconds([seed_config(args, s).out_dir / "predictions.npz" for s in seeds])}
+    seconds = {"": mean_seconds([cell_path(args, seed_config(args, s), s) for s in seeds])}
     for extra in extras:
         methods = list(seed_config(args, seeds[0], extra).posterior.eval_methods)
         for s, results in zip(seeds, per_seed):
             merge_extra(results, seed_results(args, s, extra), methods, extra[0])
-        seconds[extra[0]] = mean_seconds([seed_config(args, s, extra).out_dir / "predictions.npz" for s in seeds])
+        seconds[extra[0]] = mean_seconds([cell_path(args, seed_config(args, s, extra), s, extra) for s in seeds])
     task, deltas = aggregate(per_seed, cfg, args.n_boot)
     task["seconds_per_seed"] = {"main": seconds.pop(""), **seconds}
     json_path = Path(args.json)

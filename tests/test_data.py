@@ -164,3 +164,33 @@ def test_shift_test_size_sizes_shift_and_far_ood_splits(tmp_path):
     data = load_task_data(cfg)
     assert len(data.test) == 4 and len(data.shifts["s"]) == 7 and len(data.far_ood["news"]) == 7
     assert len(load_task_data(cfg, test_limit=2).shifts["s"]) == 7  # fewer test rows, same shift rows
+
+
+def test_multiple_choice_shifts_widen_the_run_to_their_most_options(tmp_path):
+    four = _jsonl(tmp_path / "four.jsonl", [{"question": f"q{i}?", "choices": ["a", "b", "c", "d"], "label": i % 4}
+                                            for i in range(12)])
+    five = _jsonl(tmp_path / "five.jsonl", [{"question": f"s{i}?", "choices": list("abcde")[: 4 + i % 2],
+                                             "label": i % 4} for i in range(12)])
+    data = load_task_data(_cfg(four, shifts=[five], choice_scoring="likelihood"))
+    assert data.spec.choices == (" A", " B", " C", " D", " E")
+    assert set(data.test["num_choices"]) == {4} and set(data.shifts["five"]["num_choices"]) <= {4, 5}
+    trained = load_task_data(_cfg(four, choice_scoring="likelihood")).spec  # an artifact trained without it
+    assert trained.choices == (" A", " B", " C", " D")
+    with pytest.raises(DataError, match="data.shift_tasks: .*no more options"):
+        load_task_data(_cfg(four, shifts=[five], choice_scoring="likelihood"), spec=trained)
+    assert load_task_data(_cfg(five, shifts=[four], choice_scoring="likelihood"), spec=data.spec).spec == data.spec
+
+
+def test_a_multiple_choice_task_takes_other_multiple_choice_tasks_as_far_ood(tmp_path):
+    task = _jsonl(tmp_path / "task.jsonl", [{"question": f"q{i}?", "choices": ["a", "b", "c"], "label": i % 3}
+                                            for i in range(12)])
+    other = _jsonl(tmp_path / "other.jsonl", [{"question": f"fill _ {i}", "choices": ["x", "y"], "label": i % 2}
+                                              for i in range(9)])
+    cfg = load_config(None, [f"data.task={task}", "data.shift_tasks=[]", f"data.far_ood_tasks=[{other}]",
+                             "data.val_size=4", "data.test_size=4", "data.shift_test_size=5",
+                             "data.choice_scoring=likelihood"]).data
+    data = load_task_data(cfg)
+    far = data.far_ood["other"]
+    assert len(far) == 5 and set(far["num_choices"]) == {2} and far[0]["choices"] == [" x", " y"]
+    assert far[0]["prompt"].startswith("Question: fill _") and data.ids["other"][0].startswith("other:")
+    assert load_task_data(cfg).ids["other"] == data.ids["other"]  # seeded: the same rows every time

@@ -38,7 +38,8 @@ class TaskData:
 
     `ids` names the rows of each split ("train", "validation", "test", and each shift split's name) as
     "<task>:<row index in its source>", so a split can be checked against the one an artifact was trained on.
-    `far_ood` holds the unlabelled far-OOD splits (their `label` column is a placeholder 0)."""
+    `far_ood` holds the far-OOD splits, scored for OOD detection only (far-OOD text's `label` column is a
+    placeholder 0)."""
 
     spec: TaskSpec
     train: Any
@@ -80,9 +81,19 @@ def _far_ood_rows(task: str) -> list[dict[str, Any]]:
 
 
 def _far_ood_split(task: str, cfg: DataConfig, spec: TaskSpec, size: int, limit: int | None):
+    """A far-OOD split: text fed through a classification task's prompt, or for a multiple-choice task the
+    evaluation rows of another multiple-choice task (e.g. WinoGrande beside OpenBookQA; labels kept, unused)."""
+    if spec.kind == "multiple_choice":
+        rows = [] if task in FAR_OOD_TASKS else read_rows(task)
+        if not rows or not {"question", "choices"} <= set(rows[0]):
+            raise DataError(f"data.far_ood_tasks: {task!r} is not multiple choice (question + choices); a "
+                            "multiple-choice task's far-OOD sets are other multiple-choice tasks, e.g. winogrande")
+        _, (examples,), (ids,) = _task_splits(task, rows, cfg, (size,), spec, "data.far_ood_tasks",
+                                              "far-OOD task", (limit,))
+        return _to_dataset(examples), ids
     if spec.kind != "classification":
         raise DataError("data.far_ood_tasks: far-OOD text is fed through the classification prompt; the task "
-                        "is multiple choice")
+                        f"is {spec.kind}")
     examples = rows_to_examples(_far_ood_rows(task), spec, task)
     (idx,) = _split_indices(len(examples), (size,), cfg.seed, task, (limit,))
     return _to_dataset([examples[i] for i in idx]), _row_ids(task, idx)
@@ -186,18 +197,38 @@ def _split_indices(n: int, sizes: tuple[int, ...], seed: int, source: str,
     return out
 
 
-def _task_splits(task: str, cfg: DataConfig, sizes: tuple[int, ...], spec: TaskSpec | None = None,
-                 field_name: str = "data.task", role: str = "", limits: tuple[int | None, ...] = (),
-                 ) -> tuple[TaskSpec, list[list[dict[str, Any]]], list[list[str]]]:
-    """(spec, one example list per size in `sizes`, their row ids) of one task, from the seeded split of its rows.
+def _scorable_as(own: TaskSpec, spec: TaskSpec) -> bool:
+    """Whether rows whose own spec is `own` can be scored under `spec`: the same answers, or multiple choice
+    scored the same way with no more options per question."""
+    return own.choices == spec.choices or (own.kind == spec.kind == "multiple_choice"
+                                           and own.scoring == spec.scoring and len(own.choices) <= len(spec.choices))
+
+
+def _run_spec(rows: dict[str, list[dict[str, Any]]], cfg: DataConfig) -> TaskSpec:
+    """The spec of a run over `rows` (task name -> rows; the task first): the task's own, for multiple choice
+    widened to the most options any multiple-choice task among them has (ARC's few five-option questions as a
+    shift of four-option OpenBookQA)."""
+    own = infer_spec(rows[cfg.task], cfg, cfg.task)
+    if own.kind != "multiple_choice":
+        return own
+    specs = [infer_spec(task_rows, cfg, task) for task, task_rows in rows.items()]
+    widest = max(len(s.choices) for s in specs if s.kind == "multiple_choice" and s.scoring == own.scoring)
+    return dataclasses.replace(multiple_choice_spec(widest, own.scoring), chat_template=own.chat_template)
+
+
+def _task_splits(task: str, rows: list[dict[str, Any]], cfg: DataConfig, sizes: tuple[int, ...],
+                 spec: TaskSpec | None = None, field_name: str = "data.task", role: str = "",
+                 limits: tuple[int | None, ...] = ()) -> tuple[TaskSpec, list[list[dict[str, Any]]], list[list[str]]]:
+    """(spec, one example list per size in `sizes`, their row ids) of one task's `rows`, from their seeded split.
 
     The first splits of a permutation do not depend on the later sizes, so a shift task's (test_size,) split is
-    the test split it has as the run's task. With `spec` given, the task must answer with the same choices."""
-    rows = read_rows(task)
+    the test split it has as the run's task. With `spec` given, the rows must be scorable under it (the same
+    choices; for multiple choice, no more options)."""
     own = infer_spec(rows, cfg, task)
-    if spec is not None and own.choices != spec.choices:
+    if spec is not None and not _scorable_as(own, spec):
         raise DataError(f"{field_name}: {task!r} answers {list(own.choices)} but the task answers "
-                        f"{list(spec.choices)}; a {role} must share the labels")
+                        f"{list(spec.choices)}; a {role} must share the labels (multiple choice: have no more "
+                        "options per question)")
     spec = spec or own
     examples = rows_to_examples(rows, spec, task)
     blocks = _official_split_indices(rows, sizes, cfg.seed, task, limits)
@@ -220,28 +251,32 @@ def _official_split_indices(rows: list[dict[str, Any]], sizes: tuple[int, ...], 
     return [np.sort(test), *(np.sort(pools[1][idx]) for idx in rest)]
 
 
-def load_task_data(cfg: DataConfig, test_limit: int | None = None) -> TaskData:
+def load_task_data(cfg: DataConfig, test_limit: int | None = None, spec: TaskSpec | None = None) -> TaskData:
     """Load, validate, format and split the task and its shift tasks; pool the training and validation
     splits of `cfg.joint_tasks` with the task's (each task split exactly as when it is the run's task).
 
     `test_limit` keeps the first `test_limit` rows of the test split's permutation block (a subset of the
     `cfg.test_size` rows; the training and validation rows do not move), and of each shift / far-OOD split unless
-    `cfg.shift_test_size` sets their size."""
+    `cfg.shift_test_size` sets their size. `spec` (an artifact's) is the spec every split is scored under; by
+    default the one the task and its joint and shift tasks imply (:func:`_run_spec`)."""
     if test_limit is not None and not 0 < test_limit <= cfg.test_size:
         raise DataError(f"test_limit must be in [1, data.test_size={cfg.test_size}], got {test_limit}")
+    rows = {task: read_rows(task) for task in dict.fromkeys([cfg.task, *cfg.joint_tasks, *cfg.shift_tasks])}
+    spec = spec or _run_spec(rows, cfg)
     sizes, limits = (cfg.test_size, cfg.val_size, cfg.train_size), (test_limit,)
-    spec, (test, val, train), (test_ids, val_ids, train_ids) = _task_splits(cfg.task, cfg, sizes, limits=limits)
+    _, (test, val, train), (test_ids, val_ids, train_ids) = _task_splits(cfg.task, rows[cfg.task], cfg, sizes,
+                                                                         spec, limits=limits)
     for task in cfg.joint_tasks:
         _, (_, joint_val, joint_train), (_, j_val_ids, j_train_ids) = _task_splits(
-            task, cfg, sizes, spec, "data.joint_tasks", "joint task")
+            task, rows[task], cfg, sizes, spec, "data.joint_tasks", "joint task")
         val, train = val + joint_val, train + joint_train
         val_ids, train_ids = val_ids + j_val_ids, train_ids + j_train_ids
     ids = {"train": train_ids, "validation": val_ids, "test": test_ids}
     shift_size, limits = (cfg.shift_test_size, ()) if cfg.shift_test_size else (cfg.test_size, limits)
     shifts = {}
     for task in cfg.shift_tasks:
-        _, (shift_test,), (shift_ids,) = _task_splits(task, cfg, (shift_size,), spec, "data.shift_tasks",
-                                                      "shift task", limits)
+        _, (shift_test,), (shift_ids,) = _task_splits(task, rows[task], cfg, (shift_size,), spec,
+                                                      "data.shift_tasks", "shift task", limits)
         shifts[split_name(task)] = _to_dataset(shift_test)
         ids[split_name(task)] = shift_ids
     far_ood = {}

@@ -18,7 +18,7 @@ import json
 from typing import Any, Callable
 
 from rayblora.config import ConfigError, DataConfig
-from rayblora.data.formats import DataError
+from rayblora.data.formats import DataError, TaskSpec
 from rayblora.data.sources import TaskData, load_task_data
 from rayblora.manifest import read_manifest
 
@@ -65,15 +65,16 @@ def trained_data_config(training: dict[str, Any], given: DataConfig) -> tuple[Da
                                shift_test_size=given.shift_test_size), limit
 
 
-def load_trained_data(training: dict[str, Any], given: DataConfig,
-                      log: Callable[[str], None] = print) -> TaskData:
-    """The artifact's splits (see the module doc); checks the rebuilt training and validation rows against the
-    recorded ids. An artifact without a recorded data section (older than this record) uses `given`."""
+def load_trained_data(training: dict[str, Any], given: DataConfig, log: Callable[[str], None] = print,
+                      spec: TaskSpec | None = None) -> TaskData:
+    """The artifact's splits (see the module doc), scored under the artifact's task `spec` where given; checks the
+    rebuilt training and validation rows against the recorded ids. An artifact without a recorded data section
+    (older than this record) uses `given`."""
     if "config" not in training:
         log("[data] the artifact records no training data section; using the given config's splits")
-        return load_task_data(given)
+        return load_task_data(given, spec=spec)
     cfg, limit = trained_data_config(training, given)
-    data = load_task_data(cfg, test_limit=limit)
+    data = load_task_data(cfg, test_limit=limit, spec=spec)
     recorded = training.get("splits")
     if recorded:
         for split in ("train", "validation"):
@@ -84,5 +85,12 @@ def load_trained_data(training: dict[str, Any], given: DataConfig,
 
 
 def artifact_data(artifact, given: DataConfig, log: Callable[[str], None] = print) -> TaskData:
-    """:func:`load_trained_data` of the artifact directory `artifact` (its manifest's `training` record)."""
-    return load_trained_data(read_manifest(artifact).get("training", {}), given, log)
+    """:func:`load_trained_data` of the artifact directory `artifact` (its manifest's `training` record and task
+    spec)."""
+    manifest = read_manifest(artifact)
+    return load_trained_data(manifest.get("training", {}), given, log, manifest_spec(manifest))
+
+
+def manifest_spec(manifest: dict[str, Any]) -> TaskSpec | None:
+    """The task spec an artifact's manifest records (None for a manifest without one)."""
+    return TaskSpec.from_dict(manifest["task"]) if "task" in manifest else None
