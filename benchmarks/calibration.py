@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
@@ -132,23 +131,12 @@ def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, Split
 
 def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
               seconds: dict[str, float], row_ids: dict[str, list[str]]) -> None:
-    """Write a seed's cell: `path` (.npz: "<method>/<split>/<field>" arrays and "ids/<split>", each split's row
-    ids "<task>:<row>") and its .json (config digest, wall seconds, config, machine, date and load)."""
-    arrays = {f"{m}/{s}/{f}": _compact(getattr(r, f)) for m, splits in results.items() for s, r in splits.items()
+    """Write a seed's cell (:mod:`cells`): "<method>/<split>/<field>" arrays and "ids/<split>" (each split's row
+    ids "<task>:<row>"), with the wall seconds of each phase and the config."""
+    arrays = {f"{m}/{s}/{f}": getattr(r, f) for m, splits in results.items() for s, r in splits.items()
               for f in FIELDS if getattr(r, f) is not None}
     arrays.update({f"ids/{s}": np.asarray(row_ids[s], dtype=str) for s in results["map"]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    write_json_atomic(path.with_suffix(".json"), {"config_digest": config_digest(cfg), "seconds": seconds,
-                                                  "record": BenchmarkRecord().meta(), "config": cfg.to_dict()})
-
-
-def _compact(values: np.ndarray) -> np.ndarray:
-    """A cell's array stored small: floats as float32 (the probabilities' own precision), labels as int16."""
-    values = np.asarray(values)
-    return values.astype(np.float32) if values.dtype.kind == "f" else values.astype(np.int16)
+    write_cell(path, arrays, config_digest(cfg), seconds=seconds, config=cfg.to_dict())
 
 
 def split_ids(artifact: Path, cfg: Config) -> dict[str, list[str]]:
@@ -159,26 +147,15 @@ def split_ids(artifact: Path, cfg: Config) -> dict[str, list[str]]:
     return {names.get(k, k): v for k, v in data.ids.items() if k not in ("train", "validation")}
 
 
-def commit_cell(path: Path, seed: int) -> None:
-    """`git commit` a finished cell's two files (only them: other changes in the tree stay as they are)."""
-    files = [str(path), str(path.with_suffix(".json"))]
-    subprocess.run(["git", "add", "--", *files], check=True)
-    subprocess.run(["git", "commit", "-q", "-m", f"Benchmark cell {path.parent.name}/{path.stem} "
-                    f"(seed {seed}), from {' '.join(sys.argv)}", "--", *files], check=True)
-
-
 def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | None:
     """A finished seed's predictions, if they were made with this config."""
-    meta = path.with_suffix(".json")
-    if not (path.is_file() and meta.is_file()) or json.loads(meta.read_text())["config_digest"] != config_digest(cfg):
+    arrays = read_cell(path, config_digest(cfg))
+    if arrays is None:
         return None
-    with np.load(path) as blob:
-        keys = {tuple(k.split("/")) for k in blob.files if not k.startswith("ids/")}
-        out: dict[str, dict[str, SplitResult]] = {}
-        for m, s in sorted({(m, s) for m, s, _ in keys}):
-            fields = {f: blob[f"{m}/{s}/{f}"] for f in FIELDS if (m, s, f) in keys}
-            fields["labels"] = fields["labels"].astype(np.int64)
-            out.setdefault(m, {})[s] = SplitResult(**fields)
+    keys = {tuple(k.split("/")) for k in arrays if not k.startswith("ids/")}
+    out: dict[str, dict[str, SplitResult]] = {}
+    for m, s in sorted({(m, s) for m, s, _ in keys}):
+        out.setdefault(m, {})[s] = SplitResult(**{f: arrays[f"{m}/{s}/{f}"] for f in FIELDS if (m, s, f) in keys})
     return out
 
 
@@ -218,7 +195,7 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
                                     **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(artifact, cfg))
         results = load_seed(path, cfg)
     if args.commit:
-        commit_cell(path, seed)
+        commit_cell(path, f"{split_name(cfg.data.task)} seed {seed}")
     return results
 
 
