@@ -2,11 +2,12 @@
 evaluated per scoring on the same rows and seed, accuracy / NLL / ECE with paired-bootstrap 95 % intervals of the
 difference to letter scoring (issue: multiple choice by option likelihood).
 
-    .venv/bin/python benchmarks/choice_scoring.py --task bbq_lite_json [overrides ...]
+    .venv/bin/python benchmarks/choice_scoring.py --task arc_easy [overrides ...]
 
-The task is a BIG-bench multiple-choice task extracted into the user's cache (`rayblora assets fetch
---bigbench-choice --bigbench-choice-tasks TASK`); the regime is jobs/configs/choice.yaml's, with one member.
-Writes benchmarks/results/choice_scoring_<task>.json.
+The task is a built-in multiple-choice task (`rayblora assets fetch --tasks arc_easy`), a multiple-choice file, or
+a BIG-bench task extracted into the user's cache (`rayblora assets fetch --bigbench-choice --bigbench-choice-tasks
+TASK`, from its release); the regime is jobs/configs/choice.yaml's, with one member. Writes
+benchmarks/results/choice_scoring_<task>.json.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from rayblora import bigbench
 from rayblora.comparison import paired_bootstrap, row_metric
 from rayblora.config import CHOICE_SCORINGS, load_config
 from rayblora.data import load_task_data
+from rayblora.data.sources import QA_TASKS
 from rayblora.posteriors.ensemble import EnsemblePosterior
 from rayblora.report import SplitResult
 from rayblora.scoring import build_scorer
@@ -50,9 +53,17 @@ def one_scoring(config: str, task_path: str, scoring: str, overrides: list[str],
                     "chance_accuracy": chance, "train_rows": len(data.train), "test_rows": len(data.test)}
 
 
+def task_source(task: str) -> str:
+    """`data.task` for `task`: a built-in task or a file as given, else the extracted BIG-bench task's file."""
+    if task in QA_TASKS or Path(task).exists():
+        return task
+    return str(bigbench.ensure_bigbench([], choice_tasks=[task])[f"choice/{task}"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="bbq_lite_json", help="BIG-bench multiple-choice task (extracted)")
+    parser.add_argument("--task", default="arc_easy", help="a built-in multiple-choice task, a file, or an "
+                        "extracted BIG-bench multiple-choice task")
     parser.add_argument("--config", default="jobs/configs/choice.yaml")
     parser.add_argument("--scorings", default=",".join(reversed(CHOICE_SCORINGS)))
     parser.add_argument("--out", default="runs/choice-scoring")
@@ -61,7 +72,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=80")
     args = parser.parse_args()
     record = BenchmarkRecord()
-    task_path = str(bigbench.ensure_bigbench([], choice_tasks=[args.task])[f"choice/{args.task}"])
+    task_path = task_source(args.task)
     results, info = {}, {}
     for scoring in args.scorings.split(","):
         results[scoring], info[scoring] = one_scoring(args.config, task_path, scoring, args.overrides, args.out,
@@ -71,7 +82,7 @@ def main() -> None:
     figures = {"task": args.task, "reference": reference, "zero_shot": args.zero_shot,
                "scorings": {m: {**info[m], **{k: row_metric(r, k) for k in ("accuracy", "nll", "ece")},
                                 "vs_" + reference: deltas[m]} for m, r in results.items()}}
-    default = f"benchmarks/results/choice_scoring_{args.task}{'_zero_shot' if args.zero_shot else ''}.json"
+    default = f"benchmarks/results/choice_scoring_{Path(args.task).stem}{'_zero_shot' if args.zero_shot else ''}.json"
     record.write(args.json or default, figures)
     print(json.dumps(figures, indent=1))
 

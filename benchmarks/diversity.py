@@ -28,15 +28,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("runs/diversity")
-CHOICE_FILE = Path.home() / ".cache/rayblora/data/bigbench/choice/goal_step_wikihow.parquet"
 VADER = "jobs/configs/calibration.yaml"
-CHOICE = "jobs/configs/choice.yaml"
+CHOICE = "jobs/configs/obqa.yaml"
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "vader_seed": (VADER, []),
     "vader_bootstrap": (VADER, ["train.member_data=bootstrap"]),
     "vader_random_b": (VADER, ["adapter.init_b_std=0.01"]),
     "vader_bootstrap_random_b": (VADER, ["train.member_data=bootstrap", "adapter.init_b_std=0.01"]),
-    "choice_seed": (CHOICE, [f"data.task={CHOICE_FILE}", "data.max_length=256"]),
+    "choice_seed": (CHOICE, []),
 }
 """name -> (config, overrides). `*_seed`: members differ by seed only (LoRA init of A, data order, dropout);
 `bootstrap`: each member on its own resample of the training split; `random_b`: B drawn N(0, 0.01²) instead of

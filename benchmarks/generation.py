@@ -1,10 +1,12 @@
 """Generated-answer uncertainty benchmark: does the posterior know when its generated answer is wrong?
 
-    .venv/bin/python benchmarks/generation.py --config jobs/configs/generation.yaml --seeds 0,1,2 \
-        [--out runs/generation-bench] [--n-boot 1000] [--json benchmarks/results/generation.json] [overrides ...]
+    .venv/bin/python benchmarks/generation.py --config jobs/configs/triviaqa.yaml --seeds 0,1,2 \
+        [--out runs/generation-bench] [--n-boot 1000] [--json benchmarks/results/generation.json] \
+        [--cells benchmarks/results/campaign/triviaqa/bootstrap --commit] [overrides ...]
 
-The config's task is a generation file (`prompt` + `target` rows; `rayblora assets fetch --bigbench` writes the
-BIG-bench ones, `--bigbench-task NAME` turns one into that file under `--out`, never into the repository).
+The config's task is a generation task: TriviaQA by default (`rayblora assets fetch --tasks triviaqa`), any
+`prompt` + `target` file, or a BIG-bench task for those who have its release (`--bigbench-task NAME` turns one into
+a file under `--out`, never into the repository).
 Each seed s trains the config's K members in this process (`data.seed = train.seed = s`: a new training subset,
 test split, LoRA init and data order) and writes the artifact; then on the test split:
 
@@ -16,14 +18,16 @@ test split, LoRA init and data order) and writes the artifact; then on the test 
 
 Reported: exact match of each, and per uncertainty score the AUROC of ranking wrong answers above right ones,
 AURC and PRR (seed means); the paired-bootstrap 95 % interval of AUROC(posterior's score) − AUROC(single
-adapter's mean token entropy, averaged over the K members alone), rows resampled within each seed; throughput of S = K states vs one adapter in
-the same run (tokens/s, prefill included), with the load average. A seed's per-row results are kept in
-`<out>/seed<s>/generation.npz`, so a rerun resumes at the first unfinished seed.
+adapter's mean token entropy, averaged over the K members alone), rows resampled within each seed; throughput
+of S = K states vs one adapter in the same run (tokens/s, prefill included), with the load average. A seed's
+per-row results are a cell (:mod:`cells`: `<--cells>/seed<s>.npz`, else `<out>/seed<s>/generation.npz`, with the
+config and decoding digest), so a rerun resumes at the first unfinished seed and reruns a seed whose config changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,17 +35,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
 from rayblora.artifact import load_posterior
 from rayblora.bigbench import bigbench_path
 from rayblora.config import Config, load_config
+from rayblora.data.sources import split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.generation.answers import exact_match
 from rayblora.generation.decode import DecodingSettings
 from rayblora.generation.evaluation import detection_metrics, paired_difference
 from rayblora.manifest import write_json_atomic, write_text_atomic
 from rayblora.workflows.generation import answer_split
-from rayblora.workflows.members import trunk_cache_for
+from rayblora.workflows.members import config_digest, trunk_cache_for
 from rayblora.workflows.train import train
 
 POSTERIOR_SCORES = ("mean_token_mi", "max_token_mi", "mean_token_entropy", "sequence_nll", "group_entropy")
@@ -95,21 +101,28 @@ def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
         rows[f"member{k}/correct"] = np.array([exact_match(g.samples[k], t) for g, t in zip(states, targets)])
         for name in ("mean_token_entropy", "sequence_nll"):
             rows[f"member{k}/{name}"] = np.array([g.state_scores[k][name] for g in states])
-    log(f"members alone: exact match {np.mean([rows[f'member{k}/correct'].mean() for k in range(len(full.members))]):.3f}")
+    alone = np.mean([rows[f"member{k}/correct"].mean() for k in range(len(full.members))])
+    log(f"members alone: exact match {alone:.3f}")
     return rows
 
 
 def seed_rows(args, seed: int, settings: DecodingSettings) -> dict[str, np.ndarray]:
+    """A seed's per-row arrays: its cell (`<--cells>/seed<s>.npz`, else `<out>/seed<s>/generation.npz`) where one
+    was measured with this config, else a new run written there (and committed with `--commit`)."""
     cfg = seed_config(args, seed)
-    path = cfg.out_dir / "generation.npz"
-    if path.is_file():
+    path = Path(args.cells) / f"seed{seed}.npz" if args.cells else cfg.out_dir / "generation.npz"
+    decoding = hashlib.sha256(json.dumps(vars(settings), sort_keys=True).encode()).hexdigest()[:8]
+    digest = f"{config_digest(cfg)}-{decoding}"
+    kept = read_cell(path, digest)
+    if kept is not None:
         log(f"seed {seed}: kept results {path}")
-        return dict(np.load(path))
+        return kept
+    started = time.time()
     rows = run_seed(cfg, settings)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **rows)
-    tmp.replace(path)
-    return rows
+    write_cell(path, rows, digest, seconds=time.time() - started, decoding=vars(settings), config=cfg.to_dict())
+    if args.commit:
+        commit_cell(path, f"{split_name(cfg.data.task)} generation seed {seed}")
+    return read_cell(path, digest)  # as stored: a rerun that finds this cell aggregates the same numbers
 
 
 def _methods(rows: dict) -> list[str]:
@@ -159,7 +172,8 @@ def markdown(task: str, summary: dict, states: int) -> str:
     for name, d in summary["auroc_vs_single_adapter_entropy"].items():
         lines.append(f"| {name} | {d['delta']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |")
     g = summary["exact_match_vs_single_adapter"]
-    lines += ["", f"Exact match, ensemble − each member alone: {g['delta']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]."]
+    lines += ["", f"Exact match, ensemble − each member alone: {g['delta']:+.3f} "
+              f"[{g['low']:+.3f}, {g['high']:+.3f}]."]
     t, m = summary["targets"], summary["methods"]
     lines += ["", f"Decoding: map {m['map']['tokens_per_second']:.1f} tokens/s, ensemble (S = {states}) "
               f"{m['ensemble']['tokens_per_second']:.1f} tokens/s: {t['slowdown_S_vs_1']:.2f}× slower."]
@@ -168,7 +182,7 @@ def markdown(task: str, summary: dict, states: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="jobs/configs/generation.yaml")
+    parser.add_argument("--config", default="jobs/configs/triviaqa.yaml")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/generation-bench")
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -177,6 +191,10 @@ def main() -> None:
     parser.add_argument("--template", default="{query}", help="prompt around BIG-bench's rendering {query}")
     parser.add_argument("--subtasks", default="", help="only these BIG-bench subtasks (comma-separated)")
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--cells", default="", metavar="DIR",
+                        help="keep each seed's rows as DIR/seed<s>.npz + .json (a committed campaign cell, e.g. "
+                             "benchmarks/results/campaign/triviaqa/bootstrap)")
+    parser.add_argument("--commit", action="store_true", help="git-commit each cell as it is written")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()
     record = BenchmarkRecord()
@@ -188,7 +206,7 @@ def main() -> None:
     per_seed = [seed_rows(args, s, settings) for s in seeds]
     cfg = seed_config(args, seeds[0])
     summary = summarise(per_seed, args.n_boot)
-    task = args.bigbench_task or Path(cfg.data.task).stem
+    task = args.bigbench_task or split_name(cfg.data.task)
     write_json_atomic(Path(args.json), {"meta": {**record.meta(), "seeds": seeds, "config": args.config,
                                                  "overrides": args.overrides, "task": task,
                                                  "members": cfg.posterior.members}, **summary}, allow_nan=True)

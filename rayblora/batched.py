@@ -34,7 +34,7 @@ def lora_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, Linear)}
 
 
-def _plain_lora_adapter(layer: nn.Module) -> str | None:
+def plain_lora_adapter(layer: nn.Module) -> str | None:
     """The single active, unmerged, vanilla-LoRA adapter name of a layer, or None if it is anything else."""
     active = list(layer.active_adapters)
     if layer.disable_adapters or layer.merged or len(active) != 1:
@@ -52,21 +52,22 @@ def supports_batching(model: nn.Module, states: Sequence[AdapterState]) -> bool:
         return False
     if any(isinstance(m, LoraLayer) and n not in layers for n, m in model.named_modules()):
         return False  # LoRA on embeddings / convolutions: not handled by the stacked forward
-    if any(_plain_lora_adapter(layer) is None for layer in layers.values()):
+    if any(plain_lora_adapter(layer) is None for layer in layers.values()):
         return False
     expected = {f"{n}.lora_{f}.weight" for n in layers for f in ("A", "B")}
     return all(set(state) == expected for state in states)
 
 
-def _stacked_lora_forward(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor,
+def _stacked_lora_forward(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, dropout,
                           x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward of one LoRA Linear for S·B rows: base output + per-sample low-rank update.
 
     x: (S·B, ..., d_in) sample-major rows; a: (S, r, d_in); b: (S, d_out, r). Returns (S·B, ..., d_out).
-    LoRA dropout is applied to x as PEFT does (active only when the dropout module is in training mode).
-    """
+    LoRA dropout is applied to x as PEFT does (active only when the dropout module is in training mode), or by
+    `dropout(module, x)` where given (e.g. each block with its own member's random stream)."""
     result = layer.base_layer(x, *args, **kwargs)
-    h = layer.lora_dropout[adapter](x.to(a.dtype))
+    module = layer.lora_dropout[adapter]
+    h = module(x.to(a.dtype)) if dropout is None else dropout(module, x.to(a.dtype))
     h = h.reshape(a.shape[0], -1, h.shape[-1])  # (S, B·T, d_in)
     delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # (S, B·T, d_out)
     return result + (delta * layer.scaling[adapter]).reshape(result.shape).to(result.dtype)
@@ -82,22 +83,36 @@ def stacked_adapters(model: nn.Module, states: Sequence[AdapterState]) -> Iterat
     if not supports_batching(model, states):
         raise ValueError("stacked_adapters needs plain LoRA states whose keys match the model's LoRA layers")
     layers = lora_linear_layers(model)
+    factors = {}
+    for name, layer in layers.items():
+        weight = layer.lora_A[plain_lora_adapter(layer)].weight
+        factors[name] = tuple(torch.stack([s[f"{name}.lora_{f}.weight"] for s in states]).to(weight.device,
+                                                                                              weight.dtype)
+                              for f in ("A", "B"))
+    with stacked_factors(model, factors):
+        yield
+
+
+@contextmanager
+def stacked_factors(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    dropout=None) -> Iterator[None]:
+    """Within the block, each LoRA Linear layer `name` of the model runs the S row blocks of its input with the
+    factors `factors[name]` = (A (S, r, d_in), B (S, d_out, r)) — with autograd where they require grad (packed
+    members' training, :mod:`rayblora.train.packed`) — and LoRA dropout by `dropout(module, x)` where given.
+    The layers' own adapter tensors are not touched; their `forward` is shadowed and restored on exit."""
+    layers = lora_linear_layers(model)
     try:
         for name, layer in layers.items():
-            adapter = _plain_lora_adapter(layer)
-            weight = layer.lora_A[adapter].weight
-            a = torch.stack([s[f"{name}.lora_A.weight"] for s in states]).to(weight.device, weight.dtype)
-            b = torch.stack([s[f"{name}.lora_B.weight"] for s in states]).to(weight.device, weight.dtype)
-            layer.forward = _bind(layer, adapter, a, b)
+            layer.forward = _bind(layer, plain_lora_adapter(layer), *factors[name], dropout)
         yield
     finally:
         for layer in layers.values():
             layer.__dict__.pop("forward", None)
 
 
-def _bind(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor):
+def _bind(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, dropout=None):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return _stacked_lora_forward(layer, adapter, a, b, x, *args, **kwargs)
+        return _stacked_lora_forward(layer, adapter, a, b, dropout, x, *args, **kwargs)
 
     return forward
 

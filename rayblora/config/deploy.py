@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from rayblora.config.validation import check
 
+MEMBER_RUNNERS = ("separate", "packed", "auto")
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -28,12 +30,19 @@ class ClusterConfig:
     waiting runs make the autoscaler add nodes. (A train sweep's trials have `--max-concurrent` instead.)"""
     storage_path: str = ""
     """RunConfig storage for member checkpoints ("" = <output.dir>/ray_runs)."""
+    member_runner: str = "separate"
+    """How members train in process (`--in-process`, benchmarks): separate (one loop each, one after another) |
+    packed (all in one loop, one batched forward / backward over the shared frozen base; the same members to
+    float rounding, :mod:`rayblora.train.packed`) | auto (packed wherever that is exact: plain LoRA training, no
+    DeepSpeed, LoRA dropout on the CPU only)."""
 
     def __post_init__(self) -> None:
         check(self.num_cpus >= 0, "cluster.num_cpus", "must be >= 0")
         check(self.workers_per_member >= 1, "cluster.workers_per_member", "must be >= 1")
         check(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
         check(self.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1 = unlimited)")
+        check(self.member_runner in MEMBER_RUNNERS, "cluster.member_runner",
+              f"must be one of {list(MEMBER_RUNNERS)}, got {self.member_runner!r}")
         check(self.max_concurrent_members >= 0, "cluster.max_concurrent_members",
               "must be >= 0 (0 = as many as the cluster holds)")
 

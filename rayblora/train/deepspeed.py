@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO inside one member: the config is generated here from the train config, in one place.
 
 ZeRO shards the optimizer state (stage 1), gradients (2) and parameters (3) of one member over its Ray Train
-workers (docs/ARCHITECTURE.md, "members are independent runs"). On CPU the client optimizer is torch AdamW
+workers (docs/ARCHITECTURE.md, "members are independent members"). On CPU the client optimizer is torch AdamW
 (DeepSpeed's own CPU/fused Adam compile a C++ op for about a minute); on GPU the member trains in bf16 with fp32
 master weights.
 """

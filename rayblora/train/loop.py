@@ -284,7 +284,7 @@ def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
     return state
 
 
-def _due(step: int, every: int, last: int) -> bool:
+def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
@@ -308,7 +308,7 @@ def train_member(scorer, train_ds, val_ds, cfg: TrainConfig, ctx: LoopContext) -
         for hook in ctx.hooks:
             hook(state.step, scorer)
         metrics = {"step": state.step, "train_loss": loss, "lr": state.stepper.lr()}
-        if _due(state.step, cfg.eval_every, cfg.steps):
+        if is_due(state.step, cfg.eval_every, cfg.steps):
             metrics.update(validate(scorer, val_ds, cfg.batch_size))
             if state.best is not None:
                 state.best.offer(state.step, metrics, state.stepper)
@@ -317,7 +317,7 @@ def train_member(scorer, train_ds, val_ds, cfg: TrainConfig, ctx: LoopContext) -
             rate = (time.time() - t0) / max(1, len(ctx.history))
             extra = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
             ctx.log(f"[{ctx.label}] step {state.step}/{cfg.steps} loss {loss:.4f}{extra} ({rate:.2f} s/step)")
-        if ctx.on_checkpoint is not None and _due(state.step, cfg.checkpoint_every, cfg.steps):
+        if ctx.on_checkpoint is not None and is_due(state.step, cfg.checkpoint_every, cfg.steps):
             ctx.on_checkpoint(state.step, metrics, state)
     scorer.model.eval()
     return metrics

@@ -1,7 +1,7 @@
 """The coordinator: one Ray Train run per member, launched concurrently, gathered into a posterior's members.
 
 Ray Train is SPMD (its workers share one model), so K independent members are K TorchTrainer runs
-(docs/ARCHITECTURE.md, "members are independent runs"). They run from driver threads, as many at once as the
+(docs/ARCHITECTURE.md, "members are independent members"). They run from driver threads, as many at once as the
 cluster's resources hold side by side (:func:`member_slots`; `cluster.max_concurrent_members` overrides it), the
 next starting when one finishes: a run launched beyond that would only wait in Ray Train's worker-group startup,
 which retries (and logs a traceback) every time its start timeout expires. Each worker runs

@@ -11,6 +11,7 @@ config digest), so a resubmitted job reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,11 +28,13 @@ from rayblora.config import Config, ConfigError
 from rayblora.data.batches import check_options_fit, length_sorted_batches
 from rayblora.data.sources import TaskData, bootstrap_rows, load_task_data
 from rayblora.manifest import write_dir_atomic
+from rayblora.model import set_lora_state
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
 from rayblora.scoring import AnswerScorer, build_scorer
 from rayblora.train.checkpoint import ADAPTER, BEST_ADAPTER, read_step_state
 from rayblora.train.loop import LoopContext, StepHook, TrainerState, nan_safe, train_member, training_objective
+from rayblora.train.packed import PackedMember, train_packed
 from rayblora.trunk import first_adapted_layer, trunk_dropout, trunk_dtype
 from rayblora.trunk_cache import TrunkCache
 
@@ -119,9 +122,28 @@ def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
     (benchmarks that time the loop apart from the model load); `trunk_cache` is a cache to share with other
     members of this process (default: :func:`trunk_cache_for` the run).
     """
+    data = data or load_task_data(cfg.data)
+    scorer, ctx, rows = prepare_member(cfg, member, data, family=family, log=log, label=label,
+                                       on_checkpoint=on_checkpoint, resume_dir=resume_dir, rank=rank,
+                                       world_size=world_size, device=device, extra_hooks=extra_hooks, scorer=scorer,
+                                       trunk_cache=trunk_cache)
+    metrics = train_member(scorer, rows, data.validation, cfg.train, ctx)
+    if scorer.trunk_cache is not None:
+        log(f"[{ctx.label}] {scorer.trunk_cache.summary()}")
+    return TrainedMember(scorer, ctx.seed, metrics, list(ctx.hooks), ctx.history)
+
+
+def prepare_member(cfg: Config, member: int, data: TaskData, *, family: type[Posterior] | None = None,
+                   log: Callable[[str], None] = print, label: str | None = None,
+                   on_checkpoint: Checkpoint | None = None, resume_dir: str | None = None, rank: int = 0,
+                   world_size: int = 1, device: str | None = None, extra_hooks: Sequence[StepHook] = (),
+                   scorer: AnswerScorer | None = None, trunk_cache: TrunkCache | None = None,
+                   ) -> tuple[AnswerScorer, LoopContext, Any]:
+    """Everything member `member` needs before its first step (arguments as :func:`train_one_member`'s): its
+    scorer with the seeded adapter and the trunk cache, its loop context (seed, hooks, callbacks) and its
+    training rows. The CPU generator is left where the member's loop starts (its LoRA dropout stream)."""
     seed = member_seed(cfg, member)
     torch.manual_seed(seed)
-    data = data or load_task_data(cfg.data)
     if scorer is None:
         model_cfg = dataclasses.replace(cfg.model, device=device) if device else cfg.model
         scorer = build_scorer(model_cfg, cfg.adapter, data.spec, cfg.data.max_length, seed=seed)
@@ -134,10 +156,7 @@ def train_one_member(cfg: Config, member: int, *, data: TaskData | None = None,
                       log=log, label=label or f"{cfg.output.name} member {member}", resume_dir=resume_dir,
                       use_gpu=on_gpu)
     rows = bootstrap_rows(data.train, seed) if cfg.train.member_data == "bootstrap" else data.train
-    metrics = train_member(scorer, rows, data.validation, cfg.train, ctx)
-    if scorer.trunk_cache is not None:
-        log(f"[{ctx.label}] {scorer.trunk_cache.summary()}")
-    return TrainedMember(scorer, seed, metrics, hooks, ctx.history)
+    return scorer, ctx, rows
 
 
 @dataclass
@@ -223,24 +242,70 @@ def keep_finished(cfg: Config, i: int, checkpoint_dir: str | Path) -> MemberResu
 
 def train_members_in_process(cfg: Config, log: Callable[[str], None] = print, data: TaskData | None = None,
                              ) -> tuple[AnswerScorer, list[MemberResult]]:
-    """Train the `posterior.members` members of `cfg` one after another in this process (no Ray).
+    """Train the `posterior.members` members of `cfg` in this process (no Ray): one after another, or as one
+    packed group where `cluster.member_runner` packs them (:func:`packs_members`).
 
     Each member's final checkpoint is kept under `<output.dir>/members/<i>/` as a Ray Train run keeps it.
     Returns the last member's scorer (to build the posterior on) and the finished members in index order."""
     data = data or load_task_data(cfg.data)
     family = get_posterior_class(cfg.posterior.method)
-    results, scorer, cache = [], None, None
-    for i in range(cfg.posterior.members):
-        with tempfile.TemporaryDirectory(prefix="rayblora-member-") as tmp:
-            def keep_last(step: int, metrics: dict[str, float], state: TrainerState) -> None:
-                if step == cfg.train.steps:
-                    state.save(tmp, nan_safe(metrics))
-
-            trained = train_one_member(cfg, i, data=data, family=family, log=log, on_checkpoint=keep_last,
-                                       trunk_cache=cache)
-            scorer = trained.scorer
-            cache = scorer.trunk_cache  # later members read what member 0 computed
-            results.append(keep_finished(cfg, i, tmp))
-    if cache is not None:
-        cache.save()  # evaluation's Laplace and temperature passes read the training / validation prompts (if new)
+    indices = list(range(cfg.posterior.members))
+    if packs_members(cfg, family):
+        scorer, results = train_packed_group(cfg, indices, data, family, log)
+    else:
+        results, scorer = [], None
+        for i in indices:
+            with tempfile.TemporaryDirectory(prefix="rayblora-member-") as tmp:
+                trained = train_one_member(cfg, i, data=data, family=family, log=log,
+                                           on_checkpoint=_keep_last(cfg, tmp),
+                                           trunk_cache=scorer.trunk_cache if scorer is not None else None)
+                scorer = trained.scorer  # later members read the trunk cache member 0 filled
+                results.append(keep_finished(cfg, i, tmp))
+    if scorer.trunk_cache is not None:
+        scorer.trunk_cache.save()  # evaluation's Laplace and temperature passes read the training / validation rows
     return scorer, results
+
+
+def _keep_last(cfg: Config, directory: str) -> Checkpoint:
+    """A checkpoint callback writing the member's final state into `directory`."""
+    def keep_last(step: int, metrics: dict[str, float], state: TrainerState) -> None:
+        if step == cfg.train.steps:
+            state.save(directory, nan_safe(metrics))
+
+    return keep_last
+
+
+def packs_members(cfg: Config, family: type[Posterior]) -> bool:
+    """Whether `cfg`'s members train as one packed group in process (:mod:`rayblora.train.packed`):
+    `cluster.member_runner` packed, or auto wherever packing is exact — more than one member, plain LoRA training
+    (no family objective, no DeepSpeed), LoRA dropout only on the CPU. Packed where it cannot be is refused."""
+    runner = cfg.cluster.member_runner
+    if runner == "separate" or cfg.posterior.members < 2:
+        return False
+    why = ("the family trains an objective of its own" if training_objective(make_hooks(cfg, family)) else
+           f"train.strategy={cfg.train.strategy}" if cfg.train.strategy != "ddp" else
+           "LoRA dropout off the CPU (its masks come from CPU generators)"
+           if cfg.adapter.dropout > 0 and cfg.model.device != "cpu" else "")
+    if runner == "packed" and why:
+        raise ConfigError(f"cluster.member_runner: packed members cannot train here: {why}; use separate or auto")
+    return not why
+
+
+def train_packed_group(cfg: Config, indices: Sequence[int], data: TaskData, family: type[Posterior],
+                       log: Callable[[str], None] = print) -> tuple[AnswerScorer, list[MemberResult]]:
+    """Train members `indices` of `cfg` as one packed group in this process: each prepared as its separate run
+    would be (:func:`prepare_member`: seed, initial adapter, rows, hooks, the generator state its loop starts
+    from), then trained together (:func:`rayblora.train.packed.train_packed`), its final checkpoint kept as a
+    separate run keeps it. Returns the group's scorer (holding the last member's adapter) and the members."""
+    members, scorer = [], None
+    with contextlib.ExitStack() as stack:
+        folders = [stack.enter_context(tempfile.TemporaryDirectory(prefix="rayblora-member-")) for _ in indices]
+        for i, folder in zip(indices, folders):
+            scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=log,
+                                               on_checkpoint=_keep_last(cfg, folder),
+                                               trunk_cache=scorer.trunk_cache if scorer is not None else None)
+            members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
+        log(f"[{cfg.output.name}] members {list(indices)} packed into one loop")
+        finals = train_packed(scorer, members, data.validation, cfg.train)
+        set_lora_state(scorer.model, finals[-1][0])
+        return scorer, [keep_finished(cfg, i, folder) for i, folder in zip(indices, folders)]
