@@ -46,7 +46,7 @@ from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
-from rayblora.config import Config, load_config
+from rayblora.config import Config, config_from_dict, load_config
 from rayblora.data.sources import split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.manifest import write_json_atomic
@@ -130,13 +130,13 @@ def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, Split
 
 
 def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
-              seconds: dict[str, float], row_ids: dict[str, list[str]]) -> None:
+              seconds: dict[str, float], row_ids: dict[str, list[str]], record: BenchmarkRecord) -> None:
     """Write a seed's cell (:mod:`cells`): "<method>/<split>/<field>" arrays and "ids/<split>" (each split's row
     ids "<task>:<row>"), with the wall seconds of each phase and the config."""
     arrays = {f"{m}/{s}/{f}": getattr(r, f) for m, splits in results.items() for s, r in splits.items()
               for f in FIELDS if getattr(r, f) is not None}
     arrays.update({f"ids/{s}": np.asarray(row_ids[s], dtype=str) for s in results["map"]})
-    write_cell(path, arrays, config_digest(cfg), seconds=seconds, config=cfg.to_dict())
+    write_cell(path, arrays, config_digest(cfg), record, seconds=seconds, config=cfg.to_dict())
 
 
 def split_ids(artifact: Path, cfg: Config) -> dict[str, list[str]]:
@@ -149,7 +149,7 @@ def split_ids(artifact: Path, cfg: Config) -> dict[str, list[str]]:
 
 def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | None:
     """A finished seed's predictions, if they were made with this config."""
-    arrays = read_cell(path, config_digest(cfg))
+    arrays = read_cell(path, config_digest(cfg), lambda meta: config_digest(config_from_dict(meta["config"])))
     if arrays is None:
         return None
     keys = {tuple(k.split("/")) for k in arrays if not k.startswith("ids/")}
@@ -179,10 +179,10 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
     if kept is not None and missing and not artifact.is_dir():
         log(f"seed {seed}: {path} lacks rows {missing} and its artifact {artifact} is gone: training it again")
         kept = None
-    t0 = time.time()
+    t0, record = time.time(), BenchmarkRecord()
     if kept is None:
         results, seconds = run_seed(cfg, early=extra is None)
-        save_seed(path, cfg, results, seconds, split_ids(artifact, cfg))
+        save_seed(path, cfg, results, seconds, split_ids(artifact, cfg), record)
         results = load_seed(path, cfg)  # as stored: a rerun that finds this cell aggregates the same numbers
     else:
         log(f"seed {seed}: predictions kept from an earlier run ({path})"
@@ -192,7 +192,7 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
         fits: dict[str, float] = {}
         kept.update(evaluate_methods(artifact, cfg, missing, log=log, timings=fits))
         save_seed(path, cfg, kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
-                                    **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(artifact, cfg))
+                                    **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(artifact, cfg), record)
         results = load_seed(path, cfg)
     if args.commit:
         commit_cell(path, f"{split_name(cfg.data.task)} seed {seed}")
@@ -443,9 +443,10 @@ def main() -> None:
     write_json_atomic(json_path, {"meta": {**record.meta(), "seeds": seeds, "config": args.config,
                                            "overrides": args.overrides},
                                   "tasks": {**previous, task_name: task}}, allow_nan=True)
-    write_figures(json_path, task_name, deltas, per_seed, split_name(cfg.data.task))
+    file_stem = task_name.replace("/", "_")  # a campaign's "<task>/<recipe>"
+    write_figures(json_path, file_stem, deltas, per_seed, split_name(cfg.data.task))
     text = markdown(task_name, task)
-    (json_path.parent / f"{json_path.stem}_{task_name}.md").write_text(text)
+    (json_path.parent / f"{json_path.stem}_{file_stem}.md").write_text(text)
     print(text)
     print(json.dumps(task["targets"], indent=1))
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generation.py --config jobs/configs/triviaqa.yaml --seeds 0,1,2 \
         [--out runs/generation-bench] [--n-boot 1000] [--json benchmarks/results/generation.json] \
-        [--cells benchmarks/results/campaign/triviaqa/bootstrap --commit] [overrides ...]
+        [--cells benchmarks/results/campaign/triviaqa/seed --commit] [overrides ...]
 
 The config's task is a generation task: TriviaQA by default (`rayblora assets fetch --tasks triviaqa`), any
 `prompt` + `target` file, or a BIG-bench task for those who have its release (`--bigbench-task NAME` turns one into
@@ -39,7 +39,7 @@ from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
 from rayblora.artifact import load_posterior
 from rayblora.bigbench import bigbench_path
-from rayblora.config import Config, load_config
+from rayblora.config import Config, config_from_dict, load_config
 from rayblora.data.sources import split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.generation.answers import exact_match
@@ -106,20 +106,26 @@ def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
     return rows
 
 
+def cell_digest(config: dict, decoding: dict) -> str:
+    """A seed's digest: what trains its members (the config's) and how their answers are decoded."""
+    decoded = hashlib.sha256(json.dumps(decoding, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{config_digest(config_from_dict(config))}-{decoded}"
+
+
 def seed_rows(args, seed: int, settings: DecodingSettings) -> dict[str, np.ndarray]:
     """A seed's per-row arrays: its cell (`<--cells>/seed<s>.npz`, else `<out>/seed<s>/generation.npz`) where one
     was measured with this config, else a new run written there (and committed with `--commit`)."""
     cfg = seed_config(args, seed)
     path = Path(args.cells) / f"seed{seed}.npz" if args.cells else cfg.out_dir / "generation.npz"
-    decoding = hashlib.sha256(json.dumps(vars(settings), sort_keys=True).encode()).hexdigest()[:8]
-    digest = f"{config_digest(cfg)}-{decoding}"
-    kept = read_cell(path, digest)
+    digest = cell_digest(cfg.to_dict(), vars(settings))
+    kept = read_cell(path, digest, lambda meta: cell_digest(meta["config"], meta["decoding"]))
     if kept is not None:
         log(f"seed {seed}: kept results {path}")
         return kept
-    started = time.time()
+    record = BenchmarkRecord()
     rows = run_seed(cfg, settings)
-    write_cell(path, rows, digest, seconds=time.time() - started, decoding=vars(settings), config=cfg.to_dict())
+    write_cell(path, rows, digest, record, seconds=time.time() - record.started, decoding=vars(settings),
+               config=cfg.to_dict())
     if args.commit:
         commit_cell(path, f"{split_name(cfg.data.task)} generation seed {seed}")
     return read_cell(path, digest)  # as stored: a rerun that finds this cell aggregates the same numbers
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--cells", default="", metavar="DIR",
                         help="keep each seed's rows as DIR/seed<s>.npz + .json (a committed campaign cell, e.g. "
-                             "benchmarks/results/campaign/triviaqa/bootstrap)")
+                             "benchmarks/results/campaign/triviaqa/seed)")
     parser.add_argument("--commit", action="store_true", help="git-commit each cell as it is written")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()

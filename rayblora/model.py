@@ -179,7 +179,8 @@ def lora_config(cfg: AdapterConfig, model: nn.Module):
 
 def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
     """Wrap `model` (modified in place) with a fresh LoRA adapter whose init is seeded by `seed` (B ~ N(0,
-    `adapter.init_b_std`²) instead of 0 when that is > 0)."""
+    `adapter.init_b_std`²) instead of 0 when that is > 0; A Xavier-normal with gain `adapter.init_a_gain` instead
+    of PEFT's Kaiming-uniform when that is > 0)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         config = lora_config(cfg, model)
@@ -187,11 +188,12 @@ def add_lora(model: nn.Module, cfg: AdapterConfig, seed: int):
             peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ModelError(f"adapter.target_modules {sorted(config.target_modules)}: {exc}") from None
-        if cfg.init_b_std > 0:
-            with torch.no_grad():
-                for name, param in peft_model.named_parameters():
-                    if "lora_B" in name:
-                        param.normal_(0.0, cfg.init_b_std)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_A" in name and cfg.init_a_gain > 0:
+                    nn.init.xavier_normal_(param, gain=cfg.init_a_gain)
+                if "lora_B" in name and cfg.init_b_std > 0:
+                    param.normal_(0.0, cfg.init_b_std)
     return peft_model
 
 

@@ -22,16 +22,19 @@ PAUSE_STEP = 6
 HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 
 
-def run_dir(cfg, member: int) -> Path:
-    """Ray Train's storage directory of member `member`'s run (see `rayblora.workflows.coordinator.member_trainer`)."""
+def run_dir(cfg, member: int | str) -> Path:
+    """Ray Train's storage directory of member `member`'s run, or of the packed group run named `member` (e.g.
+    "members0-1"; see `rayblora.workflows.coordinator.member_trainer` / `group_trainer`)."""
     from rayblora.workflows.members import config_digest
 
-    return cfg.out_dir / "ray_runs" / f"{cfg.output.name}-member{member}-{config_digest(cfg)}"
+    name = f"member{member}" if isinstance(member, int) else member
+    return cfg.out_dir / "ray_runs" / f"{cfg.output.name}-{name}-{config_digest(cfg)}"
 
 
-def wait_for_checkpoint(cfg, member: int, step: int, timeout_s: float = 60) -> None:
-    """Until Ray Train's controller has recorded member's checkpoint of `step` as the latest in its snapshot
-    (the one a restarted worker resumes from), so that a kill lands after it."""
+def wait_for_checkpoint(cfg, member: int | str, step: int, timeout_s: float = 60) -> None:
+    """Until Ray Train's controller has recorded the checkpoint of `step` of member `member`'s run (or of the
+    group run so named) as the latest in its snapshot (the one a restarted worker resumes from), so that a kill
+    lands after it."""
     snapshot = run_dir(cfg, member) / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -1,6 +1,7 @@
 """How many member runs the coordinator keeps in flight (`member_slots`): as many as the cluster's resources hold
 side by side, so none waits in Ray Train's worker-group startup; an explicit `cluster.max_concurrent_members`
-wins; a member run no cluster of this size can hold is refused before any run. Pure logic, no Ray started."""
+wins; a member run no cluster of this size can hold is refused before any run; packed members split into one
+group per run slot. Pure logic, no Ray started."""
 
 from __future__ import annotations
 
@@ -62,3 +63,16 @@ def test_a_member_worker_uses_no_more_torch_threads_than_the_cpus_it_holds():
     assert worker_threads(2, 1, 8) == 1  # the calibration config on a 1-CPU worker: no oversubscription
     assert worker_threads(0, 4, 1) == 1  # torch's default (Ray sets it to the worker's CPUs)
     assert worker_threads(2, 4, 1) == 2 and worker_threads(0, 0.5, 1) == 1
+
+
+@pytest.mark.parametrize("todo, slots, groups", [
+    ([0, 1, 2, 3], 2, [[0, 1], [2, 3]]),           # `make demo`'s cluster: two packed runs of two members
+    ([0, 1, 2, 3, 4], 2, [[0, 1, 2], [3, 4]]),    # as even as they divide, in member order
+    ([1, 3], 4, [[1], [3]]),                      # more slots than members: one run each
+    ([0, 1, 2], 1, [[0, 1, 2]]),
+])
+def test_packed_members_split_into_one_group_per_run_slot(todo, slots, groups):
+    from rayblora.workflows.coordinator import run_groups
+
+    assert run_groups(todo, slots, packed=True) == groups
+    assert run_groups(todo, slots, packed=False) == [[i] for i in todo]

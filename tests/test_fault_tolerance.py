@@ -119,6 +119,36 @@ def test_sigkilled_worker_resumes_its_member_from_the_last_checkpoint(ray_sessio
     assert_same_adapter(posterior.members[0], uninterrupted_adapter(cfg, 0))  # ... and resume changed nothing
 
 
+def test_a_sigkilled_packed_group_resumes_every_member_from_its_last_checkpoint(ray_session, sentiment_files,
+                                                                              tmp_path):
+    """Members 0 and 1 packed into one Ray Train run (`cluster.member_runner=packed`, one run slot): its worker is
+    killed after step 6, the restart resumes both from the group's step-4 checkpoint, and both equal members
+    trained separately and uninterrupted."""
+    from rayblora.artifact import load_posterior
+    from rayblora.workflows.train import train
+
+    cfg = load_config(None, fault_overrides(sentiment_files, tmp_path / "run", **{
+        "cluster.member_runner": "packed", "cluster.max_concurrent_members": "1"}))
+    probe, lines = tmp_path / "probe", []
+    extra = {"probe_dir": str(probe), "pause_member": 1, "pause_step": PAUSE_STEP}
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(train, cfg, lines.append, extra=extra)
+        paused = wait_for_pause(probe, 1, gave_up=job.done)
+        try:
+            wait_for_checkpoint(cfg, "members0-1", CHECKPOINT_EVERY)
+        finally:
+            os.kill(paused["pid"], signal.SIGKILL)
+        artifact = job.result(timeout=600)
+
+    assert any("launching 1 packed run(s)" in line and "[0, 1]" in line for line in lines)
+    assert manifest_training(artifact)["members_finished"] == [0, 1]
+    for member in (0, 1):  # one worker trained both: both ran 1..6, were killed, and resumed at 5
+        assert_resumed_from_last_checkpoint(read_probe(probe, member))
+    posterior = load_posterior(artifact)
+    for member in (0, 1):
+        assert_same_adapter(posterior.members[member], uninterrupted_adapter(cfg, member))
+
+
 def test_min_members_builds_from_survivors_or_fails_without_an_artifact(ray_session, sentiment_files, tmp_path):
     from rayblora.artifact import load_posterior
     from rayblora.workflows.coordinator import TrainingError

@@ -110,6 +110,33 @@ def test_random_b_init_is_seeded_and_zero_by_default(tiny_session_config):
         load_config(None, ["adapter.init_b_std=-1"])
 
 
+def test_large_random_a_init_is_xavier_with_the_gain_and_seeded(tiny_session_config):
+    """adapter.init_a_gain > 0 draws A Xavier-normal (std = gain · sqrt(2 / (r + d_in))) from the member's seed;
+    0 keeps PEFT's Kaiming-uniform A."""
+    import dataclasses
+
+    from rayblora.config import ConfigError, load_config
+    from rayblora.data.formats import classification_spec
+    from rayblora.scoring import build_scorer
+
+    spec = classification_spec(("negative", "positive"), "{text}\nSentiment:")
+
+    def a_weights(gain, seed):
+        adapter = dataclasses.replace(tiny_session_config.adapter, init_a_gain=gain)
+        state = build_scorer(tiny_session_config.model, adapter, spec, 32, seed=seed).adapter_state()
+        return {k: v for k, v in sorted(state.items()) if "lora_A" in k}
+
+    default, large = a_weights(0.0, 1), a_weights(10.0, 1)
+    for key, a in large.items():
+        rank, d_in = a.shape
+        assert 0.8 < float(a.std()) / (10.0 * (2 / (rank + d_in)) ** 0.5) < 1.2
+        assert float(default[key].abs().max()) <= (1 / d_in) ** 0.5 + 1e-6  # PEFT's bound: sqrt(6 / ((1 + 5) d_in))
+    assert all(torch.equal(a, b) for a, b in zip(large.values(), a_weights(10.0, 1).values()))
+    assert not all(torch.equal(a, b) for a, b in zip(large.values(), a_weights(10.0, 2).values()))
+    with pytest.raises(ConfigError, match="adapter.init_a_gain"):
+        load_config(None, ["adapter.init_a_gain=-1"])
+
+
 def test_bootstrap_rows_resample_the_split_with_replacement(tiny_data):
     from rayblora.config import ConfigError, load_config
     from rayblora.data.sources import bootstrap_rows

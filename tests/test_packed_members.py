@@ -72,6 +72,24 @@ def test_packed_multiple_choice_rows_of_ragged_lengths_equal_separate_runs(choic
         assert _close(adapter, one.scorer.adapter_state())
 
 
+def test_packed_generation_members_equal_separate_runs(tmp_path):
+    import json
+    import random
+
+    rng, path = random.Random(0), tmp_path / "add.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a} plus {b} is", "target": f" {a + b}"}) + "\n"
+                            for a, b in ((rng.randint(0, 9), rng.randint(0, 99)) for _ in range(120))))
+    overrides = {"model.name": "tiny-llama", "data.task": str(path), "data.shift_tasks": "[]", "data.train_size": "0",
+                 "data.val_size": "16", "data.test_size": "16", "data.max_length": "32", "train.lr": "5e-3",
+                 "train.batch_size": "8", "train.warmup_steps": "1", "output.dir": str(tmp_path / "run"),
+                 **BASE, "train.member_data": "bootstrap"}
+    alone, packed, finals = _separate_and_packed(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    for one, member, (adapter, _) in zip(alone, packed, finals):
+        assert [h["train_loss"] for h in member.ctx.history] == pytest.approx(
+            [h["train_loss"] for h in one.history], abs=TOL)
+        assert _close(adapter, one.scorer.adapter_state())
+
+
 def test_the_packed_runner_keeps_members_as_separate_runs_keep_them(sentiment_files, tmp_path):
     runs = {}
     for runner in ("separate", "packed"):
@@ -96,3 +114,41 @@ def test_packing_is_refused_where_it_would_not_be_exact(sentiment_files, tmp_pat
     assert not packs_members(auto, get_posterior_class("blob"))
     plain = load_config(None, tiny_overrides(sentiment_files, tmp_path, **{"cluster.member_runner": "auto"}))
     assert packs_members(plain, get_posterior_class(plain.posterior.method))
+
+
+def test_a_packed_group_resumes_from_its_members_checkpoints_as_if_never_stopped(sentiment_files, tmp_path):
+    from rayblora.train.loop import nan_safe
+
+    cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run", **BASE,
+                                           **{"posterior.method": "multiswag", "swag.start_step": "4",
+                                              "swag.collect_every": "2", "train.checkpoint_every": "6"}))
+    data = load_task_data(cfg.data)
+    family = get_posterior_class(cfg.posterior.method)
+
+    class Killed(Exception):
+        pass
+
+    def group(resume: bool, stop_after: int | None):
+        members, scorer = [], None
+        for i in range(3):
+            folder = tmp_path / f"member{i}"
+
+            def keep(step, metrics, state, folder=folder, last=i == 2):
+                state.save(folder, nan_safe(metrics))
+                if step == stop_after and last:  # killed right after the group's checkpoint at this step
+                    raise Killed
+
+            scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=lambda _m: None, on_checkpoint=keep,
+                                               resume_dir=str(folder) if resume else None)
+            members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
+        return members, train_packed(scorer, members, data.validation, cfg.train)
+
+    uninterrupted, whole = group(resume=False, stop_after=None)
+    with pytest.raises(Killed):
+        group(resume=False, stop_after=6)
+    members, resumed = group(resume=True, stop_after=None)
+    assert [h["step"] for h in members[0].ctx.history] == list(range(7, 13))  # no finished step redone
+    for (a, _), (b, _), one, other in zip(whole, resumed, uninterrupted, members):
+        assert _close(a, b)
+        moments = [{k: v for k, v in m.ctx.hooks[0].state_dict().items() if torch.is_tensor(v)} for m in (one, other)]
+        assert moments[0] and _close(*moments)

@@ -55,6 +55,10 @@ class AdapterConfig:
     init_b_std: float = 0.0
     """Standard deviation of a random initial B (0 = PEFT's B = 0, so every member starts as the base model).
     > 0 starts each member, seeded by its seed, as a different function."""
+    init_a_gain: float = 0.0
+    """Gain of a Xavier-normal initial A, std = gain · sqrt(2 / (r + d_in)) (0 = PEFT's Kaiming-uniform A). A large
+    gain (≈ 10) is LoRA-Ensemble's diversity recipe (arXiv 2405.14438: randomness of the initialisation drives
+    the members apart)."""
 
     def __post_init__(self) -> None:
         check(self.rank >= 1, "adapter.rank", f"must be >= 1, got {self.rank}")
@@ -64,6 +68,7 @@ class AdapterConfig:
               "must be module names (or empty for the architecture's default)")
         check(all(i >= 0 for i in self.layers), "adapter.layers", "indices must be >= 0")
         check(self.init_b_std >= 0, "adapter.init_b_std", f"must be >= 0, got {self.init_b_std}")
+        check(self.init_a_gain >= 0, "adapter.init_a_gain", f"must be >= 0, got {self.init_a_gain}")
 
 
 CHOICE_SCORINGS = ("likelihood_per_token", "likelihood", "letter")

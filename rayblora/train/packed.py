@@ -12,7 +12,8 @@ K optimizers. Each member keeps what makes it a member:
 * its LoRA dropout masks: drawn over its own rows and its own (unpadded) positions from its own generator state,
   which continues its own run's stream (:class:`MemberDropout`);
 * its step hooks (SWAG moments), validation, early-stopped adapter and checkpoints, which see only its slice
-  (:class:`MemberStepper`), in the format a separate run writes.
+  (:class:`MemberStepper`), in the format a separate run writes; a group resumes from its members' checkpoints
+  (each continuing its own generator stream), so a killed group loses no finished checkpoint.
 
 So a packed group equals K separate runs of :func:`rayblora.train.loop.train_member` to float rounding (tested).
 Families with a training objective of their own (BLoB, the hybrid adapter) and DeepSpeed members run separately.
@@ -23,15 +24,18 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from rayblora.batched import plain_lora_adapter, lora_linear_layers, stacked_factors
 from rayblora.config import TrainConfig
 from rayblora.data.batches import train_batch
 from rayblora.model import set_lora_state
+from rayblora.train.checkpoint import ADAPTER, BEST_ADAPTER, read_step_state, read_trainer_state
 from rayblora.train.loop import (BestAdapter, LoopContext, TrainerState, is_due, lr_factor, training_objective,
                                  validate)
 
@@ -160,6 +164,8 @@ class PackedRun:
     dropout: MemberDropout
     step: int = 0
     started: float = field(default_factory=time.time)
+    first_step: int = 0
+    """The step this loop started from (0, or where it resumed): the rate counts the steps run here."""
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     """Each member's metrics of the last step."""
 
@@ -211,7 +217,7 @@ def _after_step(run: PackedRun, scorer, members: Sequence[PackedMember], val_ds,
                 view.best.offer(run.step, metrics, view.stepper)
         m.ctx.history.append(metrics)
         if run.step % log_every == 0 or run.step == cfg.steps:
-            rate = (time.time() - run.started) / run.step
+            rate = (time.time() - run.started) / (run.step - run.first_step)
             extra = "".join(f" {key} {v:.4f}" for key, v in metrics.items() if key.startswith("val_"))
             m.ctx.log(f"[{m.ctx.label}] step {run.step}/{cfg.steps} loss {losses[k]:.4f}{extra} "
                       f"({rate:.2f} s/step for {len(members)} packed)")
@@ -237,8 +243,48 @@ def check_packable(members: Sequence[PackedMember], cfg: TrainConfig) -> None:
         raise ValueError(f"packed members: train.strategy={cfg.strategy!r}; a DeepSpeed member runs on its own")
     if any(training_objective(m.ctx.hooks) is not None for m in members):
         raise ValueError("packed members: the family trains an objective of its own; its members run separately")
-    if any(m.ctx.world_size != 1 or m.ctx.resume_dir for m in members):
-        raise ValueError("packed members: a group runs in one process from step 0")
+    if any(m.ctx.world_size != 1 for m in members):
+        raise ValueError("packed members: a group trains in one process (one worker)")
+    if len({bool(m.ctx.resume_dir) for m in members}) > 1:
+        raise ValueError("packed members: a group resumes together, from one checkpoint per member")
+
+
+def _stack_optimizer_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The packed optimizer's state dict from each member's (a separate run's format): per-parameter tensors
+    stacked along a new member axis, scalars (AdamW's step) taken from the first."""
+    stacked = {i: {name: torch.stack([s["state"][i][name] for s in states])
+                   if torch.is_tensor(v) and v.dim() > 0 else v for name, v in first.items()}
+               for i, first in states[0]["state"].items()}
+    return {"state": stacked, "param_groups": states[0]["param_groups"]}
+
+
+def _restore(run: PackedRun, members: Sequence[PackedMember]) -> None:
+    """Continue every member from its checkpoint (`ctx.resume_dir`, written by a packed or a separate run): its
+    adapter slice, optimizer slice, the schedule, its hooks, its generator state and its early-stopped adapter;
+    all at one step."""
+    dirs = [Path(m.ctx.resume_dir) for m in members]
+    steps = [read_step_state(d) for d in dirs]
+    if len({s["step"] for s in steps}) != 1:
+        raise ValueError(f"packed members: their checkpoints are at steps {[s['step'] for s in steps]}; a group "
+                         "resumes from one step")
+    blobs = [read_trainer_state(d) for d in dirs]
+    adapters = [load_file(str(d / ADAPTER)) for d in dirs]
+    with torch.no_grad():
+        for name, pair in run.stacked.factors.items():
+            for f, param in zip(("A", "B"), pair):
+                param.copy_(torch.stack([a[f"{name}.lora_{f}.weight"] for a in adapters]))
+    run.optimizer.load_state_dict(_stack_optimizer_states([b["stepper"]["optimizer"] for b in blobs]))
+    run.scheduler.load_state_dict(blobs[0]["stepper"]["scheduler"])
+    run.step = steps[0]["step"]
+    for k, (m, view, blob, step_state) in enumerate(zip(members, run.views, blobs, steps)):
+        for hook, state in zip(m.ctx.hooks, blob["hooks"]):
+            hook.load_state_dict(state)
+        run.dropout.rng_states[k] = blob["cpu_rng"]
+        view.step = run.step
+        if view.best is not None and "best" in step_state:
+            view.best = BestAdapter(step_state["best"]["step"], step_state["best"]["val_nll"],
+                                    load_file(str(dirs[k] / BEST_ADAPTER)))
+        m.ctx.log(f"[{m.ctx.label}] resumed from step {run.step} (packed)")
 
 
 def train_packed(scorer, members: Sequence[PackedMember], val_ds,
@@ -248,6 +294,9 @@ def train_packed(scorer, members: Sequence[PackedMember], val_ds,
     :func:`rayblora.train.loop.train_member`. Returns each member's final adapter and final metrics."""
     check_packable(members, cfg)
     run = _packed_run(scorer, members, cfg)
+    if members[0].ctx.resume_dir:
+        _restore(run, members)
+        run.first_step = run.step
     scorer.model.train()
     while run.step < cfg.steps:
         losses = _accumulate(run, scorer, members, cfg)

@@ -1,13 +1,16 @@
-"""The coordinator: one Ray Train run per member, launched concurrently, gathered into a posterior's members.
+"""The coordinator: members as Ray Train runs, launched concurrently, gathered into a posterior's members.
 
-Ray Train is SPMD (its workers share one model), so K independent members are K TorchTrainer runs
-(docs/ARCHITECTURE.md, "members are independent members"). They run from driver threads, as many at once as the
-cluster's resources hold side by side (:func:`member_slots`; `cluster.max_concurrent_members` overrides it), the
-next starting when one finishes: a run launched beyond that would only wait in Ray Train's worker-group startup,
-which retries (and logs a traceback) every time its start timeout expires. Each worker runs
-:func:`member_train_loop`, which trains through :func:`rayblora.workflows.members.train_one_member` and reports
-checkpoints (adapter, optimizer, scheduler, step, hook state) so a restarted worker resumes where the last one
-left off. Finished members are kept under `<output.dir>/members/<i>/`, so a resubmitted job skips them.
+Ray Train is SPMD (its workers share one model), so separate members are one TorchTrainer run each, and a packed
+group (`cluster.member_runner`, :func:`~rayblora.workflows.members.packs_members`) is one run of one worker
+training its members in one loop (docs/ARCHITECTURE.md, "members are independent members"). Runs go from driver
+threads, as many at once as the cluster's resources hold side by side (:func:`member_slots`;
+`cluster.max_concurrent_members` overrides it; packed members split into that many groups, :func:`run_groups`),
+the next starting when one finishes: a run launched beyond that would only wait in Ray Train's worker-group
+startup, which retries (and logs a traceback) every time its start timeout expires. A member's worker runs
+:func:`member_train_loop` (through :func:`rayblora.workflows.members.train_one_member`), a group's
+:func:`group_train_loop`; both report checkpoints (adapter, optimizer, scheduler, step, hook state; a group's hold
+one folder per member) so a restarted worker resumes where the last one left off. Finished members are kept under
+`<output.dir>/members/<i>/`, so a resubmitted job skips them.
 """
 
 from __future__ import annotations
@@ -31,15 +34,17 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayblora.config import ClusterConfig, Config, ConfigError, config_from_dict
+from rayblora.data import load_task_data
+from rayblora.registry import get_posterior_class
 from rayblora.train.faults import injected_hooks
 from rayblora.train.loop import TrainerState, nan_safe
-from rayblora.workflows.members import (MemberResult, config_digest, keep_finished, load_finished,
-                                        train_one_member)
+from rayblora.workflows.members import (MemberResult, config_digest, keep_finished, load_finished, pack_group,
+                                        packs_members, train_one_member)
 from rayblora.workflows.runtime import RAY_ENV, ensure_ray
 
-__all__ = ["EnsembleOutcome", "MemberResult", "RAY_ENV", "TrainingError", "config_digest", "ensure_ray",
-           "member_resources", "member_slots", "member_train_loop", "member_trainer", "run_members", "runs_that_fit",
-           "train_members"]
+__all__ = ["EnsembleOutcome", "GroupCheckpoints", "MemberResult", "RAY_ENV", "TrainingError", "config_digest",
+           "ensure_ray", "group_train_loop", "group_trainer", "member_resources", "member_slots", "member_train_loop",
+           "member_trainer", "run_groups", "run_members", "runs_that_fit", "train_members"]
 
 
 class TrainingError(RuntimeError):
@@ -103,19 +108,75 @@ def member_train_loop(config: dict[str, Any]) -> None:
             shutil.rmtree(resume_dir, ignore_errors=True)
 
 
+class GroupCheckpoints:
+    """A packed group's checkpoints on a Ray Train worker: each member writes its own at once (while its own
+    generator state is current) into `member<i>/` of the step's folder, which is reported to Ray Train when the
+    group's last member has written, so every reported checkpoint holds the whole group at one step."""
+
+    def __init__(self, group: Sequence[int]):
+        self.group, self.folder, self.metrics = list(group), None, {}
+
+    def callback(self, i: int):
+        def on_checkpoint(step: int, metrics: dict[str, float], state: TrainerState) -> None:
+            self.folder = self.folder or tempfile.mkdtemp(prefix="rayblora-group-")
+            clean = nan_safe(metrics)
+            state.save(os.path.join(self.folder, f"member{i}"), clean)
+            self.metrics.update({f"member{i}/{k}": v for k, v in clean.items()})
+            if i == self.group[-1]:
+                try:
+                    ray.train.report({"step": step, **self.metrics},
+                                     checkpoint=ray.train.Checkpoint.from_directory(self.folder))
+                finally:
+                    shutil.rmtree(self.folder, ignore_errors=True)
+                    self.folder, self.metrics = None, {}
+
+        return on_checkpoint
+
+
+def group_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of a packed group's run (one worker): the members `config["members"]` trained in
+    one loop (:func:`rayblora.workflows.members.pack_group`); a restarted worker resumes every member from the
+    group's last checkpoint."""
+    cfg = config_from_dict(config["config"])
+    group = [int(i) for i in config["members"]]
+    node = ray.get_runtime_context().get_node_id()
+    torch.set_num_threads(worker_threads(cfg.train.torch_threads, cfg.cluster.cpus_per_worker, torch.get_num_threads()))
+    resume_dir = _resume_dir()
+    resume = {i: os.path.join(resume_dir, f"member{i}") for i in group} if resume_dir else None
+    device = str(ray.train.torch.get_device()) if cfg.cluster.use_gpu else None  # the GPU Ray Train assigned
+    try:
+        pack_group(cfg, group, load_task_data(cfg.data), get_posterior_class(cfg.posterior.method), _worker_log,
+                   GroupCheckpoints(group).callback, resume, device,
+                   extra_hooks_for=lambda i: injected_hooks(config, i, 0, node))  # tests only
+    finally:
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+
+
 def member_trainer(cfg: Config, i: int, run_tag: str, extra: dict[str, Any] | None = None,
                    callbacks: Sequence[Any] = ()):
     """The TorchTrainer of member `i`: its own seed, the configured scaling, storage and retries.
 
     `callbacks` are Ray Train run callbacks (e.g. the Tune sweep's relay of reported metrics to its trial)."""
+    return _trainer(cfg, member_train_loop, {"member": i, **(extra or {})}, f"member{i}-{run_tag}",
+                    cfg.cluster.workers_per_member, callbacks)
+
+
+def group_trainer(cfg: Config, group: Sequence[int], run_tag: str, extra: dict[str, Any] | None = None):
+    """The TorchTrainer of a packed group of members (one worker, :func:`group_train_loop`)."""
+    return _trainer(cfg, group_train_loop, {"members": list(group), **(extra or {})},
+                    f"members{'-'.join(map(str, group))}-{run_tag}", 1)
+
+
+def _trainer(cfg: Config, loop, loop_config: dict[str, Any], name: str, workers: int, callbacks: Sequence[Any] = ()):
     storage = cfg.cluster.storage_path or str(cfg.out_dir.resolve() / "ray_runs")
     absolute = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(cfg.out_dir.resolve())))
     return TorchTrainer(
-        member_train_loop,  # output.dir made absolute: workers find the run's trunk cache whatever their cwd
-        train_loop_config={"config": absolute.to_dict(), "member": i, **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.workers_per_member, use_gpu=cfg.cluster.use_gpu,
+        loop,  # output.dir made absolute: workers find the run's trunk cache whatever their cwd
+        train_loop_config={"config": absolute.to_dict(), **loop_config},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=f"{cfg.output.name}-member{i}-{run_tag}", storage_path=storage,
+        run_config=RunConfig(name=f"{cfg.output.name}-{name}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              callbacks=list(callbacks) or None),
     )
@@ -154,23 +215,39 @@ def member_slots(cluster: ClusterConfig, total: Mapping[str, float]) -> int:
     return slots
 
 
-def _fit_member(cfg: Config, i: int, run_tag: str, extra: dict[str, Any], log: Callable[[str], None],
-                queued: bool = False) -> MemberResult | BaseException:
-    """Member `i`'s Ray Train run to its kept folder, or the exception it failed with for good."""
+def _fit_run(cfg: Config, group: Sequence[int], packed: bool, run_tag: str, extra: dict[str, Any],
+             log: Callable[[str], None], queued: bool = False) -> list[MemberResult | BaseException]:
+    """One Ray Train run to its members' kept folders: member `group[0]` alone, or a packed group; per member its
+    :class:`MemberResult` or the exception the run failed with for good."""
+    what = f"members {list(group)} (packed)" if packed else f"member {group[0]}"
     if queued:
-        log(f"[coordinator] member {i} starting: a run slot is free")
+        log(f"[coordinator] {what} starting: a run slot is free")
     t0 = time.time()
     try:
-        result = member_trainer(cfg, i, run_tag, extra).fit()
+        trainer = group_trainer(cfg, group, run_tag, extra) if packed else member_trainer(cfg, group[0], run_tag,
+                                                                                          extra)
+        result = trainer.fit()
         if result.checkpoint is None:
-            raise TrainingError(f"member {i} finished without a checkpoint")
+            raise TrainingError(f"{what} finished without a checkpoint")
         with result.checkpoint.as_directory() as d:
-            member = keep_finished(cfg, i, d)
-    except Exception as exc:  # one member failing must not stop the others
-        log(f"[coordinator] member {i} failed after {time.time() - t0:.0f} s: {type(exc).__name__}: {exc}")
-        return exc
-    log(f"[coordinator] member {i} done in {time.time() - t0:.0f} s: {member.metrics}")
-    return member
+            members = [keep_finished(cfg, i, os.path.join(d, f"member{i}") if packed else d) for i in group]
+    except Exception as exc:  # one run failing must not stop the others
+        log(f"[coordinator] {what} failed after {time.time() - t0:.0f} s: {type(exc).__name__}: {exc}")
+        return [exc] * len(group)
+    for member in members:
+        log(f"[coordinator] member {member.index} done in {time.time() - t0:.0f} s: {member.metrics}")
+    return members
+
+
+def run_groups(todo: Sequence[int], slots: int, packed: bool) -> list[list[int]]:
+    """The runs that train members `todo`: one per member, or (packed) `slots` groups of consecutive members,
+    as even as they divide, so every run slot holds one group."""
+    if not packed:
+        return [[i] for i in todo]
+    count = max(1, min(slots, len(todo)))
+    size, extra = divmod(len(todo), count)
+    starts = [g * size + min(g, extra) for g in range(count + 1)]
+    return [list(todo[a:b]) for a, b in zip(starts, starts[1:])]
 
 
 @dataclass
@@ -206,28 +283,40 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def _launch_line(cluster: ClusterConfig, total: Mapping[str, float], todo: Sequence[int], slots: int) -> str:
-    """The coordinator's launch line: how many member runs, how many at once and which wait for a slot."""
-    line = f"[coordinator] launching {len(todo)} member run(s) of {cluster.workers_per_member} worker(s) each"
-    if slots >= len(todo):
+def _launch_line(cluster: ClusterConfig, total: Mapping[str, float], groups: Sequence[Sequence[int]], slots: int,
+                 packed: bool = False) -> str:
+    """The coordinator's launch line: how many runs, of which members, how many at once and which wait."""
+    if packed:
+        line = (f"[coordinator] launching {len(groups)} packed run(s) of one worker each, members "
+                f"{' | '.join(map(str, map(list, groups)))}")
+    else:
+        line = f"[coordinator] launching {len(groups)} member run(s) of {cluster.workers_per_member} worker(s) each"
+    if slots >= len(groups):
         return line
     need = member_resources(cluster)
     why = (f"cluster.max_concurrent_members = {slots}" if cluster.max_concurrent_members else
            f"the cluster's { {k: total.get(k, 0.0) for k in need} } hold {slots} run(s) of {need}")
-    return f"{line}, {slots} at a time ({why}); members {list(todo[slots:])} wait for a free slot"
+    waiting = [i for g in groups[slots:] for i in g]
+    return f"{line}, {slots} at a time ({why}); members {waiting} wait for a free slot"
 
 
 def _fit_members(cfg: Config, todo: Sequence[int], extra: dict[str, Any],
                  log: Callable[[str], None]) -> list[MemberResult | BaseException]:
-    """Run the members `todo` from driver threads, at most :func:`member_slots` at once, started in index order;
-    each one's :class:`MemberResult` or the exception it failed with, in the order of `todo`."""
+    """Run the members `todo` from driver threads, at most :func:`member_slots` runs at once, started in index
+    order — one run per member, or packed groups (:func:`run_groups`) where
+    :func:`~rayblora.workflows.members.packs_members`; each member's :class:`MemberResult` or the exception it
+    failed with, in the order of `todo`."""
     run_tag = config_digest(cfg)  # same config + output dir -> same run name -> Ray Train resumes it
     total = ray.cluster_resources()
-    slots = min(len(todo), member_slots(cfg.cluster, total))
-    log(_launch_line(cfg.cluster, total, todo, slots))
-    queued = set(todo[slots:])
-    with ThreadPoolExecutor(max_workers=slots) as pool:  # the next member starts when a thread is free
-        return list(pool.map(lambda i: _fit_member(cfg, i, run_tag, extra, log, i in queued), todo))
+    slots = member_slots(cfg.cluster, total)
+    packed = packs_members(cfg, get_posterior_class(cfg.posterior.method))
+    groups = run_groups(todo, slots, packed)
+    slots = min(len(groups), slots)
+    log(_launch_line(cfg.cluster, total, groups, slots, packed))
+    with ThreadPoolExecutor(max_workers=slots) as pool:  # the next run starts when a thread is free
+        runs = list(pool.map(lambda g: _fit_run(cfg, g[1], packed, run_tag, extra, log, g[0] >= slots),
+                             enumerate(groups)))
+    return [result for run in runs for result in run]
 
 
 def run_members(cfg: Config, log: Callable[[str], None] = print,
@@ -251,7 +340,7 @@ def run_members(cfg: Config, log: Callable[[str], None] = print,
         done.update({i: r for i, r in zip(todo, results) if isinstance(r, MemberResult)})
         outcome.failed = {i: _failure_reason(r) for i, r in zip(todo, results) if not isinstance(r, MemberResult)}
     else:
-        log(_launch_line(cfg.cluster, {}, todo, 0))
+        log(_launch_line(cfg.cluster, {}, [], 0))
     outcome.members = [done[i] for i in sorted(done)]
     need = cfg.posterior.min_members or k
     if len(done) < need:

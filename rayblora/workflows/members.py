@@ -276,16 +276,18 @@ def _keep_last(cfg: Config, directory: str) -> Checkpoint:
 
 
 def packs_members(cfg: Config, family: type[Posterior]) -> bool:
-    """Whether `cfg`'s members train as one packed group in process (:mod:`rayblora.train.packed`):
-    `cluster.member_runner` packed, or auto wherever packing is exact — more than one member, plain LoRA training
-    (no family objective, no DeepSpeed), LoRA dropout only on the CPU. Packed where it cannot be is refused."""
+    """Whether `cfg`'s members train in packed groups (:mod:`rayblora.train.packed`): `cluster.member_runner`
+    packed, or auto wherever packing is exact — more than one member, plain LoRA training (no family objective, no
+    DeepSpeed), one worker per member, LoRA dropout only on the CPU. Packed where it cannot be is refused."""
     runner = cfg.cluster.member_runner
     if runner == "separate" or cfg.posterior.members < 2:
         return False
+    on_gpu = cfg.model.device != "cpu" or cfg.cluster.use_gpu
     why = ("the family trains an objective of its own" if training_objective(make_hooks(cfg, family)) else
            f"train.strategy={cfg.train.strategy}" if cfg.train.strategy != "ddp" else
-           "LoRA dropout off the CPU (its masks come from CPU generators)"
-           if cfg.adapter.dropout > 0 and cfg.model.device != "cpu" else "")
+           "data-parallel members (cluster.workers_per_member > 1)" if cfg.cluster.workers_per_member > 1 else
+           "LoRA dropout off the CPU (its masks come from CPU generators)" if cfg.adapter.dropout > 0 and on_gpu
+           else "")
     if runner == "packed" and why:
         raise ConfigError(f"cluster.member_runner: packed members cannot train here: {why}; use separate or auto")
     return not why
@@ -293,19 +295,32 @@ def packs_members(cfg: Config, family: type[Posterior]) -> bool:
 
 def train_packed_group(cfg: Config, indices: Sequence[int], data: TaskData, family: type[Posterior],
                        log: Callable[[str], None] = print) -> tuple[AnswerScorer, list[MemberResult]]:
-    """Train members `indices` of `cfg` as one packed group in this process: each prepared as its separate run
-    would be (:func:`prepare_member`: seed, initial adapter, rows, hooks, the generator state its loop starts
-    from), then trained together (:func:`rayblora.train.packed.train_packed`), its final checkpoint kept as a
-    separate run keeps it. Returns the group's scorer (holding the last member's adapter) and the members."""
-    members, scorer = [], None
+    """Train members `indices` of `cfg` as one packed group in this process (:func:`pack_group`), each one's final
+    checkpoint kept as a separate run keeps it. Returns the group's scorer and the members."""
     with contextlib.ExitStack() as stack:
-        folders = [stack.enter_context(tempfile.TemporaryDirectory(prefix="rayblora-member-")) for _ in indices]
-        for i, folder in zip(indices, folders):
-            scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=log,
-                                               on_checkpoint=_keep_last(cfg, folder),
-                                               trunk_cache=scorer.trunk_cache if scorer is not None else None)
-            members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
-        log(f"[{cfg.output.name}] members {list(indices)} packed into one loop")
-        finals = train_packed(scorer, members, data.validation, cfg.train)
-        set_lora_state(scorer.model, finals[-1][0])
-        return scorer, [keep_finished(cfg, i, folder) for i, folder in zip(indices, folders)]
+        folders = {i: stack.enter_context(tempfile.TemporaryDirectory(prefix="rayblora-member-")) for i in indices}
+        scorer, _ = pack_group(cfg, indices, data, family, log, lambda i: _keep_last(cfg, folders[i]))
+        return scorer, [keep_finished(cfg, i, folders[i]) for i in indices]
+
+
+def pack_group(cfg: Config, indices: Sequence[int], data: TaskData, family: type[Posterior],
+               log: Callable[[str], None], on_checkpoint_for: Callable[[int], Checkpoint],
+               resume_dirs: dict[int, str] | None = None, device: str | None = None,
+               extra_hooks_for: Callable[[int], Sequence[StepHook]] = lambda _i: (),
+               ) -> tuple[AnswerScorer, list[tuple[dict[str, torch.Tensor], dict[str, float]]]]:
+    """Train members `indices` of `cfg` in one loop (:func:`rayblora.train.packed.train_packed`), each prepared as
+    its separate run would be (:func:`prepare_member`: seed, initial adapter, rows, hooks, and the generator state
+    its loop starts from), with its checkpoint callback `on_checkpoint_for(i)` and, where given, its checkpoint
+    to resume from. Returns the group's scorer (holding the last member's adapter) and each member's final adapter
+    and metrics."""
+    members, scorer = [], None
+    for i in indices:
+        scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=log, on_checkpoint=on_checkpoint_for(i),
+                                           resume_dir=(resume_dirs or {}).get(i), device=device,
+                                           extra_hooks=extra_hooks_for(i),
+                                           trunk_cache=scorer.trunk_cache if scorer is not None else None)
+        members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
+    log(f"[{cfg.output.name}] members {list(indices)} packed into one loop")
+    finals = train_packed(scorer, members, data.validation, cfg.train)
+    set_lora_state(scorer.model, finals[-1][0])
+    return scorer, finals
