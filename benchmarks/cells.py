@@ -26,11 +26,11 @@ from rayblora.manifest import write_json_atomic
 
 def compact(values) -> np.ndarray:
     """An array stored small: floats as float32 (the probabilities' own precision), integers as int16 where they
-    fit (labels, option counts), anything else as it is."""
+    fit (labels, option counts), anything else (booleans, strings) as it is."""
     values = np.asarray(values)
     if values.dtype.kind == "f":
         return values.astype(np.float32)
-    fits = values.dtype.kind in "iub" and (not values.size or -2**15 <= values.min() and values.max() < 2**15)
+    fits = values.dtype.kind in "iu" and (not values.size or -2**15 <= values.min() and values.max() < 2**15)
     return values.astype(np.int16) if fits else values
 
 

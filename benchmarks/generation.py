@@ -121,14 +121,20 @@ def seed_rows(args, seed: int, settings: DecodingSettings) -> dict[str, np.ndarr
     kept = read_cell(path, digest, lambda meta: cell_digest(meta["config"], meta["decoding"]))
     if kept is not None:
         log(f"seed {seed}: kept results {path}")
-        return kept
+        return as_rows(kept)
     record = BenchmarkRecord()
     rows = run_seed(cfg, settings)
     write_cell(path, rows, digest, record, seconds=time.time() - record.started, decoding=vars(settings),
                config=cfg.to_dict())
     if args.commit:
         commit_cell(path, f"{split_name(cfg.data.task)} generation seed {seed}")
-    return read_cell(path, digest)  # as stored: a rerun that finds this cell aggregates the same numbers
+    return as_rows(read_cell(path, digest))  # as stored: a rerun that finds this cell aggregates the same numbers
+
+
+def as_rows(cell: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A cell's arrays as :func:`run_seed` returns them: "<method>/correct" boolean (a cell written before booleans
+    were kept as they are holds them as 0 / 1 integers)."""
+    return {k: v.astype(bool) if k.endswith("/correct") else v for k, v in cell.items()}
 
 
 def _methods(rows: dict) -> list[str]:
