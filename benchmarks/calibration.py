@@ -47,7 +47,7 @@ from record import BenchmarkRecord
 from rayblora.artifact import load_posterior, read_manifest
 from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
 from rayblora.config import Config, config_from_dict, load_config
-from rayblora.data.sources import split_name
+from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.manifest import write_json_atomic
 from rayblora.metrics import ood_auroc, rejection_error_reduction
@@ -97,14 +97,13 @@ def merge_extra(results: dict[str, dict[str, SplitResult]], extra: dict[str, dic
         results[m] = extra[m]
 
 
-def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, dict[str, SplitResult]]:
+def early_stopped_rows(artifact: Path, cfg: Config, data: TaskData) -> dict[str, dict[str, SplitResult]]:
     """The early-stopped rows on every evaluation split, from one pass over each member's lowest-validation-NLL
     adapter (`train.keep_best`): `map_early` (each alone, a member row) and `ensemble_early` (their average,
     the deep-ensemble recipe of arXiv 2402.12264 rather than an ensemble of over-fitted end points)."""
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     early = get_posterior_class("ensemble")(full.scorer, early_stopped_adapters(cfg))
-    data = artifact_data(artifact, cfg.data, log)
     out: dict[str, dict[str, SplitResult]] = {"map_early": {}, "ensemble_early": {}}
     for name, ds in data.eval_splits(split_name(cfg.data.task)).items():
         views = member_view_results(early.predict_dataset(ds, 16), ds["label"], ["map", "ensemble"])
@@ -112,21 +111,23 @@ def early_stopped_rows(artifact: Path, cfg: Config) -> dict[str, dict[str, Split
     return out
 
 
-def run_seed(cfg: Config, early: bool = True) -> tuple[dict[str, dict[str, SplitResult]], dict[str, float]]:
-    """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"});
-    with `early`, the `map_early` rows too."""
+def run_seed(cfg: Config, early: bool = True
+             ) -> tuple[dict[str, dict[str, SplitResult]], dict[str, float], dict[str, list[str]]]:
+    """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"}, the
+    evaluation splits' row ids); with `early`, the `map_early` rows too."""
     t0 = time.time()
     artifact = train(cfg, log, in_process=True)
     train_s = time.time() - t0
     fits: dict[str, float] = {}
-    results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, log=log, timings=fits)
+    data = artifact_data(artifact, cfg.data, log)
+    results = evaluate_methods(artifact, cfg, cfg.posterior.eval_methods, data=data, log=log, timings=fits)
     if early:
-        results.update(early_stopped_rows(artifact, cfg))
+        results.update(early_stopped_rows(artifact, cfg, data))
     eval_s = time.time() - t0 - train_s
     log(f"seed done: training {train_s:.0f} s, evaluation {eval_s:.0f} s")
     density = read_manifest(artifact).get("density", {})
     return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()},
-                     **({"fit:density": density["seconds"]} if "seconds" in density else {})}
+                     **({"fit:density": density["seconds"]} if "seconds" in density else {})}, split_ids(data, cfg)
 
 
 def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
@@ -139,10 +140,9 @@ def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]
     write_cell(path, arrays, config_digest(cfg), record, seconds=seconds, config=cfg.to_dict())
 
 
-def split_ids(artifact: Path, cfg: Config) -> dict[str, list[str]]:
-    """Row ids of every evaluation split of a trained seed, by split name (the in-domain test split by its
-    task's name)."""
-    data = artifact_data(artifact, cfg.data, log)
+def split_ids(data: TaskData, cfg: Config) -> dict[str, list[str]]:
+    """Row ids of every evaluation split of a seed's `data`, by split name (the in-domain test split by its task's
+    name)."""
     names = {"test": split_name(cfg.data.task)}
     return {names.get(k, k): v for k, v in data.ids.items() if k not in ("train", "validation")}
 
@@ -181,8 +181,8 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
         kept = None
     t0, record = time.time(), BenchmarkRecord()
     if kept is None:
-        results, seconds = run_seed(cfg, early=extra is None)
-        save_seed(path, cfg, results, seconds, split_ids(artifact, cfg), record)
+        results, seconds, row_ids = run_seed(cfg, early=extra is None)
+        save_seed(path, cfg, results, seconds, row_ids, record)
         results = load_seed(path, cfg)  # as stored: a rerun that finds this cell aggregates the same numbers
     else:
         log(f"seed {seed}: predictions kept from an earlier run ({path})"
@@ -190,9 +190,10 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
         if not missing:
             return kept
         fits: dict[str, float] = {}
-        kept.update(evaluate_methods(artifact, cfg, missing, log=log, timings=fits))
+        data = artifact_data(artifact, cfg.data, log)
+        kept.update(evaluate_methods(artifact, cfg, missing, data=data, log=log, timings=fits))
         save_seed(path, cfg, kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
-                                    **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(artifact, cfg), record)
+                                    **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(data, cfg), record)
         results = load_seed(path, cfg)
     if args.commit:
         commit_cell(path, f"{split_name(cfg.data.task)} seed {seed}")

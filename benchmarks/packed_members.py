@@ -66,19 +66,15 @@ def _packed_step_child(cfg_dict: dict, threads: int, steps: int) -> dict:
     training FLOPs of one member's step."""
     from rayblora.data import load_task_data
     from rayblora.registry import get_posterior_class
-    from rayblora.train.packed import PackedMember, train_packed
-    from rayblora.workflows.members import prepare_member
+    from rayblora.train.packed import train_packed
+    from rayblora.workflows.members import prepare_packed
 
     torch.set_num_threads(threads)
     cfg = config_from_dict(cfg_dict)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every=0, keep_best=False))
     data = load_task_data(cfg.data)
-    family = get_posterior_class(cfg.posterior.method)
-    members, scorer = [], None
-    for i in range(cfg.posterior.members):
-        scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=lambda _m: None,
-                                           trunk_cache=scorer.trunk_cache if scorer is not None else None)
-        members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
+    scorer, members = prepare_packed(cfg, range(cfg.posterior.members), data,
+                                     get_posterior_class(cfg.posterior.method), lambda _m: None)
     train_packed(scorer, members, data.validation, dataclasses.replace(cfg.train, steps=2))  # fills the trunk cache
     started = time.perf_counter()
     train_packed(scorer, members, data.validation, cfg.train)

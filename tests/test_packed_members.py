@@ -12,8 +12,8 @@ from conftest import tiny_overrides
 from rayblora.config import ConfigError, load_config
 from rayblora.data import load_task_data
 from rayblora.registry import get_posterior_class
-from rayblora.train.packed import PackedMember, train_packed
-from rayblora.workflows.members import packs_members, prepare_member, train_members_in_process, train_one_member
+from rayblora.train.packed import train_packed
+from rayblora.workflows.members import packs_members, prepare_packed, train_members_in_process, train_one_member
 
 TOL = 1e-5
 BASE = {"posterior.members": "3", "train.steps": "12", "train.eval_every": "4", "train.keep_best": "true",
@@ -26,10 +26,7 @@ def _separate_and_packed(cfg):
     family = get_posterior_class(cfg.posterior.method)
     quiet = lambda _m: None  # noqa: E731
     alone = [train_one_member(cfg, i, data=data, family=family, log=quiet) for i in range(3)]
-    members, scorer = [], None
-    for i in range(3):
-        scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=quiet)
-        members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
+    scorer, members = prepare_packed(cfg, range(3), data, family, quiet)
     finals = train_packed(scorer, members, data.validation, cfg.train)
     return alone, members, finals
 
@@ -129,18 +126,16 @@ def test_a_packed_group_resumes_from_its_members_checkpoints_as_if_never_stopped
         pass
 
     def group(resume: bool, stop_after: int | None):
-        members, scorer = [], None
-        for i in range(3):
-            folder = tmp_path / f"member{i}"
-
-            def keep(step, metrics, state, folder=folder, last=i == 2):
-                state.save(folder, nan_safe(metrics))
-                if step == stop_after and last:  # killed right after the group's checkpoint at this step
+        def keep_for(i):
+            def keep(step, metrics, state):
+                state.save(tmp_path / f"member{i}", nan_safe(metrics))
+                if step == stop_after and i == 2:  # killed right after the group's checkpoint at this step
                     raise Killed
 
-            scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=lambda _m: None, on_checkpoint=keep,
-                                               resume_dir=str(folder) if resume else None)
-            members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
+            return keep
+
+        folders = {i: str(tmp_path / f"member{i}") for i in range(3)} if resume else None
+        scorer, members = prepare_packed(cfg, range(3), data, family, lambda _m: None, keep_for, folders)
         return members, train_packed(scorer, members, data.validation, cfg.train)
 
     uninterrupted, whole = group(resume=False, stop_after=None)

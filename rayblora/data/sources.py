@@ -226,7 +226,7 @@ def _task_splits(task: str, rows: list[dict[str, Any]], cfg: DataConfig, sizes: 
     choices; for multiple choice, no more options)."""
     own = infer_spec(rows, cfg, task)
     if spec is not None and not _scorable_as(own, spec):
-        raise DataError(f"{field_name}: {task!r} answers {list(own.choices)} but the task answers "
+        raise DataError(f"{field_name}: {task!r} answers {list(own.choices)} but the run scores "
                         f"{list(spec.choices)}; a {role} must share the labels (multiple choice: have no more "
                         "options per question)")
     spec = spec or own
@@ -264,8 +264,9 @@ def load_task_data(cfg: DataConfig, test_limit: int | None = None, spec: TaskSpe
     rows = {task: read_rows(task) for task in dict.fromkeys([cfg.task, *cfg.joint_tasks, *cfg.shift_tasks])}
     spec = spec or _run_spec(rows, cfg)
     sizes, limits = (cfg.test_size, cfg.val_size, cfg.train_size), (test_limit,)
-    _, (test, val, train), (test_ids, val_ids, train_ids) = _task_splits(cfg.task, rows[cfg.task], cfg, sizes,
-                                                                         spec, limits=limits)
+    _, (test, val, train), (test_ids, val_ids, train_ids) = _task_splits(
+        cfg.task, rows[cfg.task], cfg, sizes, spec, "data.task", "task scored under a trained artifact's answers",
+        limits)
     for task in cfg.joint_tasks:
         _, (_, joint_val, joint_train), (_, j_val_ids, j_train_ids) = _task_splits(
             task, rows[task], cfg, sizes, spec, "data.joint_tasks", "joint task")

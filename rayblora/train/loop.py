@@ -284,6 +284,13 @@ def make_trainer_state(scorer, cfg: TrainConfig, hooks: Sequence[StepHook] = (),
     return state
 
 
+def progress_line(label: str, metrics: dict[str, float], steps: int, seconds_per_step: float, what: str = "") -> str:
+    """A member's progress line: step, training loss, validation metrics of the step (if any), rate."""
+    extra = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
+    return (f"[{label}] step {metrics['step']}/{steps} loss {metrics['train_loss']:.4f}{extra} "
+            f"({seconds_per_step:.2f} s/step{what})")
+
+
 def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
@@ -314,9 +321,7 @@ def train_member(scorer, train_ds, val_ds, cfg: TrainConfig, ctx: LoopContext) -
                 state.best.offer(state.step, metrics, state.stepper)
         ctx.history.append(metrics)
         if state.step % log_every == 0 or state.step == cfg.steps:
-            rate = (time.time() - t0) / max(1, len(ctx.history))
-            extra = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
-            ctx.log(f"[{ctx.label}] step {state.step}/{cfg.steps} loss {loss:.4f}{extra} ({rate:.2f} s/step)")
+            ctx.log(progress_line(ctx.label, metrics, cfg.steps, (time.time() - t0) / max(1, len(ctx.history))))
         if ctx.on_checkpoint is not None and is_due(state.step, cfg.checkpoint_every, cfg.steps):
             ctx.on_checkpoint(state.step, metrics, state)
     scorer.model.eval()

@@ -36,8 +36,8 @@ from rayblora.config import TrainConfig
 from rayblora.data.batches import train_batch
 from rayblora.model import set_lora_state
 from rayblora.train.checkpoint import ADAPTER, BEST_ADAPTER, read_step_state, read_trainer_state
-from rayblora.train.loop import (BestAdapter, LoopContext, TrainerState, is_due, lr_factor, training_objective,
-                                 validate)
+from rayblora.train.loop import (BestAdapter, LoopContext, TrainerState, is_due, lr_factor, progress_line,
+                                 training_objective, validate)
 
 AdapterState = dict[str, torch.Tensor]
 PAD_FILL = {"input_ids": None, "attention_mask": 0, "segments": 0, "target_mask": 0}
@@ -93,19 +93,25 @@ class MemberDropout:
         if x.device.type != "cpu":
             raise NotImplementedError("packed members' LoRA dropout draws from CPU generators; train on the CPU "
                                       "or with adapter.dropout=0")
-        k_members, length = len(self.rng_states), x.shape[1]
-        rows = x.shape[0] // k_members
-        outer, blocks = torch.get_rng_state(), []
-        try:
-            for k, own in enumerate(self.own_lengths):
-                block = x[k * rows:(k + 1) * rows]
-                torch.set_rng_state(self.rng_states[k])
+        length, rows, blocks = x.shape[1], x.shape[0] // len(self.rng_states), []
+        for k, own in enumerate(self.own_lengths):
+            block = x[k * rows:(k + 1) * rows]
+            with self.stream(k):
                 dropped = module(block[:, length - own:])
-                self.rng_states[k] = torch.get_rng_state()
-                blocks.append(torch.cat([block[:, :length - own], dropped], 1))
-        finally:
-            torch.set_rng_state(outer)
+            blocks.append(torch.cat([block[:, :length - own], dropped], 1))
         return torch.cat(blocks)
+
+    @contextmanager
+    def stream(self, k: int) -> Iterator[None]:
+        """Within the block the CPU generator is member k's (what it draws advances member k's stream); the
+        caller's state is put back on exit."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_states[k])
+        try:
+            yield
+        finally:
+            self.rng_states[k] = torch.get_rng_state()
+            torch.set_rng_state(outer)
 
 
 def stack_batches(batches: Sequence[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -218,23 +224,11 @@ def _after_step(run: PackedRun, scorer, members: Sequence[PackedMember], val_ds,
         m.ctx.history.append(metrics)
         if run.step % log_every == 0 or run.step == cfg.steps:
             rate = (time.time() - run.started) / (run.step - run.first_step)
-            extra = "".join(f" {key} {v:.4f}" for key, v in metrics.items() if key.startswith("val_"))
-            m.ctx.log(f"[{m.ctx.label}] step {run.step}/{cfg.steps} loss {losses[k]:.4f}{extra} "
-                      f"({rate:.2f} s/step for {len(members)} packed)")
+            m.ctx.log(progress_line(m.ctx.label, metrics, cfg.steps, rate, f" for {len(members)} packed"))
         if m.ctx.on_checkpoint is not None and is_due(run.step, cfg.checkpoint_every, cfg.steps):
-            with _member_generator(run.dropout, k):  # the checkpoint keeps the member's own stream
+            with run.dropout.stream(k):  # the checkpoint keeps the member's own stream
                 m.ctx.on_checkpoint(run.step, metrics, view)
         run.metrics[k] = metrics
-
-
-@contextmanager
-def _member_generator(dropout: MemberDropout, k: int) -> Iterator[None]:
-    outer = torch.get_rng_state()
-    torch.set_rng_state(dropout.rng_states[k])
-    try:
-        yield
-    finally:
-        torch.set_rng_state(outer)
 
 
 def check_packable(members: Sequence[PackedMember], cfg: TrainConfig) -> None:

@@ -308,11 +308,26 @@ def pack_group(cfg: Config, indices: Sequence[int], data: TaskData, family: type
                resume_dirs: dict[int, str] | None = None, device: str | None = None,
                extra_hooks_for: Callable[[int], Sequence[StepHook]] = lambda _i: (),
                ) -> tuple[AnswerScorer, list[tuple[dict[str, torch.Tensor], dict[str, float]]]]:
-    """Train members `indices` of `cfg` in one loop (:func:`rayblora.train.packed.train_packed`), each prepared as
-    its separate run would be (:func:`prepare_member`: seed, initial adapter, rows, hooks, and the generator state
-    its loop starts from), with its checkpoint callback `on_checkpoint_for(i)` and, where given, its checkpoint
-    to resume from. Returns the group's scorer (holding the last member's adapter) and each member's final adapter
-    and metrics."""
+    """Train members `indices` of `cfg` in one loop (:func:`rayblora.train.packed.train_packed`), prepared by
+    :func:`prepare_packed`. Returns the group's scorer (holding the last member's adapter) and each member's final
+    adapter and metrics."""
+    scorer, members = prepare_packed(cfg, indices, data, family, log, on_checkpoint_for, resume_dirs, device,
+                                     extra_hooks_for)
+    log(f"[{cfg.output.name}] members {list(indices)} packed into one loop")
+    finals = train_packed(scorer, members, data.validation, cfg.train)
+    set_lora_state(scorer.model, finals[-1][0])
+    return scorer, finals
+
+
+def prepare_packed(cfg: Config, indices: Sequence[int], data: TaskData, family: type[Posterior],
+                   log: Callable[[str], None], on_checkpoint_for: Callable[[int], Checkpoint | None] = lambda _i: None,
+                   resume_dirs: dict[int, str] | None = None, device: str | None = None,
+                   extra_hooks_for: Callable[[int], Sequence[StepHook]] = lambda _i: (),
+                   ) -> tuple[AnswerScorer, list[PackedMember]]:
+    """The group's scorer (the last member's, sharing the first's trunk cache) and members `indices` of `cfg`, each
+    prepared as its separate run would be (:func:`prepare_member`: seed, initial adapter, rows, hooks, and the
+    generator state its loop starts from), with its checkpoint callback `on_checkpoint_for(i)`, its checkpoint to
+    resume from where given and its extra hooks."""
     members, scorer = [], None
     for i in indices:
         scorer, ctx, rows = prepare_member(cfg, i, data, family=family, log=log, on_checkpoint=on_checkpoint_for(i),
@@ -320,7 +335,4 @@ def pack_group(cfg: Config, indices: Sequence[int], data: TaskData, family: type
                                            extra_hooks=extra_hooks_for(i),
                                            trunk_cache=scorer.trunk_cache if scorer is not None else None)
         members.append(PackedMember(ctx.seed, rows, scorer.adapter_state(), torch.get_rng_state(), ctx))
-    log(f"[{cfg.output.name}] members {list(indices)} packed into one loop")
-    finals = train_packed(scorer, members, data.validation, cfg.train)
-    set_lora_state(scorer.model, finals[-1][0])
-    return scorer, finals
+    return scorer, members
