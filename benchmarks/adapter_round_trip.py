@@ -26,6 +26,7 @@ from rayblora.config import load_config
 from rayblora.data.sources import split_name
 from rayblora.report import build_report, render_markdown
 from rayblora.workflows.evaluate import evaluate_methods
+from rayblora.manifest import open_artifact
 
 METHODS = ["ensemble", "laplace_ensemble"]
 
@@ -77,7 +78,7 @@ def main() -> None:
     results, reports = {}, {}
     for name, run in (("original", original), ("imported", imported)):
         t0 = time.time()
-        results[name] = evaluate_methods(run / "posterior-laplace", load_config(args.config, [
+        results[name] = evaluate_methods(open_artifact(run / "posterior-laplace"), load_config(args.config, [
             *args.overrides, f"output.dir={run}"]), METHODS)
         seconds[f"evaluate {name}"] = round(time.time() - t0, 1)
         reports[name] = build_report(results[name], split_name(cfg.data.task), {"artifact": name})

@@ -44,7 +44,7 @@ import numpy as np
 
 from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
-from rayblora.artifact import load_posterior, read_manifest
+from rayblora.artifact import Artifact, load_posterior, open_artifact
 from rayblora.comparison import forest_figure, join, paired_bootstrap, reliability_grid
 from rayblora.config import Config, config_from_dict, load_config
 from rayblora.data.sources import TaskData, split_name
@@ -97,7 +97,7 @@ def merge_extra(results: dict[str, dict[str, SplitResult]], extra: dict[str, dic
         results[m] = extra[m]
 
 
-def early_stopped_rows(artifact: Path, cfg: Config, data: TaskData) -> dict[str, dict[str, SplitResult]]:
+def early_stopped_rows(artifact: Artifact, cfg: Config, data: TaskData) -> dict[str, dict[str, SplitResult]]:
     """The early-stopped rows on every evaluation split, from one pass over each member's lowest-validation-NLL
     adapter (`train.keep_best`): `map_early` (each alone, a member row) and `ensemble_early` (their average,
     the deep-ensemble recipe of arXiv 2402.12264 rather than an ensemble of over-fitted end points)."""
@@ -116,7 +116,7 @@ def run_seed(cfg: Config, early: bool = True
     """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"}, the
     evaluation splits' row ids); with `early`, the `map_early` rows too."""
     t0 = time.time()
-    artifact = train(cfg, log, in_process=True)
+    artifact = open_artifact(train(cfg, log, in_process=True))
     train_s = time.time() - t0
     fits: dict[str, float] = {}
     data = artifact_data(artifact, cfg.data, log)
@@ -125,7 +125,7 @@ def run_seed(cfg: Config, early: bool = True
         results.update(early_stopped_rows(artifact, cfg, data))
     eval_s = time.time() - t0 - train_s
     log(f"seed done: training {train_s:.0f} s, evaluation {eval_s:.0f} s")
-    density = read_manifest(artifact).get("density", {})
+    density = artifact.manifest.get("density", {})
     return results, {"train": train_s, "evaluate": eval_s, **{f"fit:{m}": v for m, v in fits.items()},
                      **({"fit:density": density["seconds"]} if "seconds" in density else {})}, split_ids(data, cfg)
 
@@ -190,8 +190,9 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
         if not missing:
             return kept
         fits: dict[str, float] = {}
-        data = artifact_data(artifact, cfg.data, log)
-        kept.update(evaluate_methods(artifact, cfg, missing, data=data, log=log, timings=fits))
+        opened = open_artifact(artifact)
+        data = artifact_data(opened, cfg.data, log)
+        kept.update(evaluate_methods(opened, cfg, missing, data=data, log=log, timings=fits))
         save_seed(path, cfg, kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
                                     **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(data, cfg), record)
         results = load_seed(path, cfg)

@@ -22,7 +22,6 @@ not a claim (the claims are `benchmarks/calibration.py`'s, over seeds).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from rayblora.data.trained_splits import artifact_data
 from rayblora.density import FeatureDensity
 from rayblora.metrics import ood_auroc
 from rayblora.workflows.members import trunk_cache_for
+from rayblora.manifest import open_artifact
 
 
 def collect(post, dataset, batch_size: int = 16) -> dict[str, np.ndarray]:
@@ -86,7 +86,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     post = load_posterior(args.posterior)
     post.scorer.use_trunk_cache(trunk_cache_for(cfg, post.scorer, print))
-    data = artifact_data(Path(args.posterior), cfg.data, print)
+    data = artifact_data(open_artifact(args.posterior), cfg.data, print)
     in_domain = split_name(cfg.data.task)
     splits = {"train": data.train, in_domain: data.test.select(range(min(args.rows, len(data.test)))),
               **data.shifts, **data.far_ood}

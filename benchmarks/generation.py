@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
-from rayblora.artifact import load_posterior
+from rayblora.artifact import load_posterior, open_artifact
 from rayblora.bigbench import bigbench_path
 from rayblora.config import Config, config_from_dict, load_config
 from rayblora.data.sources import split_name
@@ -84,8 +84,9 @@ def run_seed(cfg: Config, settings: DecodingSettings) -> dict[str, np.ndarray]:
     artifact = cfg.out_dir / "posterior"
     if not (artifact / "manifest.json").is_file():
         train(cfg, log, in_process=True)
-    data = artifact_data(artifact, cfg.data, log)
-    full = load_posterior(artifact)
+    opened = open_artifact(artifact)
+    data = artifact_data(opened, cfg.data, log)
+    full = load_posterior(opened)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     prompts, targets = list(data.test["prompt"]), list(data.test["targets"])
     rows: dict[str, np.ndarray] = {}

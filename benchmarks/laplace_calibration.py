@@ -5,7 +5,7 @@
         [--method laplace_ensemble|laplace] [--prior-method marglik|val_nll]
 
 Takes a trained ensemble artifact (e.g. from `rayblora demo`), fits a mixture of Laplaces onto it with
-`rayblora.workflows.fit.fit_laplace` (curvature on the first `--fit-batches` batches of the members' own training split,
+`rayblora.workflows.fit.fit_posterior` (curvature on the first `--fit-batches` batches of the members' own training split,
 prior precision by marginal likelihood), and evaluates every row on the first `--n-eval` test examples of each split
 (the `data.test_size = n_eval` split). The `laplace` row is member 0's component of the mixture (its GLM moments
 are computed once and shared with the mixture). Writes a report directory and prints the markdown table.
@@ -64,10 +64,10 @@ def main() -> None:
     parser.add_argument("--prior-method", default="marglik", choices=["marglik", "val_nll"])
     parser.add_argument("--out", default="runs/laplace-calibration")
     args = parser.parse_args()
-    from rayblora.artifact import load_posterior
+    from rayblora.artifact import load_posterior, open_artifact
     from rayblora.data import load_task_data, split_name
     from rayblora.workflows.evaluate import evaluate_methods
-    from rayblora.workflows.fit import fit_laplace
+    from rayblora.workflows.fit import fit_posterior
     from rayblora.report import render_markdown, write_report
 
     record = BenchmarkRecord()
@@ -75,7 +75,7 @@ def main() -> None:
     parent, out = Path(args.parent), Path(args.out)
     cfg = _config(parent, args.fit_batches, args.prior_method)
     t0 = time.time()
-    fitted = fit_laplace(parent, cfg, out / "posterior", method=args.method, log=log)
+    fitted = open_artifact(fit_posterior(parent, cfg, out / "posterior", method=args.method, log=log))
     fit_seconds = time.time() - t0
     eval_data = load_task_data(dataclasses.replace(cfg.data, test_size=args.n_eval))
     splits = eval_data.eval_splits(split_name(cfg.data.task))

@@ -28,6 +28,7 @@ from rayblora.config import load_config
 from rayblora.data.trained_splits import artifact_data
 from rayblora.posteriors import get_posterior_class
 from rayblora.workflows.members import trunk_cache_for
+from rayblora.manifest import open_artifact
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
                                     *args.overrides])
     post = load_posterior(run / "posterior")
     scorer, member = post.scorer, post.members[:1]
-    data = artifact_data(run / "posterior", cfg.data)
+    data = artifact_data(open_artifact(run / "posterior"), cfg.data)
     cache = trunk_cache_for(cfg, scorer)
     if cache is None or not cache.nbytes:
         raise SystemExit(f"{run}: no trunk cache to search with (train the run first)")

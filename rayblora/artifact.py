@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import rayblora
 from rayblora.config import AdapterConfig, ModelConfig
 from rayblora.data.formats import TaskSpec
 from rayblora.density import FeatureDensity
-from rayblora.manifest import (MANIFEST, SCHEMA_VERSION, ArtifactError, file_checksums, member_states,
-                               parent_lineage, read_manifest, verify_files, write_dir_atomic, write_json_atomic)
+from rayblora.manifest import (MANIFEST, SCHEMA_VERSION, Artifact, ArtifactError, file_checksums, open_artifact,
+                               read_manifest, write_dir_atomic, write_json_atomic)
 from rayblora.model import set_lora_state
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
@@ -30,8 +30,8 @@ DENSITY_FILE = "density.safetensors"
 """The members' feature density (:mod:`rayblora.density`), beside any family's own files; its manifest section is
 `density` (threshold, quantile, how it was fitted). Artifacts without one load with `posterior.density = None`."""
 
-__all__ = ["ArtifactError", "load_posterior", "read_manifest", "save_derived", "save_posterior",
-           "scorer_for_manifest", "verify_files"]
+__all__ = ["Artifact", "ArtifactError", "load_posterior", "open_artifact", "read_manifest", "save_derived",
+           "save_posterior", "scorer_for_artifact"]
 
 
 def _save_members(posterior, root: Path) -> list[dict[str, Any]]:
@@ -79,7 +79,8 @@ def _asdict(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _check_scorer(scorer, manifest: dict[str, Any], root: Path) -> None:
+def _check_scorer(scorer, artifact: Artifact) -> None:
+    manifest, root = artifact.manifest, artifact.root
     want = manifest["base_model"]["fingerprint"]
     if scorer.fingerprint != want:
         raise ArtifactError(f"{root}: trained on base model {manifest['base_model']['name']!r} with fingerprint "
@@ -91,57 +92,55 @@ def _check_scorer(scorer, manifest: dict[str, Any], root: Path) -> None:
                             f"{manifest['task']['answer_token_ids']}")
 
 
-def manifest_configs(manifest: dict[str, Any]) -> tuple[ModelConfig, AdapterConfig]:
+def artifact_configs(artifact: Artifact) -> tuple[ModelConfig, AdapterConfig]:
     """The base-model and adapter config sections an artifact was trained with."""
     def tuples(d: dict[str, Any]) -> dict[str, Any]:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
+    manifest = artifact.manifest
     return ModelConfig(**tuples(manifest["base_model"]["config"])), AdapterConfig(**tuples(manifest["adapter"]))
 
 
-def scorer_for_manifest(manifest: dict[str, Any], base=None) -> AnswerScorer:
+def scorer_for_artifact(artifact: Artifact, base=None) -> AnswerScorer:
     """Build the AnswerScorer an artifact needs (loading its base model unless `base` = (model, tokenizer))."""
-    model_cfg, adapter_cfg = manifest_configs(manifest)
-    spec = TaskSpec.from_dict(manifest["task"])
-    return build_scorer(model_cfg, adapter_cfg, spec, manifest["task"]["max_length"], base=base)
+    model_cfg, adapter_cfg = artifact_configs(artifact)
+    task = artifact.manifest["task"]
+    return build_scorer(model_cfg, adapter_cfg, TaskSpec.from_dict(task), task["max_length"], base=base)
 
 
-def save_derived(posterior: Posterior, parent: str | os.PathLike, path: str | os.PathLike,
+def save_derived(posterior: Posterior, parent: Artifact, path: str | os.PathLike,
                  lineage: dict[str, Any] | None = None) -> Path:
     """Write `posterior`, derived post hoc from the artifact `parent` (a Laplace fit, a swept prior precision),
     as a new artifact at `path`: the parent's model, adapter and training record, and a lineage naming the parent
-    (:func:`rayblora.manifest.parent_lineage`) plus `lineage`."""
-    manifest = read_manifest(parent)
-    model_cfg, adapter_cfg = manifest_configs(manifest)
+    (:meth:`Artifact.lineage_entry`) plus `lineage`."""
+    model_cfg, adapter_cfg = artifact_configs(parent)
     return save_posterior(posterior, path, model_config=model_cfg, adapter_config=adapter_cfg,
-                          training=manifest.get("training", {}),
-                          lineage={**parent_lineage(parent), **(lineage or {})})
+                          training=parent.training, lineage={**parent.lineage_entry(), **(lineage or {})})
 
 
-def load_posterior(path: str | os.PathLike, scorer=None, base=None, method: str | None = None):
-    """Load and verify a posterior artifact.
+def load_posterior(artifact: Artifact | str | os.PathLike, scorer=None, base=None, method: str | None = None):
+    """Load a posterior artifact as the family its manifest names.
 
     Args:
-        path: the artifact directory.
+        artifact: an :class:`Artifact` a flow opened, or a directory (opened here: manifest, checksums, tensors).
         scorer: an existing AnswerScorer to reuse (its base model must match the artifact's fingerprint).
         base: alternatively `(model, tokenizer)` of the base model to attach a fresh adapter slot to.
         method: view the artifact as another registered family built from the same members
             (e.g. "map" of an ensemble); default: the artifact's own method.
     """
-    root = Path(path)
-    manifest = read_manifest(root)
-    verify_files(root, manifest)
+    if not isinstance(artifact, Artifact):
+        artifact = open_artifact(artifact)
     if scorer is None:
-        scorer = scorer_for_manifest(manifest, base=base)
-    _check_scorer(scorer, manifest, root)
-    members = member_states(root, manifest)
-    info = [{k: v for k, v in m.items() if k != "path"} for m in manifest["members"]]
-    tensors = {p.name: load_file(str(p)) for p in sorted(root.glob("*.safetensors"))}
+        scorer = scorer_for_artifact(artifact, base=base)
+    _check_scorer(scorer, artifact)
+    tensors = dict(artifact.tensors)
     density = tensors.pop(DENSITY_FILE, None)
-    full = get_posterior_class(manifest["method"]).from_artifact(scorer, members, info, tensors,
-                                                                  manifest.get("family", {}))
+    manifest = artifact.manifest
+    full = get_posterior_class(artifact.method).from_artifact(scorer, artifact.members, artifact.member_info,
+                                                              tensors, manifest.get("family", {}))
     if "density" in manifest:
         if density is None:
-            raise ArtifactError(f"{root}: the manifest names a feature density but {DENSITY_FILE} is missing")
+            raise ArtifactError(f"{artifact.root}: the manifest names a feature density but {DENSITY_FILE} is "
+                                "missing")
         full.density = FeatureDensity.from_tensors(density, manifest["density"])
     return full.view(method) if method else full

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rayblora import assets, bigbench, qa_benchmarks
-from rayblora.artifact import load_posterior
+from rayblora.artifact import load_posterior, open_artifact
 from rayblora.assets import AssetError
 from rayblora.config import Config, ConfigError, load_config
 from rayblora.data.formats import DataError
@@ -25,10 +25,8 @@ from rayblora.generation.decode import MODES, DecodingSettings, GenerationSettin
 from rayblora.manifest import ArtifactError
 from rayblora.model import ModelError
 from rayblora.registry import post_hoc_methods
-from rayblora.report import render_markdown
 from rayblora.serve.app import check_posteriors, parse_posterior_specs, resolve_token, serve_until_stopped
-from rayblora.workflows.evaluate import evaluate
-from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
+from rayblora.workflows.evaluate import evaluate_artifact
 from rayblora.workflows.fit import fit_density, fit_posterior
 from rayblora.workflows.importing import export_members, import_adapters
 from rayblora.workflows.rounds import render_rounds_markdown, run_rounds
@@ -37,6 +35,7 @@ from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps import SweepInterrupted, sweep_prior, sweep_train
 from rayblora.workflows.sweeps.prior import SELECT
 from rayblora.workflows.train import train, train_and_evaluate
+from rayblora.workflows.views import buildable_methods
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
 USER_ERRORS = (ConfigError, DataError, ArtifactError, AssetError, ModelError, GenerationSettingsError,
@@ -143,10 +142,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args, cfg: Config) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    if is_generation_artifact(args.posterior):  # exact match and answer-level uncertainty; prints its table
-        evaluate_generation_report(args.posterior, cfg, out_dir=args.out, methods=methods)
-    else:
-        print(render_markdown(evaluate(args.posterior, cfg, out_dir=args.out, methods=methods)))
+    evaluate_artifact(args.posterior, cfg, out_dir=args.out, methods=methods)  # prints its table
     return 0
 
 
@@ -168,9 +164,10 @@ def _run_generate(args, _cfg) -> int:
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, mode=args.mode, do_sample=args.sample,
                                 temperature=args.temperature, seed=args.seed,
                                 stop=tuple(args.stop) if args.stop is not None else DecodingSettings.stop)
-    posterior = load_posterior(args.posterior)
+    artifact = open_artifact(args.posterior)
     if args.method:
-        posterior = posterior.view(args.method)
+        buildable_methods(artifact, [args.method], (), with_data=False)  # refused before the model loads
+    posterior = load_posterior(artifact, method=args.method or None)
     for prompt, answer in zip(args.prompt, posterior.generate(args.prompt, settings)):
         print(json.dumps({"prompt": prompt, "method": posterior.method, **answer.to_dict()}))
     return 0

@@ -22,11 +22,12 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -137,48 +138,109 @@ def file_checksums(root: str | os.PathLike, exclude: str = MANIFEST) -> dict[str
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an artifact, with its schema checked (no checksum verification)."""
-    root = Path(path)
+    """The manifest of an artifact, with its schema checked (no checksum verification): a light look at an
+    artifact (what it is, whether it is finished) that no flow then reads further; a flow opens it once with
+    :func:`open_artifact`."""
+    return _parse_manifest(Path(path), _manifest_bytes(Path(path)))
+
+
+def _manifest_bytes(root: Path) -> bytes:
     mf = root / MANIFEST
     if not mf.is_file():
         raise ArtifactError(f"{root}: not a posterior artifact (no {MANIFEST})")
+    return mf.read_bytes()
+
+
+def _parse_manifest(root: Path, raw: bytes) -> dict[str, Any]:
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{mf}: not valid JSON ({exc})") from None
-    version = manifest.get("schema_version")
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{root / MANIFEST}: not valid JSON ({exc})") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise ArtifactError(f"{root}: schema version {version!r} is not supported (this rayblora reads "
                             f"version {SCHEMA_VERSION})")
     return manifest
 
 
-def verify_files(root: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    """Check every listed file's sha256; raise ArtifactError naming the first missing or altered file."""
-    root = Path(root)
+@dataclass(frozen=True)
+class Artifact:
+    """An artifact directory read once, at the front door of a flow (fit, evaluate, the prior sweep, serving,
+    export), and passed down as a value: its manifest parsed, every listed file read once with its sha256 checked,
+    the members' adapter tensors and the family's root-level safetensors files loaded from those same bytes."""
+
+    root: Path
+    """The directory, absolute."""
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    members: list[dict[str, torch.Tensor]]
+    """Each member folder's adapter tensors, in manifest order."""
+    tensors: dict[str, dict[str, torch.Tensor]]
+    """The root-level safetensors files (family tensors, the feature density): file name -> tensors."""
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def member_info(self) -> list[dict[str, Any]]:
+        """Each member's manifest record without its folder path (seed, training metrics)."""
+        return [{k: v for k, v in m.items() if k != "path"} for m in self.manifest["members"]]
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The training record (config, splits, metrics); empty for an artifact without one."""
+        return self.manifest.get("training", {})
+
+    def lineage_entry(self) -> dict[str, Any]:
+        """The lineage entries naming this artifact as the parent of another."""
+        return _lineage_entry(self.root, self.method, self.manifest_sha256)
+
+
+def open_artifact(path: str | os.PathLike) -> Artifact:
+    """Read the artifact at `path` once (:class:`Artifact`); ArtifactError naming the first missing or altered file."""
+    root = Path(path).resolve()
+    raw = _manifest_bytes(root)
+    manifest = _parse_manifest(root, raw)
+    adapter_files = {f"{m['path']}/{ADAPTER_FILE}": i for i, m in enumerate(manifest["members"])}
+    members: list[dict[str, torch.Tensor] | None] = [None] * len(adapter_files)
+    tensors = {}
     for rel, expected in manifest.get("files", {}).items():
-        p = root / rel
-        if not p.is_file():
-            raise ArtifactError(f"{root}: file {rel} listed in the manifest is missing")
-        if sha256_file(p) != expected:
-            raise ArtifactError(f"{root}: checksum mismatch for {rel}: the file was modified or corrupted")
+        data = _verified_bytes(root, rel, expected)
+        if rel in adapter_files:
+            members[adapter_files[rel]] = safetensors_load(data)
+        elif "/" not in rel and rel.endswith(".safetensors"):
+            tensors[rel] = safetensors_load(data)
+    missing = [i for i, m in enumerate(members) if m is None]
+    if missing:
+        raise ArtifactError(f"{root}: member {missing[0]}'s {ADAPTER_FILE} is not listed in the manifest")
+    return Artifact(root, manifest, hashlib.sha256(raw).hexdigest(), members, tensors)  # type: ignore[arg-type]
 
 
-def adapter_state_from_folder(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Adapter tensors of a PEFT adapter folder (safetensors only)."""
-    p = Path(folder) / ADAPTER_FILE
+def _verified_bytes(root: Path, rel: str, expected: str) -> bytes:
+    p = root / rel
     if not p.is_file():
-        raise ArtifactError(f"{folder}: no {ADAPTER_FILE}")
-    return load_file(str(p))
+        raise ArtifactError(f"{root}: file {rel} listed in the manifest is missing")
+    data = p.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ArtifactError(f"{root}: checksum mismatch for {rel}: the file was modified or corrupted")
+    return data
 
 
-def member_states(root: str | os.PathLike, manifest: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
-    """The adapter tensors of every member folder the manifest lists, in order."""
-    return [adapter_state_from_folder(Path(root) / m["path"]) for m in manifest["members"]]
+def verify_files(root: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Check every listed file's sha256 (of a directory about to be written, e.g. an import); raise ArtifactError
+    naming the first missing or altered file."""
+    for rel, expected in manifest.get("files", {}).items():
+        _verified_bytes(Path(root), rel, expected)
 
 
 def parent_lineage(parent: str | os.PathLike) -> dict[str, Any]:
-    """The lineage entries naming a parent artifact: its absolute path, method and manifest's sha256."""
-    parent = Path(parent)
-    return {"parent": str(parent.resolve()), "parent_method": read_manifest(parent)["method"],
-            "parent_manifest_sha256": sha256_file(parent / MANIFEST)}
+    """The lineage entries naming the artifact at `parent` (its manifest read once): see
+    :meth:`Artifact.lineage_entry`, for a flow that has only the path (the rounds of dynamic fine-tuning)."""
+    root = Path(parent).resolve()
+    raw = _manifest_bytes(root)
+    return _lineage_entry(root, _parse_manifest(root, raw)["method"], hashlib.sha256(raw).hexdigest())
+
+
+def _lineage_entry(root: Path, method: str, manifest_sha256: str) -> dict[str, Any]:
+    return {"parent": str(root), "parent_method": method, "parent_manifest_sha256": manifest_sha256}

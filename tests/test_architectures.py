@@ -27,6 +27,7 @@ from rayblora.trunk import decoder_parts, first_adapted_layer
 from rayblora.workflows.evaluate import evaluate_methods
 from rayblora.workflows.members import train_one_member
 from rayblora.workflows.train import train
+from rayblora.manifest import open_artifact
 
 SIZE = {"vocab_size": len(tiny_tokenizer()), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "head_dim": 8}
@@ -97,7 +98,7 @@ def test_a_posterior_predicts_the_same_with_and_without_the_trunk_cache(architec
     _kind, folder, _modules = architecture
     cfg = _config(sentiment_files, tmp_path / "run", folder, **{"laplace.fit_batches": "2",
                                                                 "laplace.link_samples": "10"})
-    artifact = train(cfg, log=lambda _m: None, in_process=True)
+    artifact = open_artifact(train(cfg, log=lambda _m: None, in_process=True))
     quiet = {"methods": ["ensemble", "laplace"], "log": lambda _m: None}
     cached, plain = evaluate_methods(artifact, cfg, **quiet), evaluate_methods(artifact, _without_cache(cfg), **quiet)
     for method in ("ensemble", "laplace"):

@@ -65,10 +65,10 @@ def test_mc_dropout_gives_nonzero_mutual_information(tiny_session_config, tiny_d
     g = torch.Generator().manual_seed(1)
     state = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in scorer.adapter_state().items()}
     post = get_posterior_class("mc_dropout").build(scorer, [state], [{}], config=cfg)
-    assert post.num_samples == cfg.swag.samples
+    assert post.num_samples == cfg.sampling.samples
     batch = scorer.encode(tiny_data.test["prompt"][:8])
     pred = post.predict_batch(batch)
-    assert pred.sample_probs.shape == (cfg.swag.samples, 8, 2)
+    assert pred.sample_probs.shape == (cfg.sampling.samples, 8, 2)
     assert (pred.mutual_information > 0).all()
     again = post.predict_batch(batch)  # seeded masks: the same batch gives the same predictive
     # (to the last bits only where the BLAS reduces in a fixed order; other masks differ by far more than 1e-6)

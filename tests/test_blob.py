@@ -39,7 +39,7 @@ def test_an_epochs_kl_weights_add_up_to_one(weighting):
 def blob_config(sentiment_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("blob-run")
     return load_config(None, tiny_overrides(sentiment_files, out, **{
-        "posterior.method": "blob", "posterior.members": "2", "train.steps": "12", "swag.samples": "3"}))
+        "posterior.method": "blob", "posterior.members": "2", "train.steps": "12", "sampling.samples": "3"}))
 
 
 def _objective(cfg, tiny_data):

@@ -17,6 +17,7 @@ from rayblora.data.batches import eval_batches
 from rayblora.model import set_lora_state
 from rayblora.scoring import build_scorer
 from rayblora.trunk_cache import TrunkCache
+from rayblora.manifest import open_artifact
 
 CHOICE = {"data.shift_tasks": "[]", "data.val_size": "20", "data.test_size": "30", "data.max_length": "256",
           "model.tiny_layers": "3", "adapter.layers": "[1,2]"}
@@ -169,14 +170,14 @@ def test_members_train_on_option_scores_and_every_family_predicts(choice_files, 
 
     cfg = _config(choice_files, tmp_path / "run", **{
         "posterior.method": "multiswag", "train.steps": "40", "swag.start_step": "20", "swag.max_rank": "3",
-        "swag.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20", "tfb.search_steps": "2",
+        "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20", "tfb.search_steps": "2",
         "adapter.dropout": "0.1"})
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     assert (tmp_path / "run" / "trunk_cache").is_dir()  # packed rows went through the trunk cache
     data = load_task_data(cfg.data)
     methods = ["map", "ensemble", "temperature", "temperature_ensemble", "mc_dropout", "laplace",
                "laplace_ensemble", "swag", "multiswag", "tfb"]
-    results = evaluate_methods(artifact, cfg, methods, data=data, log=lambda _m: None)
+    results = evaluate_methods(open_artifact(artifact), cfg, methods, data=data, log=lambda _m: None)
     _check_results(results, data)
     accuracy = (results["map"]["train"].probs.argmax(-1) == results["map"]["train"].labels).mean()
     assert accuracy >= 0.6  # chance is 1/2, 1/3, 1/5 by row: the positive word is learnt
@@ -189,10 +190,10 @@ def test_variational_families_train_and_predict_on_option_scores(method, choice_
 
     extra = {"hybrid.prefix_tokens": "2", "posterior.members": "1"} if method == "hybrid_vi" else {}
     cfg = _config(choice_files, tmp_path / "run", **{"posterior.method": method, "train.steps": "12",
-                                                     "swag.samples": "3", **extra})
+                                                     "swag.samples": "3", "sampling.samples": "3", **extra})
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     data = load_task_data(cfg.data)
-    _check_results(evaluate_methods(artifact, cfg, [method], data=data, log=lambda _m: None), data)
+    _check_results(evaluate_methods(open_artifact(artifact), cfg, [method], data=data, log=lambda _m: None), data)
 
 
 def test_prior_cache_on_option_scores_equals_the_posterior(choice_data):

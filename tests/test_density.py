@@ -11,6 +11,7 @@ import torch
 from rayblora.artifact import load_posterior, save_posterior
 from rayblora.density import FeatureDensity
 from rayblora.posteriors.ensemble import EnsemblePosterior
+from rayblora.manifest import open_artifact
 
 FAR_TEXT = "0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9"
 """Text nothing like the synthetic reviews (digits and spaces only) for the tiny model's tokenizer."""
@@ -229,7 +230,7 @@ def test_trained_artifact_reports_density_and_pooled_temperature_rows(sentiment_
     logs = []
     artifact = train(cfg, log=logs.append, in_process=True)
     assert any(line.startswith("[density] trunk features, fitted on") for line in logs)
-    report = evaluate(artifact, cfg, log=lambda _m: None)
+    report = evaluate(open_artifact(artifact), cfg, log=lambda _m: None)
     assert set(report["methods"]) == {"map", "temperature", "ensemble", "laplace", "ensemble+T", "laplace+T"}
     shift = next(iter(report["ood"]["ensemble"]))
     assert 0.0 <= report["ood"]["ensemble"][shift]["auroc_density"] <= 1.0

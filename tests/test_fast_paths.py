@@ -17,6 +17,7 @@ from rayblora.trunk import tail_ready
 from rayblora.workflows.evaluate import evaluate_methods
 from rayblora.workflows.members import train_one_member
 from rayblora.workflows.train import train
+from rayblora.manifest import open_artifact
 
 THREE_LAYERS = {"model.tiny_layers": "3", "train.eval_every": "0", "adapter.dropout": "0.1"}
 
@@ -136,16 +137,16 @@ def test_training_losses_equal_the_full_forward(sentiment_files, tmp_path, tiny_
 @pytest.mark.slow
 def test_every_family_predicts_the_same_with_and_without_the_tail(sentiment_files, tmp_path, monkeypatch):
     swag = {"adapter.layers": "[2]", "train.steps": "40", "posterior.method": "multiswag",
-            "swag.start_step": "20", "swag.max_rank": "3", "swag.samples": "3", "laplace.fit_batches": "3",
+            "swag.start_step": "20", "swag.max_rank": "3", "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3",
             "laplace.link_samples": "20", "tfb.search_steps": "2"}
     cfg = _config(sentiment_files, tmp_path / "run", **swag)
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     methods = ["map", "ensemble", "temperature", "mc_dropout", "laplace", "laplace_ensemble", "swag", "multiswag",
                "tfb"]
     data = load_task_data(cfg.data)
-    tail = evaluate_methods(artifact, cfg, methods, data=data, log=lambda _m: None)
+    tail = evaluate_methods(open_artifact(artifact), cfg, methods, data=data, log=lambda _m: None)
     monkeypatch.setattr(trunk, "TAIL_MODEL_TYPES", ())
-    full = evaluate_methods(artifact, cfg, methods, data=data, log=lambda _m: None)
+    full = evaluate_methods(open_artifact(artifact), cfg, methods, data=data, log=lambda _m: None)
     for method in methods:
         for split, result in tail[method].items():
             assert abs(result.probs - full[method][split].probs).max() <= 1e-5, (method, split)

@@ -21,6 +21,7 @@ from rayblora.data import load_task_data
 from rayblora.model import ModelError, answer_token_ids, load_base_model
 from rayblora.posteriors import get_posterior_class
 from rayblora.workflows.importing import BASE_RECORD, export_members, import_adapters
+from rayblora.manifest import open_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +171,8 @@ def test_exported_members_load_in_peft_and_round_trip_to_the_same_laplace_predic
     quiet = {"log": lambda _m: None}
     fitted = [fit_posterior(a, cfg, tmp_path / name, method="laplace_ensemble", **quiet)
               for a, name in ((artifact, "fit-original"), (reimported, "fit-reimported"))]
-    tables = [evaluate_methods(path, cfg, methods=["ensemble", "laplace_ensemble"], **quiet) for path in fitted]
+    tables = [evaluate_methods(open_artifact(path), cfg, methods=["ensemble", "laplace_ensemble"], **quiet)
+              for path in fitted]
     # a weak prior (λ = 1e-3) makes the Laplace rows far from the ensemble's (0.16 here), so the comparison sees
     # a reparametrised adapter (B scaled, alpha = r: 0.02 apart), not only the members
     assert abs(tables[0]["laplace_ensemble"]["train"].probs - tables[0]["ensemble"]["train"].probs).max() > 1e-2

@@ -249,10 +249,10 @@ def test_fit_cli_writes_a_new_laplace_artifact(ensemble_artifact, sentiment_file
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # atomic: no temporaries
     post = load_posterior(out)
     assert len(post.fits) == 2 and post.fits[0].prior_source == "marglik"
-    from rayblora.workflows.fit import fit_laplace
+    from rayblora.workflows.fit import fit_posterior
 
     with pytest.raises(ConfigError, match="--method"):
-        fit_laplace(ensemble_artifact, load_config(None, overrides), tmp_path / "x", method="ensemble")
+        fit_posterior(ensemble_artifact, load_config(None, overrides), tmp_path / "x", method="ensemble")
 
 
 def test_fit_offers_the_registrys_post_hoc_families_and_names_its_output_after_the_family(
@@ -285,15 +285,15 @@ def test_fit_offers_the_registrys_post_hoc_families_and_names_its_output_after_t
 @pytest.mark.slow
 def test_ray_train_fit_on_two_workers_equals_in_process_fit(ensemble_artifact, sentiment_files, tmp_path,
                                                             ray_session):
-    from rayblora.workflows.fit import fit_laplace
+    from rayblora.workflows.fit import fit_posterior
 
     def cfg(workers: int):
         return load_config(None, tiny_overrides(sentiment_files, tmp_path / f"run{workers}", **{
             "laplace.fit_batches": "5", "laplace.fit_workers": str(workers), "laplace.link_samples": "10",
             "cluster.cpus_per_worker": "1"}))
 
-    one = load_posterior(fit_laplace(ensemble_artifact, cfg(0), tmp_path / "one", method="laplace"))
-    two = load_posterior(fit_laplace(ensemble_artifact, cfg(2), tmp_path / "two", method="laplace"),
+    one = load_posterior(fit_posterior(ensemble_artifact, cfg(0), tmp_path / "one", method="laplace"))
+    two = load_posterior(fit_posterior(ensemble_artifact, cfg(2), tmp_path / "two", method="laplace"),
                          scorer=one.scorer)
     assert two.fit_meta["workers"] == 2 and two.fits[0].n_data == one.fits[0].n_data == 80
     assert two.fits[0].log_lik == pytest.approx(one.fits[0].log_lik, rel=1e-6)

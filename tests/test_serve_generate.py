@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402  (needs httpx)
 from rayblora.config import ServeConfig  # noqa: E402
 from rayblora.generation.decode import DecodingSettings  # noqa: E402
 from rayblora.serve.api import make_api  # noqa: E402
+from rayblora.serve.app import check_posteriors  # noqa: E402
 from rayblora.serve.engine import PosteriorPool  # noqa: E402
 from rayblora.serve.generate import Generating  # noqa: E402
 from rayblora.serve.schemas import generate_request_model  # noqa: E402
@@ -37,7 +38,7 @@ class LocalService:
         from rayblora.artifact import load_posterior
 
         self.config = config
-        self.pool = PosteriorPool(paths, load_posterior)
+        self.pool = PosteriorPool(check_posteriors(paths), load_posterior)
         self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayblora-forward")
         self.generating = Generating(self.forward, config.max_tokens_per_input)
         self.resident: dict = {}

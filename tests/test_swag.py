@@ -18,6 +18,7 @@ from rayblora.posteriors.swag import (SWAG_FILE, SwagCollector, SwagMoments, fla
                                       read_checkpoint_moments, sample_swag, swa_learning_rate)
 from rayblora.train.loop import TrainerState
 from rayblora.workflows.members import train_one_member
+from rayblora.manifest import open_artifact
 from conftest import tiny_overrides
 
 
@@ -230,13 +231,13 @@ def test_tampered_swag_file_is_rejected(swag_artifact, tmp_path):
 def test_evaluate_methods_runs_every_new_row(swag_artifact, swag_run, tiny_data):
     cfg = swag_run[0]
     methods = ["map", "ensemble", "swa", "swag", "multiswag", "mc_dropout", "temperature"]
-    results = evaluate_methods(swag_artifact, cfg, methods, data=tiny_data, log=lambda _m: None)
+    results = evaluate_methods(open_artifact(swag_artifact), cfg, methods, data=tiny_data, log=lambda _m: None)
     assert set(results) == set(methods)
     for method in methods:
         for split in results[method].values():
             assert split.probs.shape[1] == 2 and torch.isfinite(torch.as_tensor(split.probs)).all()
     assert (results["multiswag"]["train"].mutual_information > 0).mean() > 0.9
-    alone = evaluate_methods(swag_artifact, cfg, ["swag"], data=tiny_data, log=lambda _m: None)
+    alone = evaluate_methods(open_artifact(swag_artifact), cfg, ["swag"], data=tiny_data, log=lambda _m: None)
     for split, result in alone["swag"].items():  # with multiswag, swag came out of multiswag's pass
         assert np.allclose(result.probs, results["swag"][split].probs, atol=1e-6)
 

@@ -115,7 +115,7 @@ def test_tfb_searches_on_validation_only_without_gradients_and_round_trips(train
     assert all(p.grad is None for p in scorer.model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in scorer.adapter_state().items())
     (search,) = post.search
-    assert search["passes"] == 9 and len(post.sigmas) == 1 and post.num_samples == cfg.swag.samples
+    assert search["passes"] == 9 and len(post.sigmas) == 1 and post.num_samples == cfg.sampling.samples
     within = [s for s, d in search["trace"] if d <= cfg.tfb.tolerance]
     assert post.sigmas[0] == (max(within) if within else cfg.tfb.sigma_min)
     path = save_posterior(post, tmp_path / "tfb", model_config=cfg.model, adapter_config=cfg.adapter)
@@ -143,7 +143,7 @@ def test_tfb_ensemble_bayesianizes_every_member(trained_members, tiny_data, tiny
                                                                           search_steps=3))
     post = get_posterior_class("tfb_ensemble").build(scorer, states, infos, data=tiny_data, config=cfg)
     assert len(post.sigmas) == len(states) == len(post.search)
-    assert post.num_samples == len(states) * cfg.swag.samples
+    assert post.num_samples == len(states) * cfg.sampling.samples
 
 
 def test_tfb_config_is_validated():

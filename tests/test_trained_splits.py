@@ -13,6 +13,7 @@ from rayblora.data.formats import DataError
 from rayblora.data.sources import load_task_data
 from rayblora.data.trained_splits import load_trained_data, split_record, trained_data_config
 from rayblora.posteriors import get_posterior_class
+from rayblora.manifest import open_artifact
 
 from conftest import tiny_overrides
 
@@ -74,15 +75,15 @@ def recorded_artifact(trained_members, tiny_session_config, tiny_data, tmp_path_
 
 def test_evaluate_and_fit_use_the_artifacts_splits(recorded_artifact, sentiment_files, tmp_path):
     from rayblora.workflows.evaluate import evaluate_methods
-    from rayblora.workflows.fit import fit_laplace
+    from rayblora.workflows.fit import fit_posterior
 
     base = tiny_overrides(sentiment_files, tmp_path / "run")
-    results = evaluate_methods(recorded_artifact, load_config(None, [*base, "data.test_size=20"]), ["map"],
-                               log=lambda _: None)
+    artifact = open_artifact(recorded_artifact)
+    results = evaluate_methods(artifact, load_config(None, [*base, "data.test_size=20"]), ["map"], log=lambda _: None)
     assert {len(r.labels) for r in results["map"].values()} == {20}
     for bad in ("data.val_size=30", "data.train_size=100"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            evaluate_methods(recorded_artifact, load_config(None, [*base, bad]), ["map"], log=lambda _: None)
+            evaluate_methods(artifact, load_config(None, [*base, bad]), ["map"], log=lambda _: None)
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            fit_laplace(recorded_artifact, load_config(None, [*base, bad, "laplace.fit_batches=1"]),
-                        tmp_path / "fitted", log=lambda _: None)
+            fit_posterior(recorded_artifact, load_config(None, [*base, bad, "laplace.fit_batches=1"]),
+                          tmp_path / "fitted", method="laplace_ensemble", log=lambda _: None)

@@ -17,6 +17,7 @@ from rayblora.trunk_cache import TrunkCache
 from rayblora.workflows.evaluate import evaluate_methods
 from rayblora.workflows.members import train_one_member, trunk_cache_for
 from rayblora.workflows.train import train
+from rayblora.manifest import open_artifact
 
 TOP_LAYER = {"model.tiny_layers": "3", "adapter.layers": "[2]", "train.steps": "40", "train.eval_every": "0"}
 """LoRA on the top layer of three: layers 0 and 1 are the cached trunk; 40 steps of 16 = over 2 epochs of 300."""
@@ -66,15 +67,15 @@ def test_blob_trains_from_the_cache_as_without_it(sentiment_files, tmp_path, tin
 
 def test_every_family_predicts_the_same_with_and_without_the_cache(sentiment_files, tmp_path):
     swag = {"posterior.method": "multiswag", "adapter.dropout": "0.1", "swag.start_step": "20",
-            "swag.max_rank": "3", "swag.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20"}
+            "swag.max_rank": "3", "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20"}
     cfg = _config(sentiment_files, tmp_path / "run", **swag)
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     assert (tmp_path / "run" / "trunk_cache").is_dir()
     methods = ["map", "ensemble", "temperature", "mc_dropout", "laplace", "laplace_ensemble", "swa", "swag",
                "multiswag"]
     quiet = {"methods": methods, "log": lambda _m: None}
-    cached = evaluate_methods(artifact, cfg, **quiet)
-    plain = evaluate_methods(artifact, _without_cache(cfg), **quiet)
+    cached = evaluate_methods(open_artifact(artifact), cfg, **quiet)
+    plain = evaluate_methods(open_artifact(artifact), _without_cache(cfg), **quiet)
     for method in methods:
         for split, result in cached[method].items():
             assert abs(result.probs - plain[method][split].probs).max() <= 1e-5, (method, split)

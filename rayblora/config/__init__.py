@@ -10,10 +10,10 @@ from rayblora.config.deploy import ClusterConfig, OutputConfig, ServeConfig
 from rayblora.config.loader import Config, apply_overrides, config_from_dict, dump_config, load_config
 from rayblora.config.sections import (CHOICE_SCORINGS, MAX_OPTIONS, ROUND_PRECISIONS, AdapterConfig, BlobConfig,
                                       DataConfig, HybridConfig, LaplaceConfig, ModelConfig, PosteriorConfig,
-                                      SwagConfig, TfbConfig, TrainConfig)
+                                      SamplingConfig, SwagConfig, TfbConfig, TrainConfig)
 from rayblora.config.validation import ConfigError
 
 __all__ = ["AdapterConfig", "BlobConfig", "CHOICE_SCORINGS", "ClusterConfig", "Config", "ConfigError", "DataConfig",
            "HybridConfig", "LaplaceConfig", "MAX_OPTIONS", "ModelConfig", "OutputConfig", "PosteriorConfig",
-           "ROUND_PRECISIONS", "ServeConfig", "SwagConfig", "TfbConfig", "TrainConfig", "apply_overrides",
+           "ROUND_PRECISIONS", "SamplingConfig", "ServeConfig", "SwagConfig", "TfbConfig", "TrainConfig", "apply_overrides",
            "config_from_dict", "dump_config", "load_config"]

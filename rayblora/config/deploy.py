@@ -77,11 +77,11 @@ class ServeConfig:
     """Largest request body in bytes; a larger one is answered 413 before it is read (a `Content-Length` over
     the limit at once). 0 = sized from the input limits (:meth:`body_limit`)."""
     drain_bytes: int = 64 * 1024 * 1024
-    """After a 413 the rest of the refused body is read and discarded, up to this many bytes (and
-    `drain_timeout_s`), so that a client still uploading reads the answer instead of a connection reset; a
-    longer upload is cut off."""
+    """After a 413 the rest of the refused body is read and discarded, up to this many bytes, so that a client
+    still uploading reads the answer instead of a connection reset; a longer upload is cut off."""
     drain_timeout_s: float = 10.0
-    """Longest wait for the rest of a refused body (see `drain_bytes`)."""
+    """Longest wait for the next part of a refused body while it is drained (see `drain_bytes`): a slow upload
+    that keeps coming is drained to its end (however many uploads share the proxy), a stalled one is cut off."""
     request_timeout_s: float = 300.0
     """Longest a request waits for a replica's answer (a stream: for its first event) before it is answered 503;
     a replica that died (out of memory, a lost node) is answered 503 at once."""

@@ -20,7 +20,7 @@ import yaml
 
 from rayblora.config.deploy import ClusterConfig, OutputConfig, ServeConfig
 from rayblora.config.sections import (AdapterConfig, BlobConfig, DataConfig, HybridConfig, LaplaceConfig, ModelConfig,
-                                      PosteriorConfig, SwagConfig, TfbConfig, TrainConfig)
+                                      PosteriorConfig, SamplingConfig, SwagConfig, TfbConfig, TrainConfig)
 from rayblora.config.validation import ConfigError, check
 
 
@@ -36,6 +36,8 @@ class Config:
     """Optimisation of one member."""
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     """Which posterior family to build and evaluate."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Prediction-time draws of mc_dropout, TFB and BLoB."""
     swag: SwagConfig = field(default_factory=SwagConfig)
     """SWAG / MultiSWAG collection and sampling."""
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)

@@ -237,6 +237,19 @@ class PosteriorConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    samples: int = 8
+    """S, the predictive's samples per member of the families that draw them at prediction time: mc_dropout's
+    passes, TFB's and BLoB's weight-space draws (SWAG's are `swag.samples`, the hybrid adapter's
+    `hybrid.samples`)."""
+    seed: int = 0
+    """Seed of those draws (member k draws with seed + 1000 k, so predictions repeat)."""
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 1, "sampling.samples", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class SwagConfig:
     start_step: int = 0
     """First optimizer step at which SWAG moments are collected (0 = half of train.steps)."""

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from rayblora.config import ConfigError, DataConfig
 from rayblora.data.formats import DataError, TaskSpec
 from rayblora.data.sources import TaskData, load_task_data
-from rayblora.manifest import read_manifest
+from rayblora.manifest import Artifact
 
 FREE_FIELDS = ("shift_tasks", "far_ood_tasks", "shift_test_size", "test_size")
 """Data fields an evaluation may change: other shift or far-OOD tasks, and fewer test rows."""
@@ -84,11 +84,9 @@ def load_trained_data(training: dict[str, Any], given: DataConfig, log: Callable
     return data
 
 
-def artifact_data(artifact, given: DataConfig, log: Callable[[str], None] = print) -> TaskData:
-    """:func:`load_trained_data` of the artifact directory `artifact` (its manifest's `training` record and task
-    spec)."""
-    manifest = read_manifest(artifact)
-    return load_trained_data(manifest.get("training", {}), given, log, manifest_spec(manifest))
+def artifact_data(artifact: Artifact, given: DataConfig, log: Callable[[str], None] = print) -> TaskData:
+    """:func:`load_trained_data` of an opened artifact (its manifest's `training` record and task spec)."""
+    return load_trained_data(artifact.training, given, log, manifest_spec(artifact.manifest))
 
 
 def manifest_spec(manifest: dict[str, Any]) -> TaskSpec | None:

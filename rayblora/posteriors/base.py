@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 
@@ -29,6 +29,23 @@ from rayblora.trunk import first_adapted_layer
 AdapterState = dict[str, torch.Tensor]
 
 
+class Curvature(Protocol):
+    """What a post-hoc family's curvature pass accumulates for one member (:meth:`Posterior.curvature_pass`):
+    summable over workers and carried as tensors from the worker that reports it."""
+
+    n_data: int
+    """Training rows accumulated."""
+
+    def sum_(self, all_reduce: Callable[[torch.Tensor], object], rank: int, world: int) -> None:
+        """Sum this curvature over the `world` workers of a process group in place (`all_reduce` sums a tensor)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything accumulated, as named tensors."""
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set what :meth:`state_tensors` returned."""
+
+
 class Posterior(ABC):
     """A distribution over LoRA parameters with a predictive.
 
@@ -41,10 +58,18 @@ class Posterior(ABC):
     method: ClassVar[str] = ""
     """Registry name (also the manifest's `method`)."""
     needs_data: ClassVar[bool] = False
-    """Whether :meth:`build` needs training / validation data (post-hoc families)."""
+    """Whether :meth:`build` needs the task's data (a TaskData: post-hoc families, a fitted temperature): a view
+    of this family is built only where a flow has the artifact's splits (evaluate, fit), not from the artifact
+    alone (generate, serve)."""
     needs_checkpoints: ClassVar[bool] = False
     """Whether :meth:`build` needs `member_dirs=`, the members' final training checkpoint directories (e.g.
     for statistics collected by the family's training hooks); the pipeline passes them only then."""
+    collected_in_training: ClassVar[str] = ""
+    """What a :attr:`needs_checkpoints` family takes from its members' training (e.g. "the SWAG moments"), named
+    when an artifact cannot carry it (:meth:`view_refusal`)."""
+    carried_by: ClassVar[tuple[str, ...]] = ()
+    """Families whose artifacts carry what this one collects in training (its own always does): an artifact of
+    one of them can be viewed as this family (e.g. `swag` from a `multiswag` artifact's moments)."""
     training_sections: ClassVar[tuple[str, ...]] = ()
     """Config sections besides model/adapter/data/train that change what the family's training produces
     (part of the digest under which finished members are reused)."""
@@ -101,6 +126,36 @@ class Posterior(ABC):
         """Rebuild from an artifact: `tensors` are the family's files, `extra` its manifest section."""
         return cls(scorer, members, member_info)
 
+    # --- post-hoc fitting (`rayblora fit`, :attr:`post_hoc` = "curvature") ----------------------------------
+    @classmethod
+    def fitted_members(cls, n_members: int) -> list[int]:
+        """Indices of the members a curvature pass runs over (default: every member)."""
+        return list(range(n_members))
+
+    @classmethod
+    def curvature_pass(cls, scorer: AnswerScorer, member: AdapterState, train, config,
+                       rank: int = 0, world: int = 1) -> "Curvature":
+        """One member's curvature over this worker's shard of the training split `train` (its batches i with
+        i % world == rank); the workers' curvatures are then summed (:meth:`Curvature.sum_`)."""
+        raise NotImplementedError(f"{cls.method}: not fitted by a curvature pass (post_hoc={cls.post_hoc!r})")
+
+    @classmethod
+    def empty_curvature(cls, scorer: AnswerScorer, config) -> "Curvature":
+        """A curvature of this family's shape with nothing accumulated, to load summed state tensors into (what a
+        distributed pass's rank 0 reports)."""
+        raise NotImplementedError(f"{cls.method}: not fitted by a curvature pass (post_hoc={cls.post_hoc!r})")
+
+    @classmethod
+    def from_curvatures(cls, scorer: AnswerScorer, members: Sequence[AdapterState],
+                        member_info: Sequence[dict[str, Any]], curvatures: dict[int, "Curvature"], config,
+                        validation=None, fit_meta: dict[str, Any] | None = None) -> "Posterior":
+        """Finish a fit from the summed curvature of each fitted member (e.g. eigendecompose, choose the prior)."""
+        raise NotImplementedError(f"{cls.method}: not fitted by a curvature pass (post_hoc={cls.post_hoc!r})")
+
+    def fit_summary(self) -> str:
+        """What a post-hoc fit chose, for its log line (e.g. the prior precision); empty by default."""
+        return ""
+
     def artifact_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Extra safetensors files of this family: file name -> tensors."""
         return {}
@@ -108,6 +163,16 @@ class Posterior(ABC):
     def artifact_extra(self) -> dict[str, Any]:
         """JSON-able manifest section of this family."""
         return {}
+
+    @classmethod
+    def view_refusal(cls, source: str) -> str | None:
+        """Why this family cannot be built as a view of an artifact of the family `source` (checked before any
+        model loads); None where it can: every family but those needing what only their own training collects."""
+        if not cls.needs_checkpoints or source == cls.method or source in cls.carried_by:
+            return None
+        what = cls.collected_in_training or "what its members' training collects"
+        return (f"needs {what}, which a {source!r} artifact does not carry (train with posterior.method = "
+                f"{cls.method} and evaluate that artifact)")
 
     def view(self, method: str, data=None, config=None) -> "Posterior":
         """This posterior seen as the registered family `method` (e.g. "map" of an ensemble), carrying its feature

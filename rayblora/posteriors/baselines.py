@@ -8,8 +8,8 @@
 * `temperature_ensemble`: every member's logits divided by one T, fitted on the validation NLL of their
   average p = 1/K Σ_k softmax(f_k / T) (the members' disagreement, so the mutual information, survives).
 
-The number of MC-dropout passes S and their seed are `swag.samples` and `swag.sample_seed`, the sampling
-settings every sampling family shares.
+The number of MC-dropout passes S and their seed are `sampling.samples` and `sampling.seed`, the prediction-time
+draws TFB and BLoB share.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from rayblora import predictive
 from rayblora.batched import lora_dropout_rate
-from rayblora.config import SwagConfig
+from rayblora.config import SamplingConfig
 from rayblora.data.batches import eval_batches
 from rayblora.posteriors.base import Posterior
 from rayblora.predictive import Predictive
@@ -35,21 +35,21 @@ class McDropoutPosterior(Posterior):
 
     method = "mc_dropout"
 
-    def __init__(self, scorer, members, member_info=None, samples: int = SwagConfig.samples,
-                 seed: int = SwagConfig.sample_seed):
+    def __init__(self, scorer, members, member_info=None, samples: int = SamplingConfig.samples,
+                 seed: int = SamplingConfig.seed):
         super().__init__(scorer, list(members)[:1], list(member_info)[:1] if member_info else None)
         rate = lora_dropout_rate(scorer.model)
         if rate <= 0.0:
             raise ValueError("mc_dropout: the adapter has no LoRA dropout (adapter.dropout = 0); train with "
                              "adapter.dropout > 0 (e.g. 0.1) to use MC dropout")
         if samples < 1:
-            raise ValueError(f"mc_dropout: swag.samples must be >= 1, got {samples}")
+            raise ValueError(f"mc_dropout: sampling.samples must be >= 1, got {samples}")
         self.samples, self.seed, self.rate = samples, seed, rate
 
     @classmethod
     def build(cls, scorer, members, member_info, data=None, config=None) -> "McDropoutPosterior":
-        swag = config.swag if config is not None else SwagConfig()
-        return cls(scorer, members, member_info, swag.samples, swag.sample_seed)
+        sampling = config.sampling if config is not None else SamplingConfig()
+        return cls(scorer, members, member_info, sampling.samples, sampling.seed)
 
     @classmethod
     def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "McDropoutPosterior":

@@ -22,8 +22,8 @@ scales either. As in the paper, the weighted KL gets its own plain SGD step on M
 (`blob.kl_lr`, following the run's lr schedule) while the run's optimizer takes the likelihood term; with
 `blob.kl_lr = 0` the weighted KL is added to the loss instead.
 
-Prediction: `blob` draws S weight-space samples A_s = M + Ω ⊙ E_s per member (S = `swag.samples`, seeded by
-`swag.sample_seed`, evaluated batched over states like every sampling family) and averages their softmaxes;
+Prediction: `blob` draws S weight-space samples A_s = M + Ω ⊙ E_s per member (S = `sampling.samples`, seeded by
+`sampling.seed`, evaluated batched over states like every sampling family) and averages their softmaxes;
 `blob_mean` is the paper's "mean" variant, the adapter at A = M (S = 1 per member).
 """
 
@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
-from rayblora.config import BlobConfig, Config, ConfigError, SwagConfig
+from rayblora.config import BlobConfig, Config, ConfigError, SamplingConfig
 from rayblora.posteriors.base import AdapterState, Posterior, SampledStatesPosterior
 from rayblora.posteriors.laplace.kfac import find_lora_sites, state_key
 from rayblora.train.checkpoint import read_hook_state
@@ -187,12 +187,14 @@ class BlobPosterior(SampledStatesPosterior):
 
     method = "blob"
     needs_checkpoints = True
+    collected_in_training = "the A variances learnt during training"
+    carried_by = ("blob", "blob_mean")
     training_sections = ("blob",)
     mean_only: ClassVar[bool] = False
     """Predict at A = M (the paper's "mean" variant) instead of sampling."""
 
     def __init__(self, scorer, members, member_info=None, stds: Sequence[dict[str, torch.Tensor]] = (),
-                 samples: int = SwagConfig.samples, seed: int = SwagConfig.sample_seed):
+                 samples: int = SamplingConfig.samples, seed: int = SamplingConfig.seed):
         super().__init__(scorer, members, member_info)
         if len(stds) != len(self.members):
             raise ValueError(f"{self.method}: {len(stds)} sets of A standard deviations for {len(self.members)} "
@@ -202,7 +204,7 @@ class BlobPosterior(SampledStatesPosterior):
                 if key not in member or tuple(member[key].shape) != tuple(value.shape):
                     raise ValueError(f"{self.method}: member {k}'s Ω for {key} does not match its adapter")
         if samples < 1:
-            raise ValueError(f"{self.method}: swag.samples must be >= 1, got {samples}")
+            raise ValueError(f"{self.method}: sampling.samples must be >= 1, got {samples}")
         self.stds, self.samples, self.seed = [dict(s) for s in stds], int(samples), int(seed)
         self.sample_states = list(self.members) if self.mean_only else [
             s for k in range(len(self.members)) for s in self._draws(k)]
@@ -234,8 +236,8 @@ class BlobPosterior(SampledStatesPosterior):
         for d in member_dirs:
             state = read_hook_state(d, HOOK_NAME)
             stds.append({state_key(f"{site}.lora_A"): (g.float() ** 2) for site, g in zip(state["sites"], state["g"])})
-        swag = config.swag if config is not None else SwagConfig()
-        return cls(scorer, members, member_info, stds, swag.samples, swag.sample_seed)
+        sampling = config.sampling if config is not None else SamplingConfig()
+        return cls(scorer, members, member_info, stds, sampling.samples, sampling.seed)
 
     @classmethod
     def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "BlobPosterior":
@@ -258,9 +260,9 @@ class BlobPosterior(SampledStatesPosterior):
         if method == self.method:
             return self
         if method in ("blob", "blob_mean"):
-            swag = config.swag if config is not None else SwagConfig(samples=self.samples, sample_seed=self.seed)
+            sampling = config.sampling if config is not None else SamplingConfig(self.samples, self.seed)
             cls = BlobMeanPosterior if method == "blob_mean" else BlobPosterior
-            return cls(self.scorer, self.members, self.member_info, self.stds, swag.samples, swag.sample_seed)
+            return cls(self.scorer, self.members, self.member_info, self.stds, sampling.samples, sampling.seed)
         return super()._view(method, data=data, config=config)
 
 

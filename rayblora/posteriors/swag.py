@@ -257,6 +257,8 @@ class SwagFamily(SampledStatesPosterior):
     """Shared machinery of `swa`, `swag` and `multiswag`: moments per trajectory, SWA-mean members."""
 
     needs_checkpoints = True
+    collected_in_training = "the SWAG moments collected during training"
+    carried_by = ("swa", "swag", "multiswag")
     training_sections = ("swag",)
     all_trajectories: ClassVar[bool] = False
     """Mix every trajectory (MultiSWAG) rather than trajectory 0 alone."""

@@ -15,7 +15,7 @@ TFB turns a trained adapter into a Gaussian without a gradient step (paper sec. 
   over the validation split run; the training split is never read.
 
 `tfb` Bayesianizes the MAP adapter (member 0); `tfb_ensemble` every member, each with its own σ, and mixes
-their S samples each. The number of predictive samples S and their seed are `swag.samples` / `swag.sample_seed`,
+their S samples each. The number of predictive samples S and their seed are `sampling.samples` / `sampling.seed`,
 the sampling settings every sampling family shares.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from rayblora import metrics, predictive
-from rayblora.config import SwagConfig, TfbConfig
+from rayblora.config import SamplingConfig, TfbConfig
 from rayblora.data.batches import eval_batches
 from rayblora.posteriors.base import AdapterState, SampledStatesPosterior
 
@@ -136,7 +136,7 @@ class TfbPosterior(SampledStatesPosterior):
     """Bayesianize every member (tfb_ensemble) rather than member 0 alone."""
 
     def __init__(self, scorer, members, member_info=None, sigmas: Sequence[float] = (0.0,),
-                 samples: int = SwagConfig.samples, seed: int = SwagConfig.sample_seed,
+                 samples: int = SamplingConfig.samples, seed: int = SamplingConfig.seed,
                  search: Sequence[dict[str, Any]] = ()):
         used = list(members) if self.all_members else list(members)[:1]
         info = None if member_info is None else (list(member_info) if self.all_members else list(member_info)[:1])
@@ -144,7 +144,7 @@ class TfbPosterior(SampledStatesPosterior):
         if len(sigmas) != len(self.members):
             raise ValueError(f"{self.method}: {len(sigmas)} σ values for {len(self.members)} members")
         if samples < 1:
-            raise ValueError(f"{self.method}: swag.samples must be >= 1, got {samples}")
+            raise ValueError(f"{self.method}: sampling.samples must be >= 1, got {samples}")
         if any(not (s >= 0 and math.isfinite(s)) for s in sigmas):
             raise ValueError(f"{self.method}: every σ must be finite and >= 0, got {list(sigmas)}")
         self.sigmas, self.samples, self.seed = [float(s) for s in sigmas], int(samples), int(seed)
@@ -163,17 +163,17 @@ class TfbPosterior(SampledStatesPosterior):
         if data is None:
             raise ValueError(f"{cls.method}: needs data (its validation split) to choose σ")
         tcfg = config.tfb if config is not None else TfbConfig()
-        swag = config.swag if config is not None else SwagConfig()
+        sampling = config.sampling if config is not None else SamplingConfig()
         used = list(members) if cls.all_members else list(members)[:1]
         batches = list(eval_batches(data.validation, scorer.tokenizer, batch_size, scorer.max_length,
                                     by_length=True))
         sigmas, search = [], []
         for i, member in enumerate(used):
             sigma, record = search_sigma(scorer, LowRankFactors.from_state(member), batches, tcfg,
-                                         seed=swag.sample_seed + 1000 * i)
+                                         seed=sampling.seed + 1000 * i)
             sigmas.append(sigma)
             search.append({"member": i, **record})
-        return cls(scorer, members, member_info, sigmas, swag.samples, swag.sample_seed, search)
+        return cls(scorer, members, member_info, sigmas, sampling.samples, sampling.seed, search)
 
     @classmethod
     def from_artifact(cls, scorer, members, member_info, tensors, extra) -> "TfbPosterior":

@@ -138,9 +138,11 @@ class BodyLimit:
     `Content-Length` over the limit at once, without reading a byte; a body without one (chunked) is read up
     to the limit and refused as soon as it passes it, else handed on whole.
 
-    Once answered, the rest of a refused body is read and discarded (up to `drain_bytes` and `drain_timeout_s`)
-    before the connection closes: a client still uploading then reads its 413, where closing at once would
-    reset the connection under it (servers drain or linger-close for the same reason)."""
+    Once answered, the rest of a refused body is read and discarded (up to `drain_bytes`, waiting at most
+    `drain_timeout_s` for each next part) before the connection closes: a client still uploading then reads its
+    413, where closing at once would reset the connection under it (servers drain or linger-close for the same
+    reason). The wait is per part, not for the whole body: uploads that share a busy proxy arrive slowly but
+    steadily, and each is drained to its end."""
 
     def __init__(self, app, max_bytes: int, drain_bytes: int = 0, drain_timeout_s: float = 0.0):
         self.app, self.max_bytes = app, max_bytes
@@ -175,16 +177,17 @@ class BodyLimit:
                                        "(serve.max_body_bytes)", [("body", "too large")],
                                   headers={"Connection": "close"})
         await response(scope, receive, send)
-        try:
-            await asyncio.wait_for(self._drain(receive), self.drain_timeout_s)
-        except asyncio.TimeoutError:
-            pass
+        await self._drain(receive)
 
     async def _drain(self, receive) -> None:
-        """Read and drop the refused body's remaining messages, up to :attr:`drain_bytes`."""
+        """Read and drop the refused body's remaining messages, up to :attr:`drain_bytes`, until one does not come
+        within :attr:`drain_timeout_s`."""
         drained = 0
         while drained < self.drain_bytes:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.drain_timeout_s)
+            except asyncio.TimeoutError:
+                return
             drained += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body"):
                 return

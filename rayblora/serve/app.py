@@ -18,17 +18,19 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from rayblora.artifact import load_posterior
 from rayblora.config import ConfigError, ServeConfig, load_config
-from rayblora.manifest import read_manifest, verify_files
+from rayblora.manifest import open_artifact
 from rayblora.serve.engine import PosteriorEntry
 from rayblora.serve.schemas import NAME_PATTERN
 
 APP_NAME = "rayblora"
 BUILDER_ARGS = ("posteriors", "config", "overrides")
 """Keys of `args` understood by :func:`app_builder` (the `applications[].args` of a Serve config file)."""
+PosteriorSource = Union[str, os.PathLike, PosteriorEntry]
+"""A posterior to serve: its artifact directory, or its entry from :func:`check_posteriors`."""
 
 
 def parse_posterior_specs(specs: Sequence[str]) -> dict[str, str]:
@@ -44,19 +46,20 @@ def parse_posterior_specs(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def check_posteriors(posteriors: Mapping[str, str | os.PathLike]) -> dict[str, str]:
-    """Validate names, read every manifest and verify every file's checksum (ArtifactError naming the
-    directory) before anything is deployed; returns absolute paths. Replicas verify again when loading."""
+def check_posteriors(posteriors: Mapping[str, PosteriorSource]) -> dict[str, PosteriorEntry]:
+    """The entries of the posteriors to serve, before anything is deployed: names validated, each artifact
+    directory opened once (manifest, every checksum: ArtifactError naming the directory); an entry given is one
+    checked before and passes as it is. Each replica reads its artifacts again when it loads them (another
+    process, possibly another node)."""
     if not posteriors:
         raise ConfigError("serve: give at least one posterior (--posterior DIR or --posterior name=DIR)")
     out = {}
-    for name, path in posteriors.items():
+    for name, source in posteriors.items():
         if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
             raise ConfigError(f"serve posterior name {name!r}: use letters, digits, '.', '_', '-' "
                               "(at most 64 characters)")
-        entry = PosteriorEntry.from_artifact(name, path)
-        verify_files(Path(entry.path), read_manifest(entry.path))
-        out[name] = entry.path
+        out[name] = source if isinstance(source, PosteriorEntry) else PosteriorEntry.from_artifact(
+            name, open_artifact(source))
     return out
 
 
@@ -67,16 +70,17 @@ def resolve_token(cfg: ServeConfig) -> str:
     return os.environ.get(cfg.auth_token_env, "") if cfg.auth_token_env else ""
 
 
-def build_app(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathLike], loader=None):
-    """The Serve application (``Deployment.bind``) serving `posteriors` (name -> artifact directory).
+def build_app(serve_config: ServeConfig, posteriors: Mapping[str, PosteriorSource], loader=None):
+    """The Serve application (``Deployment.bind``) serving `posteriors` (name -> artifact directory, or its entry
+    from :func:`check_posteriors`).
 
     `loader(path, scorer=None) -> Posterior` defaults to the verified :func:`rayblora.artifact.load_posterior`.
     """
     from rayblora.serve.deployment import (PosteriorIngress, PosteriorServer,  # deferred: imports Ray Serve
                                            deployment_options)
 
-    paths = check_posteriors(posteriors)
-    model = PosteriorServer.options(**deployment_options(serve_config)).bind(paths, serve_config,
+    entries = check_posteriors(posteriors)
+    model = PosteriorServer.options(**deployment_options(serve_config)).bind(entries, serve_config,
                                                                               loader or load_posterior)
     return PosteriorIngress.bind(model, serve_config, resolve_token(serve_config))
 
@@ -111,7 +115,7 @@ def base_url(cfg: ServeConfig, route_prefix: str = "/") -> str:
     return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
 
 
-def start_server(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathLike], loader=None,
+def start_server(serve_config: ServeConfig, posteriors: Mapping[str, PosteriorSource], loader=None,
                  name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Deploy on the connected Ray (starting Serve's HTTP proxy on `serve.host:serve.port` if Serve is not
     running yet); returns the application's base URL once it is healthy."""
@@ -123,7 +127,7 @@ def start_server(serve_config: ServeConfig, posteriors: Mapping[str, str | os.Pa
     return base_url(serve_config, route_prefix)
 
 
-def serve_until_stopped(serve_config: ServeConfig, posteriors: Mapping[str, str | os.PathLike],
+def serve_until_stopped(serve_config: ServeConfig, posteriors: Mapping[str, PosteriorSource],
                         on_ready: Callable[[str], object] = print) -> None:
     """Deploy `posteriors` on the connected Ray, call `on_ready(base_url)`, and block until Ctrl-C or SIGTERM,
     then shut Serve down (`rayblora serve`)."""

@@ -31,8 +31,8 @@ from rayblora.config import ServeConfig
 from rayblora.manifest import ArtifactError
 from rayblora.predictive import Predictive
 from rayblora.serve.api import make_api
-from rayblora.serve.engine import (InputError, Job, LoadedPosterior, Loader, PosteriorPool, UnknownPosterior,
-                                   check_abstain_score, count_inputs, predict_jobs, predictions)
+from rayblora.serve.engine import (InputError, Job, LoadedPosterior, Loader, PosteriorEntry, PosteriorPool,
+                                   UnknownPosterior, check_abstain_score, count_inputs, predict_jobs, predictions)
 from rayblora.serve.generate import Generating
 from rayblora.serve.schemas import generate_request_model, request_model
 
@@ -49,13 +49,14 @@ class PosteriorServer:
     """A replica holding the posteriors; called by :class:`PosteriorIngress` with validated bodies as dicts.
 
     Args:
-        posteriors: posterior name -> artifact directory (absolute; the first is the default).
+        posteriors: posterior name -> its entry (:func:`rayblora.serve.app.check_posteriors`; the first is the
+            default).
         config: the `serve` config section (limits, batching, LRU bound, threads).
         loader: `loader(path, scorer=None)` -> Posterior; the verified :func:`rayblora.artifact.load_posterior`
             unless a test swaps it.
     """
 
-    def __init__(self, posteriors: dict[str, str], config: ServeConfig, loader: Loader):
+    def __init__(self, posteriors: dict[str, PosteriorEntry], config: ServeConfig, loader: Loader):
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config

@@ -10,11 +10,9 @@ of other requests: :func:`predict_jobs` flattens the jobs of one dynamic batch i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -22,7 +20,7 @@ from tokenizers import Tokenizer
 
 from rayblora.data.batches import prompt_texts
 from rayblora.data.formats import TaskSpec, choice_example, format_classification
-from rayblora.manifest import MANIFEST, read_manifest
+from rayblora.manifest import Artifact
 from rayblora.predictive import Predictive
 
 Loader = Callable[..., Any]
@@ -68,13 +66,11 @@ class PosteriorEntry:
     """Equal for artifacts that can share one AnswerScorer (base model, adapter shape, task, max length)."""
 
     @classmethod
-    def from_artifact(cls, name: str, path: str | Path) -> "PosteriorEntry":
-        """Read (not verify) the manifest of the artifact at `path`; ArtifactError if it is not one."""
-        root = Path(path).resolve()
-        manifest = read_manifest(root)
-        digest = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
+    def from_artifact(cls, name: str, artifact: Artifact) -> "PosteriorEntry":
+        """The entry of an opened artifact (:func:`rayblora.manifest.open_artifact`)."""
+        manifest = artifact.manifest
         key = {k: manifest[k] for k in ("base_model", "adapter", "task")}
-        return cls(name=name, path=str(root), method=manifest["method"], version=digest[:12],
+        return cls(name=name, path=str(artifact.root), method=artifact.method, version=artifact.manifest_sha256[:12],
                    created=manifest.get("created", ""), members=len(manifest["members"]),
                    spec=TaskSpec.from_dict(manifest["task"]), base_model=manifest["base_model"]["name"],
                    scorer_key=json.dumps(key, sort_keys=True))
@@ -171,14 +167,16 @@ class PosteriorPool:
     """The posteriors of one replica: entries for all, loaded ones sharing scorers.
 
     Args:
-        paths: posterior name -> artifact directory; the first is the default.
-        loader: `loader(path, scorer=None)` -> Posterior (the verified artifact loader).
+        entries: posterior name -> its entry, read when serving started (:func:`rayblora.serve.app.check_posteriors`);
+            the first is the default.
+        loader: `loader(path, scorer=None)` -> Posterior (the verified artifact loader: this replica's one read of
+            the artifact, when the posterior is first asked for).
     """
 
-    def __init__(self, paths: Mapping[str, str], loader: Loader):
-        if not paths:
+    def __init__(self, entries: Mapping[str, PosteriorEntry], loader: Loader):
+        if not entries:
             raise ValueError("serve needs at least one posterior")
-        self.entries = {name: PosteriorEntry.from_artifact(name, path) for name, path in paths.items()}
+        self.entries = dict(entries)
         self.default = next(iter(self.entries))
         self._loader = loader
         self._scorers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

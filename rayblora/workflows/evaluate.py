@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from rayblora import predictive
-from rayblora.artifact import load_posterior, read_manifest
-from rayblora.config import Config
+from rayblora.artifact import Artifact, load_posterior, open_artifact
+from rayblora.config import Config, ConfigError
 from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.posteriors.baselines import fit_temperature
 from rayblora.registry import get_posterior_class
-from rayblora.report import SplitResult, write_report
+from rayblora.report import SplitResult, render_markdown, write_report
+from rayblora.workflows.generation import evaluate_generation_report
 from rayblora.workflows.members import trunk_cache_for
+from rayblora.workflows.views import buildable_methods
 
 MEMBER_VIEWS = ("map", "ensemble", "temperature", "temperature_ensemble")
 """Rows computed from one pass of the members over a split (the temperature rows rescale it)."""
@@ -105,67 +107,79 @@ def _progress(log: Callable[[str], None], what: str) -> Callable[[int, int], Non
     return report
 
 
-def _build_views(full, methods: Sequence[str], data: TaskData, cfg: Config, log: Callable[[str], None],
-                 timings: dict[str, float]) -> dict:
-    """The posteriors to run for `methods` (not the member views): each method once, except those another
-    one provides from its own pass (:attr:`Posterior.provides`). Post-hoc families fit here (Laplace curvature,
-    TFB's σ search); each one's seconds go into `timings`."""
-    provided = {v for m in methods for v in get_posterior_class(m).provides if v != m}
-    built = {}
-    for m in (m for m in methods if m not in provided):
+RowSource = Callable[[Any, Callable[[int, int], None]], dict[str, SplitResult]]
+"""One pass over a split (a dataset, a progress callback) -> the report rows it yields, by method name."""
+
+
+def _family_rows(post, batch_size: int) -> RowSource:
+    """A family's rows: its own and those it provides from the same pass (:attr:`Posterior.provides`)."""
+    def rows(ds, progress) -> dict[str, SplitResult]:
+        return {view: _split_result(pred, ds["label"], post.density)
+                for view, pred in post.predict_dataset_views(ds, batch_size, progress).items()}
+    return rows
+
+
+def _member_rows(full, views: Sequence[str], scaled: dict, batch_size: int) -> RowSource:
+    """The member views' rows from one pass of the members (:func:`member_view_results`)."""
+    ensemble = full.view("ensemble")
+
+    def rows(ds, progress) -> dict[str, SplitResult]:
+        pred = ensemble.predict_dataset(ds, batch_size, progress)
+        return member_view_results(pred, ds["label"], views, scaled, full.density)
+    return rows
+
+
+def _row_sources(full, methods: Sequence[str], data: TaskData, cfg: Config, log: Callable[[str], None],
+                 timings: dict[str, float], batch_size: int) -> dict[str, RowSource]:
+    """One pass per source: `members` for the member views (the temperature rows fitted here), and each other
+    method once, except those another one provides from its own pass. Post-hoc families fit here (Laplace
+    curvature, TFB's σ search); each one's seconds go into `timings`."""
+    def prepared(m: str):
         t0 = time.time()
         log(f"[evaluate] preparing {m}")
-        built[m] = full.view(m, data=data, config=cfg)
+        post = full.view(m, data=data, config=cfg)
         timings[m] = time.time() - t0
         log(f"[evaluate] {m} ready ({timings[m]:.0f} s)")
-    return built
+        return post
+
+    member_views = [m for m in methods if m in MEMBER_VIEWS]
+    others = [m for m in methods if m not in MEMBER_VIEWS]
+    provided = {v for m in others for v in get_posterior_class(m).provides if v != m}
+    sources: dict[str, RowSource] = {}
+    if member_views:
+        scaled = {m: prepared(m) for m in member_views if m.startswith("temperature")}
+        sources["members"] = _member_rows(full, member_views, scaled, batch_size)
+    sources.update({m: _family_rows(prepared(m), batch_size) for m in others if m not in provided})
+    return sources
 
 
-def _temperature_views(full, member_views: Sequence[str], data: TaskData, cfg: Config,
-                       timings: dict[str, float]) -> dict:
-    """The fitted temperature rows among the member views (each one's fit seconds into `timings`)."""
-    scaled = {}
-    for m in (m for m in member_views if m.startswith("temperature")):
-        t0 = time.time()
-        scaled[m] = full.view(m, data=data, config=cfg)
-        timings[m] = time.time() - t0
-    return scaled
-
-
-def evaluate_methods(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
+def evaluate_methods(artifact: Artifact, cfg: Config, methods: Sequence[str] | None = None,
                      data: TaskData | None = None, log: Callable[[str], None] = print,
                      batch_size: int = 16, timings: dict[str, float] | None = None
                      ) -> dict[str, dict[str, SplitResult]]:
-    """Predictions of each method on every evaluation split: results[method][split]. `timings`, if given,
-    receives seconds: each built family's preparation under its name (its post-hoc fit; 0 for families that only
-    load), and its passes over the splits under `predict:<name>` (`predict:members` for the member views)."""
-    methods = list(methods or cfg.posterior.eval_methods)
-    for m in methods:
-        get_posterior_class(m)  # unknown names fail before any model work
+    """Predictions of each method on every evaluation split: results[method][split]. `methods` given: each must
+    be one this artifact can build (else ConfigError before any model loads); default `posterior.eval_methods`,
+    those it cannot build skipped with a log line (:func:`~rayblora.workflows.views.buildable_methods`).
+    `timings`, if given, receives seconds: each built family's preparation under its name (its post-hoc fit; 0 for
+    families that only load), and its passes over the splits under `predict:<name>` (`predict:members` for the
+    member views)."""
+    methods = buildable_methods(artifact, methods, cfg.posterior.eval_methods, log)
     timings = timings if timings is not None else {}
     data = data or artifact_data(artifact, cfg.data, log)
     splits = data.eval_splits(split_name(cfg.data.task))
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     results: dict[str, dict[str, SplitResult]] = {m: {} for m in methods}
-    member_views = [m for m in methods if m in MEMBER_VIEWS]
-    built = _build_views(full, [m for m in methods if m not in MEMBER_VIEWS], data, cfg, log, timings)
-    scaled = _temperature_views(full, member_views, data, cfg, timings)
-    if member_views:
-        built = {"members": full.view("ensemble"), **built}
+    sources = _row_sources(full, methods, data, cfg, log, timings, batch_size)
     if cfg.posterior.calibrate == "temperature":
         splits = {**splits, CALIBRATION_SPLIT: data.validation}
     for name, ds in splits.items():
-        for m, post in built.items():
+        for source, rows in sources.items():
             t0 = time.time()
-            views = post.predict_dataset_views(ds, batch_size, _progress(log, f"{m} on {name}"))
-            if m == "members":
-                views = member_view_results(views["ensemble"], ds["label"], member_views, scaled, full.density)
-            for view, pred in views.items():
+            for view, row in rows(ds, _progress(log, f"{source} on {name}")).items():
                 if view in results:
-                    results[view][name] = pred if m == "members" else _split_result(pred, ds["label"],
-                                                                                     full.density)
-            timings[f"predict:{m}"] = timings.get(f"predict:{m}", 0.0) + time.time() - t0
+                    results[view][name] = row
+            timings[f"predict:{source}"] = timings.get(f"predict:{source}", 0.0) + time.time() - t0
     if full.scorer.trunk_cache is not None:
         log(f"[evaluate] {full.scorer.trunk_cache.summary()}")
     if cfg.posterior.calibrate == "temperature":
@@ -180,15 +194,29 @@ def _is_calibrated(method: str) -> bool:
     return method == "map" or method.startswith("temperature")
 
 
-def evaluate(artifact: str | Path, cfg: Config, out_dir: str | Path | None = None,
+def evaluate_artifact(path: str | Path, cfg: Config, out_dir: str | Path | None = None,
+                      methods: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """`rayblora evaluate`: open the artifact at `path` once and evaluate it as its task asks — answer
+    probabilities (:func:`evaluate`) or generated answers (exact match and answer-level uncertainty,
+    :func:`~rayblora.workflows.generation.evaluate_generation_report`); logs the table, returns the report."""
+    artifact = open_artifact(path)
+    if artifact.manifest["task"]["kind"] == "generation":
+        return evaluate_generation_report(artifact, cfg, out_dir=out_dir, methods=methods, log=log)
+    report = evaluate(artifact, cfg, out_dir=out_dir, methods=methods, log=log)
+    log(render_markdown(report))
+    log(f"[report] {Path(out_dir or cfg.out_dir)}/report.json, report.md, reliability.png, coverage.png")
+    return report
+
+
+def evaluate(artifact: Artifact, cfg: Config, out_dir: str | Path | None = None,
              methods: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate and write report.json / report.md / reliability.png / coverage.png; returns the report."""
     t0 = time.time()
     results = evaluate_methods(artifact, cfg, methods, log=log)
-    manifest = read_manifest(artifact)
+    manifest = artifact.manifest
     meta = {"model": manifest["base_model"]["name"], "task": cfg.data.task,
             "members": len(manifest["members"]), "steps": cfg.train.steps, "lora_rank": cfg.adapter.rank,
-            "artifact": str(artifact), "eval_seconds": round(time.time() - t0, 1)}
+            "artifact": str(artifact.root), "eval_seconds": round(time.time() - t0, 1)}
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return write_report(out, results, split_name(cfg.data.task), meta,

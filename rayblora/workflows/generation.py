@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rayblora.artifact import load_posterior, read_manifest
+from rayblora.artifact import Artifact, load_posterior
 from rayblora.config import Config
 from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
@@ -19,9 +19,9 @@ from rayblora.generation.decode import DecodingSettings, Generation
 from rayblora.generation.evaluation import correctness, summarise, uncertainty_scores
 from rayblora.manifest import write_json_atomic, write_text_atomic
 from rayblora.posteriors import Posterior
-from rayblora.registry import get_posterior_class
 from rayblora.report import to_jsonable
 from rayblora.workflows.members import trunk_cache_for
+from rayblora.workflows.views import buildable_methods
 
 GROUP_SCORES = ("group_entropy", "modal_share", "num_groups")
 
@@ -37,10 +37,6 @@ class MethodAnswers:
     tokens: int
     seconds: float
     per_state: list[Generation] = dataclasses.field(default_factory=list)
-
-
-def is_generation_artifact(artifact: str | Path) -> bool:
-    return read_manifest(artifact)["task"]["kind"] == "generation"
 
 
 def answer_split(post: Posterior, prompts: Sequence[str], targets: Sequence[str], settings: DecodingSettings,
@@ -61,22 +57,21 @@ def answer_split(post: Posterior, prompts: Sequence[str], targets: Sequence[str]
     return MethodAnswers(correct, scores, summary, tokens, seconds, states)
 
 
-def evaluate_generation(artifact: str | Path, cfg: Config, methods: Sequence[str] | None = None,
+def evaluate_generation(artifact: Artifact, cfg: Config, methods: Sequence[str] | None = None,
                         settings: DecodingSettings | None = None, data: TaskData | None = None,
                         log: Callable[[str], None] = print) -> dict[str, MethodAnswers]:
     """Each method's answers on the artifact's test split (its trained splits, :mod:`rayblora.data.
     trained_splits`): results[method]. Families without a generative form (temperature, hybrid:
-    `Posterior.generative` False) are skipped with a log line."""
+    `Posterior.generative` False) are refused when named in `methods`, skipped with a log line when taken from
+    `posterior.eval_methods` (:func:`~rayblora.workflows.views.buildable_methods`)."""
+    methods = buildable_methods(artifact, methods, cfg.posterior.eval_methods, log)
     settings = settings or DecodingSettings(max_new_tokens=16)
     data = data or artifact_data(artifact, cfg.data, log)
     full = load_posterior(artifact)
     full.scorer.use_trunk_cache(trunk_cache_for(cfg, full.scorer, log))
     prompts, targets = list(data.test["prompt"]), list(data.test["targets"])
     results = {}
-    for method in methods or cfg.posterior.eval_methods:
-        if not get_posterior_class(method).generative:
-            log(f"[evaluate] skipping {method}: its samples are not adapter states a decoder can run")
-            continue
+    for method in methods:
         post = full.view(method, data=data, config=cfg)
         log(f"[evaluate] {method}: decoding {len(prompts)} test prompts")
         results[method] = answer_split(post, prompts, targets, settings, per_state=True)
@@ -98,13 +93,13 @@ def markdown_table(results: dict[str, MethodAnswers], task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_generation_report(artifact: str | Path, cfg: Config, out_dir: str | Path | None = None,
+def evaluate_generation_report(artifact: Artifact, cfg: Config, out_dir: str | Path | None = None,
                                methods: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate a generation artifact and write generation_report.json / .md; returns the report."""
     t0 = time.time()
     results = evaluate_generation(artifact, cfg, methods, log=log)
-    report = {"meta": {"artifact": str(artifact), "task": cfg.data.task, "eval_seconds": round(time.time() - t0, 1)},
-              "methods": {m: r.summary for m, r in results.items()}}
+    meta = {"artifact": str(artifact.root), "task": cfg.data.task, "eval_seconds": round(time.time() - t0, 1)}
+    report = {"meta": meta, "methods": {m: r.summary for m, r in results.items()}}
     out = Path(out_dir or cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, split_name(cfg.data.task))

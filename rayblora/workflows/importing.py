@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from rayblora.config import Config
-from rayblora.manifest import read_manifest, verify_files, write_dir_atomic, write_json_atomic
+from rayblora.manifest import open_artifact, write_dir_atomic, write_json_atomic
 from rayblora.model import PEFT_CONFIG, PEFT_WEIGHTS, ModelError, read_peft_adapter
 from rayblora.workflows.padded_members import Candidate, pad_members, write_members
 
@@ -87,9 +87,9 @@ def export_members(artifact: str | Path, out: str | Path, log: Callable[[str], N
     """Write every member of the artifact at `artifact` as a plain PEFT LoRA folder `<out>/member-<i>`
     (`adapter_config.json` + `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained`) with its
     :data:`BASE_RECORD`. The artifact's checksums are verified first; `out` is written whole or not at all."""
-    artifact, out = Path(artifact), Path(out)
-    manifest = read_manifest(artifact)
-    verify_files(artifact, manifest)
+    out = Path(out)
+    opened = open_artifact(artifact)
+    artifact, manifest = opened.root, opened.manifest
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"export --out {out}: exists and is not empty; name a new folder")
 

@@ -14,10 +14,8 @@ from rayblora.data.sources import TaskData, load_task_data
 from rayblora.data.trained_splits import split_record
 from rayblora.posteriors import Posterior
 from rayblora.registry import get_posterior_class
-from rayblora.report import render_markdown
 from rayblora.scoring import AnswerScorer, build_scorer
-from rayblora.workflows.evaluate import evaluate
-from rayblora.workflows.generation import evaluate_generation_report, is_generation_artifact
+from rayblora.workflows.evaluate import evaluate_artifact
 from rayblora.workflows.members import (MemberResult, best_adapter, check_member_adapter, make_hooks,
                                         prepare_trunk_cache, train_members_in_process, trunk_cache_for)
 
@@ -103,10 +101,4 @@ def train(cfg: Config, log: Callable[[str], None] = print, extra: dict[str, Any]
 def train_and_evaluate(cfg: Config, log: Callable[[str], None] = print, in_process: bool = False) -> dict:
     """Train (on Ray, or with `in_process` in this process), then evaluate every `posterior.eval_methods` row;
     prints the markdown table."""
-    path = train(cfg, log, in_process=in_process)
-    if is_generation_artifact(path):  # exact match and answer-level uncertainty; logs its own table
-        return evaluate_generation_report(path, cfg, log=log)
-    report = evaluate(path, cfg, log=log)
-    log(render_markdown(report))
-    log(f"[report] {cfg.out_dir}/report.json, report.md, reliability.png, coverage.png")
-    return report
+    return evaluate_artifact(train(cfg, log, in_process=in_process), cfg, log=log)

@@ -74,6 +74,7 @@ class HybridVIPosterior(Posterior):
 
     method = HOOK_NAME
     needs_checkpoints = True
+    collected_in_training = "the variational parameters (μ, ρ) and prior saved during training"
     training_sections = ("hybrid",)
 
     def __init__(self, scorer, members: Sequence[AdapterState], member_info, gaussians: Sequence[MemberGaussian],

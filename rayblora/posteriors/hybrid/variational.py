@@ -14,16 +14,14 @@ substitutes the drawn tensors for the model's own for one forward, so gradients 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from safetensors.torch import load_file
 
 from rayblora.config import AdapterConfig, Config, ConfigError, HybridConfig
-from rayblora.manifest import ArtifactError, read_manifest, verify_files
+from rayblora.manifest import ArtifactError, open_artifact
 from rayblora.posteriors.hybrid.gaussian import DiagonalGaussian, inverse_softplus, softplus_std
 from rayblora.posteriors.hybrid.modules import HybridModules, active, set_active
 
@@ -128,17 +126,17 @@ def prior_from_artifact(path: str, round_precision: str = "variational"
     (:mod:`rayblora.posteriors.hybrid.gaussian`), with Λ_t = 1 / σ_t² (`variational`) or the artifact's diagonal Laplace
     precision (`laplace`, :mod:`rayblora.posteriors.hybrid.laplace_prior`).
     """
-    root = Path(path)
     try:
-        manifest = read_manifest(root)
-        verify_files(root, manifest)
+        artifact = open_artifact(path)
     except ArtifactError as exc:
         raise ConfigError(f"hybrid.prior_artifact: {exc}") from None
-    if manifest["method"] != HOOK_NAME:
-        raise ConfigError(f"hybrid.prior_artifact: {root} is a {manifest['method']!r} posterior; the round prior "
+    root = artifact.root
+    if artifact.method != HOOK_NAME or HYBRID_FILE not in artifact.tensors:
+        raise ConfigError(f"hybrid.prior_artifact: {root} is a {artifact.method!r} posterior; the round prior "
                           f"needs a {HOOK_NAME} artifact")
-    tensors = load_file(str(root / HYBRID_FILE))
-    names, mean, std = list(manifest["family"]["names"][0]), tensors["0.mean"], softplus_std(tensors["0.rho"])
+    tensors = artifact.tensors[HYBRID_FILE]
+    names, mean = list(artifact.manifest["family"]["names"][0]), tensors["0.mean"]
+    std = softplus_std(tensors["0.rho"])
     if round_precision == "variational":
         return names, std, DiagonalGaussian.from_posterior(mean, std)
     if "0.laplace_precision" not in tensors:

@@ -201,9 +201,24 @@ class LaplacePosterior(Posterior):
         if data is None:
             raise ValueError(f"{cls.method}: needs the task data (data.train for the curvature)")
         cfg = config or Config()
-        curvatures = {i: fit_curvature(scorer, members[i], data.train, cfg.laplace, cfg.train.batch_size)
+        curvatures = {i: cls.curvature_pass(scorer, members[i], data.train, cfg)
                       for i in cls.fitted_members(len(members))}
         return cls.from_curvatures(scorer, members, member_info, curvatures, cfg, data.validation)
+
+    @classmethod
+    def curvature_pass(cls, scorer, member, train, config, rank: int = 0, world: int = 1) -> LoraCurvature:
+        """KFAC / diagonal GGN of one adapter over this worker's shard of the training split (sec. 3 of the paper:
+        the Hessian of the log-likelihood approximated at the MAP)."""
+        return fit_curvature(scorer, member, train, config.laplace, config.train.batch_size, rank, world)
+
+    @classmethod
+    def empty_curvature(cls, scorer, config) -> LoraCurvature:
+        lcfg = config.laplace
+        return LoraCurvature(laplace_sites(scorer.model, lcfg), lcfg.structure, lcfg.hessian, lcfg.low_rank_threshold,
+                             lcfg.low_rank)
+
+    def fit_summary(self) -> str:
+        return f"prior precision {[f.prior.tolist() for f in self.fits]}"
 
     @classmethod
     def from_curvatures(cls, scorer, members, member_info, curvatures: dict[int, LoraCurvature], cfg: Config,

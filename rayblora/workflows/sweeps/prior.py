@@ -20,11 +20,12 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
-from rayblora.artifact import load_posterior, read_manifest, save_derived
+from rayblora.artifact import Artifact, load_posterior, open_artifact, save_derived
 from rayblora.config import Config, ConfigError
-from rayblora.data.trained_splits import load_trained_data
+from rayblora.data.trained_splits import artifact_data
 from rayblora.posteriors.laplace import LaplacePosterior
 from rayblora.posteriors.laplace.prior_cache import PriorCache
+from rayblora.registry import get_posterior_class
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
@@ -51,19 +52,14 @@ def prior_trial(config: dict[str, Any], arrays: dict[str, Any], meta: dict[str, 
     tune.report(PriorCache.from_arrays(arrays, meta).evaluate(float(config["prior_precision"])))
 
 
-def _laplace_parent(artifact: str | os.PathLike, cfg: Config):
-    """The Laplace posterior of `artifact`, its manifest and the config's validation split (checked to match)."""
+def _laplace_parent(artifact: Artifact, cfg: Config):
+    """The Laplace posterior of `artifact` and the validation split it was fitted on."""
+    if not issubclass(get_posterior_class(artifact.method), LaplacePosterior):
+        raise ConfigError(f"--posterior {artifact.root}: a {artifact.method!r} artifact has no Laplace curvature; "
+                          f"fit one first (rayblora fit --posterior {artifact.root} --config ...)")
     post = load_posterior(artifact)
     post.scorer.use_trunk_cache(trunk_cache_for(cfg, post.scorer))
-    if not isinstance(post, LaplacePosterior):
-        raise ConfigError(f"--posterior {artifact}: a {post.method!r} artifact has no Laplace curvature; fit one "
-                          f"first (rayblora fit --posterior {artifact} --config ...)")
-    manifest = read_manifest(artifact)
-    data = load_trained_data(manifest.get("training", {}), cfg.data)
-    if tuple(data.spec.choices) != tuple(post.scorer.spec.choices):
-        raise ConfigError(f"data: the task's answers {list(data.spec.choices)} differ from the artifact's "
-                          f"{list(post.scorer.spec.choices)}; pass the config the posterior was fitted with")
-    return post, manifest, data.validation
+    return post, artifact_data(artifact, cfg.data).validation  # scored under the artifact's spec (refused if not)
 
 
 def _prior_tuner(arrays, meta, identity: dict[str, Any], out: Path, search: str, max_concurrent: int,
@@ -139,7 +135,8 @@ def sweep_prior(artifact: str | os.PathLike, cfg: Config, out_dir: str | os.Path
                           f"--max-concurrent >= 0; got {search!r}, {select!r}, {max_concurrent}")
     prior_grid(values, low, high)
     out = Path(out_dir or cfg.out_dir / "sweep-prior").resolve()
-    post, manifest, validation = _laplace_parent(artifact, cfg)
+    artifact = open_artifact(artifact)
+    post, validation = _laplace_parent(artifact, cfg)
     ensure_ray(cfg.cluster)
     t0 = time.time()
     cache = PriorCache.from_posterior(post, validation, cfg.train.batch_size)
@@ -148,7 +145,7 @@ def sweep_prior(artifact: str | os.PathLike, cfg: Config, out_dir: str | os.Path
     log(f"[sweep] cached f_mu and Jacobians of {cache.num_examples} validation examples for {len(cache.fits)} "
         f"fitted member(s) in {seconds['cache']:.1f} s ({sum(a.nbytes for a in arrays.values()) / 2**20:.0f} "
         "MiB, one object-store copy)")
-    identity = {"sweep": "prior", "artifact": manifest["files"], "data": cfg.to_dict()["data"],
+    identity = {"sweep": "prior", "artifact": artifact.manifest["files"], "data": cfg.to_dict()["data"],
                 "batch_size": cfg.train.batch_size, "values": values, "range": [low, high], "search": search}
     grid = _prior_tuner(arrays, meta, identity, out, search, max_concurrent, log).fit()
     seconds["tune"] = time.time() - t0 - seconds["cache"]
