@@ -28,8 +28,8 @@ from rayblora.posteriors.laplace.prior_cache import PriorCache
 from rayblora.registry import get_posterior_class
 from rayblora.workflows.members import trunk_cache_for
 from rayblora.workflows.runtime import ensure_ray
-from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
-                                               tune_run_config, write_table)
+from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, resumes_sweep,
+                                               trial_states, tune_run_config, write_table)
 
 PRIOR_EXPERIMENT = "prior_sweep"
 SELECT = {"val_nll": ("val_nll", "min"), "marglik": ("log_marglik", "max")}
@@ -136,6 +136,9 @@ def sweep_prior(artifact: str | os.PathLike, cfg: Config, out_dir: str | os.Path
     prior_grid(values, low, high)
     out = Path(out_dir or cfg.out_dir / "sweep-prior").resolve()
     artifact = open_artifact(artifact)
+    identity = {"sweep": "prior", "artifact": artifact.manifest["files"], "data": cfg.to_dict()["data"],
+                "batch_size": cfg.train.batch_size, "values": values, "range": [low, high], "search": search}
+    resumes_sweep(out, PRIOR_EXPERIMENT, identity)  # another sweep in `out` is refused before any model or Ray work
     post, validation = _laplace_parent(artifact, cfg)
     ensure_ray(cfg.cluster)
     t0 = time.time()
@@ -145,8 +148,6 @@ def sweep_prior(artifact: str | os.PathLike, cfg: Config, out_dir: str | os.Path
     log(f"[sweep] cached f_mu and Jacobians of {cache.num_examples} validation examples for {len(cache.fits)} "
         f"fitted member(s) in {seconds['cache']:.1f} s ({sum(a.nbytes for a in arrays.values()) / 2**20:.0f} "
         "MiB, one object-store copy)")
-    identity = {"sweep": "prior", "artifact": artifact.manifest["files"], "data": cfg.to_dict()["data"],
-                "batch_size": cfg.train.batch_size, "values": values, "range": [low, high], "search": search}
     grid = _prior_tuner(arrays, meta, identity, out, search, max_concurrent, log).fit()
     seconds["tune"] = time.time() - t0 - seconds["cache"]
     return _prior_outcome(post, artifact, grid, select, out, seconds, t0, log)

@@ -85,18 +85,26 @@ def open_tuner(out: Path, experiment: str, identity: dict[str, Any], trainable, 
 
     `identity` (config, space, scheduler, ...) is kept in `<out>/sweep.json`; another sweep in the same `out`
     is refused rather than silently continued."""
-    identity = json.loads(json.dumps(identity))
-    exp_dir, marker = out / "tune" / experiment, out / SWEEP_JSON
-    if tune.Tuner.can_restore(exp_dir):
-        saved = json.loads(marker.read_text()) if marker.is_file() else None
-        if saved != identity:
-            raise ConfigError(f"--out {out}: holds a sweep with another config, space or settings; "
-                              "pass a new --out (or remove the old one) to start this sweep")
+    exp_dir = out / "tune" / experiment
+    if resumes_sweep(out, experiment, identity):
         log(f"[sweep] resuming the Tune experiment {exp_dir} (Tuner.restore)")
         return tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, identity)
+    write_json_atomic(out / SWEEP_JSON, json.loads(json.dumps(identity)))
     return fresh()
+
+
+def resumes_sweep(out: Path, experiment: str, identity: dict[str, Any]) -> bool:
+    """Whether `<out>` holds a restorable run of this same sweep (`identity`); ConfigError if it holds another
+    (checked before any Ray work: it reads files only)."""
+    if not tune.Tuner.can_restore(out / "tune" / experiment):
+        return False
+    marker = out / SWEEP_JSON
+    saved = json.loads(marker.read_text()) if marker.is_file() else None
+    if saved != json.loads(json.dumps(identity)):
+        raise ConfigError(f"--out {out}: holds a sweep with another config, space or settings; "
+                          "pass a new --out (or remove the old one) to start this sweep")
+    return True
 
 
 def tune_run_config(out: Path, experiment: str):

@@ -35,8 +35,8 @@ from rayblora.workflows.coordinator import member_resources, member_trainer, run
 from rayblora.workflows.runtime import ensure_ray
 from rayblora.workflows.padded_members import Candidate
 from rayblora.workflows.sweeps.ensemble import select_ensemble
-from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, trial_states,
-                                               tune_run_config, write_table)
+from rayblora.workflows.sweeps.results import (SweepOutcome, open_tuner, raise_if_unfinished, resumes_sweep,
+                                               trial_states, tune_run_config, write_table)
 from rayblora.workflows.sweeps.space import (Dimension, assign, check_space, flatten, load_space, param_space,
                                              space_digest)
 
@@ -188,11 +188,20 @@ def _check_task(cfg: Config) -> None:
     build_scorer(cfg.model, cfg.adapter, data.spec, cfg.data.max_length)
 
 
-def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], out: Path, num_samples: int,
-                 max_concurrent: int, grace_period: int, reduction_factor: float, log: Callable[[str], None]):
-    """A new or restored Tuner of the train sweep: member trials with CPU-light drivers, ASHA on val_nll."""
+def _train_identity(dims: Sequence[Dimension], base: dict[str, Any], num_samples: int, grace_period: int,
+                    reduction_factor: float) -> dict[str, Any]:
+    """What makes a train sweep the same sweep (config, space, samples, ASHA rungs): a rerun with it resumes."""
     max_t = _steps_candidates(base, dims)[1]
     grace = min(grace_period or base["train"]["checkpoint_every"], max_t)
+    return {"sweep": "train", "config": base, "space": space_digest(dims), "num_samples": num_samples,
+            "asha": {"max_t": max_t, "grace_period": grace, "reduction_factor": reduction_factor}}
+
+
+def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], out: Path, identity: dict[str, Any],
+                 max_concurrent: int, log: Callable[[str], None]):
+    """A new or restored Tuner of the train sweep: member trials with CPU-light drivers, ASHA on val_nll."""
+    num_samples, asha_rungs = identity["num_samples"], identity["asha"]
+    max_t, grace, reduction_factor = asha_rungs["max_t"], asha_rungs["grace_period"], asha_rungs["reduction_factor"]
     slots = _trial_slots(cfg, log)  # also refuses a member run the cluster cannot hold, whatever max_concurrent
     slots = max_concurrent or slots
     trainable = tune.with_resources(tune.with_parameters(member_trial, base=base, sweep_dir=str(out)),
@@ -206,8 +215,6 @@ def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], o
                           tune_config=tune.TuneConfig(num_samples=num_samples, scheduler=asha,
                                                       max_concurrent_trials=slots))
 
-    identity = {"sweep": "train", "config": base, "space": space_digest(dims), "num_samples": num_samples,
-                "asha": {"max_t": max_t, "grace_period": grace, "reduction_factor": reduction_factor}}
     log(f"[sweep] train sweep of {len(dims)} field(s) into {out}: ASHA on {VAL_NLL} (rungs from step {grace}, "
         f"reduction {reduction_factor}), up to {slots} trial(s) at once")
     return open_tuner(out, TRAIN_EXPERIMENT, identity, trainable, fresh, log)
@@ -241,9 +248,10 @@ def sweep_train(cfg: Config, space: str | os.PathLike | Sequence[Dimension],
     base = with_report_cadence(cfg, dims)
     check_space(base, dims)
     _check_task(cfg)
+    identity = _train_identity(dims, base, num_samples, grace_period, reduction_factor)
+    resumes_sweep(out, TRAIN_EXPERIMENT, identity)  # another sweep in `out` is refused before any Ray work
     ensure_ray(cfg.cluster)
-    grid = _train_tuner(cfg, dims, base, out, num_samples, max_concurrent, grace_period, reduction_factor,
-                        log).fit()
+    grid = _train_tuner(cfg, dims, base, out, identity, max_concurrent, log).fit()
     outcome = _train_outcome(cfg, grid, dims, base, out, log)
     if ensemble_size:
         outcome.ensemble = select_ensemble(trial_candidates(outcome.rows, dims, base, out), ensemble_size,
