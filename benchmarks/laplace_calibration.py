@@ -5,9 +5,9 @@
         [--method laplace_ensemble|laplace] [--prior-method marglik|val_nll]
 
 Takes a trained ensemble artifact (e.g. from `rayblora demo`), fits a mixture of Laplaces onto it with
-`rayblora.workflows.fit.fit_posterior` (curvature on the first `--fit-batches` batches of the members' own training split,
-prior precision by marginal likelihood), and evaluates every row on the first `--n-eval` test examples of each split
-(the `data.test_size = n_eval` split). The `laplace` row is member 0's component of the mixture (its GLM moments
+`rayblora.workflows.fit.fit_posterior` (curvature on the first `--fit-batches` batches of the members' own training
+split, prior precision by marginal likelihood), and evaluates every row on the first `--n-eval` test examples of each
+split (the `data.test_size = n_eval` split). The `laplace` row is member 0's component of the mixture (its GLM moments
 are computed once and shared with the mixture). Writes a report directory and prints the markdown table.
 """
 

@@ -1,6 +1,7 @@
 """Packed vs separate members: the training wall of K members of one config, in one run on an idle machine.
 
-    .venv/bin/python benchmarks/packed_members.py [--config jobs/configs/demo.yaml] [--threads 2] [--skip-ray] [--p8-only]
+    .venv/bin/python benchmarks/packed_members.py [--config jobs/configs/demo.yaml] [--threads 2] [--skip-ray]
+                                                  [--p8-only]
                                                   [--out benchmarks/results/packed_members.json]
 
 Three ways to train the config's K members (its full regime: steps, validation passes, SWAG collection), each

@@ -227,13 +227,6 @@ def _verified_bytes(root: Path, rel: str, expected: str) -> bytes:
     return data
 
 
-def verify_files(root: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    """Check every listed file's sha256 (of a directory about to be written, e.g. an import); raise ArtifactError
-    naming the first missing or altered file."""
-    for rel, expected in manifest.get("files", {}).items():
-        _verified_bytes(Path(root), rel, expected)
-
-
 def parent_lineage(parent: str | os.PathLike) -> dict[str, Any]:
     """The lineage entries naming the artifact at `parent` (its manifest read once): see
     :meth:`Artifact.lineage_entry`, for a flow that has only the path (the rounds of dynamic fine-tuning)."""

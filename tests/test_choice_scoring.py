@@ -170,8 +170,8 @@ def test_members_train_on_option_scores_and_every_family_predicts(choice_files, 
 
     cfg = _config(choice_files, tmp_path / "run", **{
         "posterior.method": "multiswag", "train.steps": "40", "swag.start_step": "20", "swag.max_rank": "3",
-        "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20", "tfb.search_steps": "2",
-        "adapter.dropout": "0.1"})
+        "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20",
+        "tfb.search_steps": "2", "adapter.dropout": "0.1"})
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     assert (tmp_path / "run" / "trunk_cache").is_dir()  # packed rows went through the trunk cache
     data = load_task_data(cfg.data)

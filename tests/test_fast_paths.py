@@ -137,8 +137,8 @@ def test_training_losses_equal_the_full_forward(sentiment_files, tmp_path, tiny_
 @pytest.mark.slow
 def test_every_family_predicts_the_same_with_and_without_the_tail(sentiment_files, tmp_path, monkeypatch):
     swag = {"adapter.layers": "[2]", "train.steps": "40", "posterior.method": "multiswag",
-            "swag.start_step": "20", "swag.max_rank": "3", "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3",
-            "laplace.link_samples": "20", "tfb.search_steps": "2"}
+            "swag.start_step": "20", "swag.max_rank": "3", "swag.samples": "3", "sampling.samples": "3",
+            "laplace.fit_batches": "3", "laplace.link_samples": "20", "tfb.search_steps": "2"}
     cfg = _config(sentiment_files, tmp_path / "run", **swag)
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     methods = ["map", "ensemble", "temperature", "mc_dropout", "laplace", "laplace_ensemble", "swag", "multiswag",

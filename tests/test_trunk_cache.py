@@ -67,7 +67,8 @@ def test_blob_trains_from_the_cache_as_without_it(sentiment_files, tmp_path, tin
 
 def test_every_family_predicts_the_same_with_and_without_the_cache(sentiment_files, tmp_path):
     swag = {"posterior.method": "multiswag", "adapter.dropout": "0.1", "swag.start_step": "20",
-            "swag.max_rank": "3", "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3", "laplace.link_samples": "20"}
+            "swag.max_rank": "3", "swag.samples": "3", "sampling.samples": "3", "laplace.fit_batches": "3",
+            "laplace.link_samples": "20"}
     cfg = _config(sentiment_files, tmp_path / "run", **swag)
     artifact = train(cfg, log=lambda _m: None, in_process=True)
     assert (tmp_path / "run" / "trunk_cache").is_dir()

@@ -15,5 +15,5 @@ from rayblora.config.validation import ConfigError
 
 __all__ = ["AdapterConfig", "BlobConfig", "CHOICE_SCORINGS", "ClusterConfig", "Config", "ConfigError", "DataConfig",
            "HybridConfig", "LaplaceConfig", "MAX_OPTIONS", "ModelConfig", "OutputConfig", "PosteriorConfig",
-           "ROUND_PRECISIONS", "SamplingConfig", "ServeConfig", "SwagConfig", "TfbConfig", "TrainConfig", "apply_overrides",
-           "config_from_dict", "dump_config", "load_config"]
+           "ROUND_PRECISIONS", "SamplingConfig", "ServeConfig", "SwagConfig", "TfbConfig", "TrainConfig",
+           "apply_overrides", "config_from_dict", "dump_config", "load_config"]

@@ -16,7 +16,7 @@ import torch
 
 from rayblora import predictive
 from rayblora.artifact import Artifact, load_posterior, open_artifact
-from rayblora.config import Config, ConfigError
+from rayblora.config import Config
 from rayblora.data.sources import TaskData, split_name
 from rayblora.data.trained_splits import artifact_data
 from rayblora.posteriors.baselines import fit_temperature
