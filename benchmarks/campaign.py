@@ -17,7 +17,8 @@ alone, and prints the ablation table (one line per recipe and task) for RESULTS.
 Recipes (members differ by ...): `seed` — their seed only (LoRA init of A, data order, dropout); `bootstrap_b` —
 also each its own bootstrap resample of the training rows and a random B (N(0, 0.01²)); `random_a` — a large
 random A (Xavier gain 10, LoRA-Ensemble, arXiv 2405.14438). Each reports the distance-aware scores and the rows
-recalibrated after pooling of the task's config.
+recalibrated after pooling of the task's config; recipes other than `seed` evaluate the member families only
+(:data:`MEMBER_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ RECIPES = {"seed": ["train.member_data=all"],
            "bootstrap_b": ["train.member_data=bootstrap", "adapter.init_b_std=0.01"],
            "random_a": ["adapter.init_a_gain=10"]}
 """recipe -> config overrides on top of the task's config."""
+MEMBER_FAMILIES = "posterior.eval_methods=[map,temperature,ensemble,temperature_ensemble,swag,multiswag]"
+"""What a recipe other than `seed` evaluates on a classification or multiple-choice task: the families built
+from its members (the recipes differ in how members differ; Laplace, MC dropout and TFB are the same post-hoc
+views of any member and cost half of a VADER cell's evaluation), each with its +T row and the density scores."""
 
 
 def cell_dir(task: str, recipe: str) -> Path:
@@ -58,7 +63,7 @@ def command(task: str, recipe: str, seeds: list[int], extra: list[str], json_pat
     return [sys.executable, f"benchmarks/{script}.py", "--config", config, "--seeds", ",".join(map(str, seeds)),
             "--out", f"runs/campaign/{task}-{recipe}", "--cells", str(cell_dir(task, recipe)), "--json", json_path,
             "--n-boot", str(n_boot), *(["--task-name", f"{task}/{recipe}"] if script == "calibration" else []),
-            *RECIPES[recipe], *extra]
+            *RECIPES[recipe], *([MEMBER_FAMILIES] if script == "calibration" and recipe != "seed" else []), *extra]
 
 
 def run(args) -> None:
