@@ -10,6 +10,9 @@ shift splits and the far-OOD splits. A seed's predictions are kept in `<out>/see
 interrupted benchmark resumes at the first unfinished seed; rows a kept seed lacks (a family added to
 `posterior.eval_methods`) are evaluated on its artifact. `--extra NAME:OVERRIDES` trains a second run per seed
 (e.g. a family with its own training objective, such as BLoB) on the same data and joins its rows to the table.
+`--sweep SPACE` builds each seed's members as a hyper-parameter ensemble instead: a train sweep of the space
+(`--sweep-samples` Tune samples, each trained to its last step), `posterior.members` of its trials chosen greedily
+(:mod:`rayblora.workflows.sweeps.ensemble`), with the feature density fitted on it where `posterior.density`.
 
 Reported per method and split: the seed mean of ACC, NLL, ECE (15 bins), equal-mass ECE, Brier, AURC and the
 error reduction when rejecting the 10 % most uncertain; Δ vs `map` (every member alone, averaged) with a 95 %
@@ -21,6 +24,7 @@ markdown tables for benchmarks/RESULTS.md.
      "nll", "ece", ..., "delta_vs_map": {"accuracy": [lo, hi], "nll": [lo, hi], "ece": [lo, hi]}}}},
      "far_ood_auroc_mi": {METHOD: x}, "reject10_error_cut": {METHOD: {SPLIT: x}},
      "far_ood_auroc" / "shift_auroc": {METHOD: {SPLIT | "mean": {"entropy", "mi", "density"}}},
+     "member_disagreement": {SPLIT: fraction of rows two members answer differently},
      "reject10_by_score": {METHOD: {"entropy", "mi", "density"}},
      "vs_temperature": {SPLIT: {"best": METHOD, "families": {METHOD: {"delta", "lo", "hi"}}}}, "targets": {...}}}}
 
@@ -36,6 +40,7 @@ seed-mean NLL on that split. That, not raw map, is the baseline a posterior has 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -54,7 +59,9 @@ from rayblora.metrics import ood_auroc, rejection_error_reduction
 from rayblora.posteriors import get_posterior_class
 from rayblora.report import SplitResult, split_metrics
 from rayblora.workflows.evaluate import evaluate_methods, member_view_results
+from rayblora.workflows.fit import fit_density
 from rayblora.workflows.members import config_digest, early_stopped_adapters, trunk_cache_for
+from rayblora.workflows.sweeps import sweep_train
 from rayblora.workflows.train import train
 
 FIELDS = ("probs", "labels", "entropy", "mutual_information", "member_probs", "distance")
@@ -111,12 +118,34 @@ def early_stopped_rows(artifact: Artifact, cfg: Config, data: TaskData) -> dict[
     return out
 
 
-def run_seed(cfg: Config, early: bool = True
+def seed_artifact(args, cfg: Config) -> Path:
+    """The seed's posterior artifact: its members trained in this process, or with `--sweep` a hyper-parameter
+    ensemble of `posterior.members` trials of a train sweep (Wenzel et al., NeurIPS 2020, sec. 3), every trial
+    trained to its last step (ASHA's first rung at the last step), its feature density fitted where asked."""
+    if not args.sweep:
+        return train(cfg, log, in_process=True)
+    outcome = sweep_train(cfg, args.sweep, cfg.out_dir / "sweep", num_samples=args.sweep_samples,
+                          grace_period=cfg.train.steps, ensemble_size=cfg.posterior.members, log=log)
+    if not cfg.posterior.density:
+        return outcome.ensemble
+    return fit_density(outcome.ensemble, cfg, cfg.out_dir / "posterior", log)
+
+
+def cell_digest(args, cfg: Config) -> str:
+    """What a seed's cell was measured under: the config's training digest, with `--sweep` also the search
+    space's text and the sample count."""
+    if not args.sweep:
+        return config_digest(cfg)
+    sweep = f"{config_digest(cfg)}|{Path(args.sweep).read_text()}|{args.sweep_samples}"
+    return hashlib.sha256(sweep.encode()).hexdigest()[:16]
+
+
+def run_seed(args, cfg: Config, early: bool = True
              ) -> tuple[dict[str, dict[str, SplitResult]], dict[str, float], dict[str, list[str]]]:
     """Train and evaluate one seed: (results[method][split], seconds {"train", "evaluate", "fit:<method>"}, the
     evaluation splits' row ids); with `early`, the `map_early` rows too."""
     t0 = time.time()
-    artifact = open_artifact(train(cfg, log, in_process=True))
+    artifact = open_artifact(seed_artifact(args, cfg))
     train_s = time.time() - t0
     fits: dict[str, float] = {}
     data = artifact_data(artifact, cfg.data, log)
@@ -130,14 +159,14 @@ def run_seed(cfg: Config, early: bool = True
                      **({"fit:density": density["seconds"]} if "seconds" in density else {})}, split_ids(data, cfg)
 
 
-def save_seed(path: Path, cfg: Config, results: dict[str, dict[str, SplitResult]],
+def save_seed(path: Path, cfg: Config, digest: str, results: dict[str, dict[str, SplitResult]],
               seconds: dict[str, float], row_ids: dict[str, list[str]], record: BenchmarkRecord) -> None:
     """Write a seed's cell (:mod:`cells`): "<method>/<split>/<field>" arrays and "ids/<split>" (each split's row
     ids "<task>:<row>"), with the wall seconds of each phase and the config."""
     arrays = {f"{m}/{s}/{f}": getattr(r, f) for m, splits in results.items() for s, r in splits.items()
               for f in FIELDS if getattr(r, f) is not None}
     arrays.update({f"ids/{s}": np.asarray(row_ids[s], dtype=str) for s in results["map"]})
-    write_cell(path, arrays, config_digest(cfg), record, seconds=seconds, config=cfg.to_dict())
+    write_cell(path, arrays, digest, record, seconds=seconds, config=cfg.to_dict())
 
 
 def split_ids(data: TaskData, cfg: Config) -> dict[str, list[str]]:
@@ -147,9 +176,9 @@ def split_ids(data: TaskData, cfg: Config) -> dict[str, list[str]]:
     return {names.get(k, k): v for k, v in data.ids.items() if k not in ("train", "validation")}
 
 
-def load_seed(path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | None:
-    """A finished seed's predictions, if they were made with this config."""
-    arrays = read_cell(path, config_digest(cfg), lambda meta: config_digest(config_from_dict(meta["config"])))
+def load_seed(args, path: Path, cfg: Config) -> dict[str, dict[str, SplitResult]] | None:
+    """A finished seed's predictions, if they were made with this config (and sweep)."""
+    arrays = read_cell(path, cell_digest(args, cfg), lambda meta: cell_digest(args, config_from_dict(meta["config"])))
     if arrays is None:
         return None
     keys = {tuple(k.split("/")) for k in arrays if not k.startswith("ids/")}
@@ -173,7 +202,7 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
     new training run. With `--commit`, a cell written is committed at once."""
     cfg = seed_config(args, seed, extra)
     path = cell_path(args, cfg, seed, extra)
-    kept = load_seed(path, cfg)
+    kept = load_seed(args, path, cfg)
     missing = [m for m in cfg.posterior.eval_methods if kept is not None and m not in kept]
     artifact = cfg.out_dir / "posterior"
     if kept is not None and missing and not artifact.is_dir():
@@ -181,9 +210,9 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
         kept = None
     t0, record = time.time(), BenchmarkRecord()
     if kept is None:
-        results, seconds, row_ids = run_seed(cfg, early=extra is None)
-        save_seed(path, cfg, results, seconds, row_ids, record)
-        results = load_seed(path, cfg)  # as stored: a rerun that finds this cell aggregates the same numbers
+        results, seconds, row_ids = run_seed(args, cfg, early=extra is None and not args.sweep)
+        save_seed(path, cfg, cell_digest(args, cfg), results, seconds, row_ids, record)
+        results = load_seed(args, path, cfg)  # as stored: a rerun that finds this cell aggregates the same numbers
     else:
         log(f"seed {seed}: predictions kept from an earlier run ({path})"
             + (f"; evaluating the rows it lacks: {missing}" if missing else ""))
@@ -193,9 +222,9 @@ def seed_results(args, seed: int, extra: tuple[str, list[str]] | None = None) ->
         opened = open_artifact(artifact)
         data = artifact_data(opened, cfg.data, log)
         kept.update(evaluate_methods(opened, cfg, missing, data=data, log=log, timings=fits))
-        save_seed(path, cfg, kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
+        save_seed(path, cfg, cell_digest(args, cfg), kept, {**seed_seconds(path), "+".join(missing): time.time() - t0,
                                     **{f"fit:{m}": s for m, s in fits.items()}}, split_ids(data, cfg), record)
-        results = load_seed(path, cfg)
+        results = load_seed(args, path, cfg)
     if args.commit:
         commit_cell(path, f"{split_name(cfg.data.task)} seed {seed}")
     return results
@@ -262,6 +291,19 @@ def reject10_by_score(per_seed: list[dict], in_domain: str, methods: list[str]) 
                                                                score(seed[m][in_domain]), 0.1) for seed in per_seed]))
                 for name, score in SCORES.items() if score(per_seed[0][m][in_domain]) is not None}
             for m in methods if per_seed[0][m][in_domain].member_probs is None}
+
+
+def member_disagreement(per_seed: list[dict], splits: list[str]) -> dict[str, float]:
+    """Seed-mean fraction of rows on which two members answer differently (mean over member pairs; `map`'s
+    member probabilities, (M, N, C)), per split: how far the recipe made its members differ."""
+    out = {}
+    for s in splits:
+        answers = [np.asarray(seed["map"][s].member_probs).argmax(-1) for seed in per_seed
+                   if seed["map"][s].member_probs is not None and len(seed["map"][s].member_probs) > 1]
+        if answers:
+            out[s] = float(np.mean([np.mean([(a[i] != a[j]).mean() for i in range(len(a)) for j in range(i)])
+                                    for a in answers]))
+    return out
 
 
 def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
@@ -350,6 +392,7 @@ def aggregate(per_seed: list[dict], cfg: Config, n_boot: int) -> tuple[dict, dic
             if len(splits) > 1 else {},
             "reject10_by_score": reject10_by_score(per_seed, in_domain, methods),
             "reject10_error_cut": {m: {s: tables[s][m]["reject10"] for s in splits} for m in methods},
+            "member_disagreement": member_disagreement(per_seed, [*splits, *far]),
             "vs_temperature": vs_temperature(per_seed, splits, n_boot)}
     task["targets"] = targets(task, in_domain, [s for s in splits if s != in_domain])
     deltas = {s: {m: {k: {"delta": tables[s][m]["delta_mean"][k], "lo": tables[s][m]["delta_vs_map"][k][0],
@@ -424,6 +467,10 @@ def main() -> None:
                         help="keep each seed's predictions as DIR/seed<s>.npz + .json (a committed campaign cell, "
                              "e.g. benchmarks/results/campaign/obqa/seed) instead of beside its artifact")
     parser.add_argument("--commit", action="store_true", help="git-commit each cell as it is written")
+    parser.add_argument("--sweep", default="", metavar="SPACE",
+                        help="members as a hyper-parameter ensemble chosen from a train sweep of this search-space "
+                             "YAML (rayblora sweep train --ensemble posterior.members)")
+    parser.add_argument("--sweep-samples", type=int, default=8, help="Tune samples of the --sweep space")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()
     record = BenchmarkRecord()

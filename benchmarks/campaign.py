@@ -16,7 +16,9 @@ alone, and prints the ablation table (one line per recipe and task) for RESULTS.
 
 Recipes (members differ by ...): `seed` — their seed only (LoRA init of A, data order, dropout); `bootstrap_b` —
 also each its own bootstrap resample of the training rows and a random B (N(0, 0.01²)); `random_a` — a large
-random A (Xavier gain 10, LoRA-Ensemble, arXiv 2405.14438). Each reports the distance-aware scores and the rows
+random A (Xavier gain 10, LoRA-Ensemble, arXiv 2405.14438); `hyper` — each its own hyper-parameters, 4 chosen
+greedily from a train sweep of 8 trials (`benchmarks/spaces/hyper_members.yaml`: rank, LoRA dropout, adapted layers,
+learning rate). Each reports the distance-aware scores and the rows
 recalibrated after pooling of the task's config; recipes other than `seed` evaluate the member families only
 (:data:`MEMBER_FAMILIES`).
 """
@@ -38,12 +40,22 @@ TASKS = {"vader": ("calibration", "jobs/configs/calibration.yaml"),
 """task -> (benchmark script, config)."""
 RECIPES = {"seed": ["train.member_data=all"],
            "bootstrap_b": ["train.member_data=bootstrap", "adapter.init_b_std=0.01"],
-           "random_a": ["adapter.init_a_gain=10"]}
+           "random_a": ["adapter.init_a_gain=10"],
+           "hyper": ["posterior.method=ensemble", "train.torch_threads=1",
+                     "posterior.eval_methods=[map,temperature,ensemble,temperature_ensemble]"]}
 """recipe -> config overrides on top of the task's config."""
+RECIPE_FLAGS = {"hyper": ["--sweep", "benchmarks/spaces/hyper_members.yaml", "--sweep-samples", "8"]}
+"""recipe -> options of the benchmark script (`hyper`: the members are a train sweep's hyper-parameter ensemble,
+each trial a 1-thread Ray Train run, two at once; no SWAG moments, so no SWAG rows)."""
 MEMBER_FAMILIES = "posterior.eval_methods=[map,temperature,ensemble,temperature_ensemble,swag,multiswag]"
 """What a recipe other than `seed` evaluates on a classification or multiple-choice task: the families built
 from its members (the recipes differ in how members differ; Laplace, MC dropout and TFB are the same post-hoc
 views of any member and cost half of a VADER cell's evaluation), each with its +T row and the density scores."""
+
+
+def measured(task: str, recipe: str) -> bool:
+    """Whether the campaign has the (task, recipe) pair: the sweep of `hyper` is the calibration script's only."""
+    return recipe not in RECIPE_FLAGS or TASKS[task][0] == "calibration"
 
 
 def cell_dir(task: str, recipe: str) -> Path:
@@ -63,13 +75,14 @@ def command(task: str, recipe: str, seeds: list[int], extra: list[str], json_pat
     return [sys.executable, f"benchmarks/{script}.py", "--config", config, "--seeds", ",".join(map(str, seeds)),
             "--out", f"runs/campaign/{task}-{recipe}", "--cells", str(cell_dir(task, recipe)), "--json", json_path,
             "--n-boot", str(n_boot), *(["--task-name", f"{task}/{recipe}"] if script == "calibration" else []),
-            *RECIPES[recipe], *([MEMBER_FAMILIES] if script == "calibration" and recipe != "seed" else []), *extra]
+            *RECIPE_FLAGS.get(recipe, []), *([MEMBER_FAMILIES] if script == "calibration" and recipe != "seed" else []),
+            *RECIPES[recipe], *extra]
 
 
 def run(args) -> None:
     """Measure every missing cell, one seed per process, in task / recipe / seed order."""
     for task in args.tasks:
-        for recipe in args.recipes:
+        for recipe in (r for r in args.recipes if measured(task, r)):
             for seed in args.seeds:
                 if finished(task, recipe, seed) and not args.check_digests:
                     continue
@@ -81,7 +94,7 @@ def run(args) -> None:
 
 def status(args) -> None:
     for task in args.tasks:
-        for recipe in args.recipes:
+        for recipe in (r for r in args.recipes if measured(task, r)):
             cells = [s for s in args.seeds if finished(task, recipe, s)]
             seconds = [json.loads((cell_dir(task, recipe) / f"seed{s}.json").read_text()).get("seconds")
                        for s in cells]
@@ -99,6 +112,7 @@ def ablation_line(name: str, task: dict) -> str:
     return (f"| {name} | {' / '.join(cells) or '—'} | {best_far or '—'} | "
             f"{t.get('shift_density', {}).get('mean', float('nan')):.3f} | "
             f"{t['reject10_best']['cut']:.3f} ({t['reject10_best']['row']}, {t['reject10_best']['score']}) | "
+            f"{task.get('member_disagreement', {}).get(in_domain, float('nan')):.3f} | "
             f"{task['methods']['map'][in_domain]['accuracy']:.3f} | "
             f"{sum(task['seconds_per_seed']['main'].get(k, 0.0) for k in ('train', 'evaluate')) / 60:.1f} |")
 
@@ -106,10 +120,10 @@ def ablation_line(name: str, task: dict) -> str:
 def aggregate(args) -> None:
     """Rebuild the results JSONs from the committed cells of every complete (task, recipe); print the table."""
     lines = ["| task / recipe | ΔNLL vs temperature, best row [95 % CI] per split | far-OOD AUROC (density) | "
-             "shift AUROC (density, mean) | Rej10 cut, best | map accuracy | minutes per seed |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "shift AUROC (density, mean) | Rej10 cut, best | member disagreement | map accuracy | minutes per seed |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for task in args.tasks:
-        for recipe in args.recipes:
+        for recipe in (r for r in args.recipes if measured(task, r)):
             if not all(finished(task, recipe, s) for s in args.seeds):
                 print(f"{task}/{recipe}: incomplete, left out", flush=True)
                 continue
