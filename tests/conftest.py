@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,25 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    """The HTTP port of the session's Ray Serve: it starts with the first application a module deploys and ends
+    with the session's Ray; each module deletes the applications it deployed (a proxy started once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def delete_serve_apps(names, timeout_s: float = 300.0) -> None:
+    """Delete the session Serve's applications `names` side by side (each replica's graceful stop overlaps the
+    others') and wait until none is listed."""
+    from ray import serve
+
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while set(names) & set(serve.status().applications):
+        assert time.monotonic() < deadline, f"Serve applications {names} still listed after {timeout_s} s"
+        time.sleep(0.2)

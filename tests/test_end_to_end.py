@@ -37,29 +37,23 @@ def _check_report(report: dict, splits: set[str]) -> None:
     assert set(report["ood"]["ensemble"]["shift"]) == {"auroc_entropy", "auroc_mi", "auroc_density"}
 
 
-def test_ensemble_on_ray_to_report(ray_session, sentiment_files, tmp_path):
+def _check_trained_run(out: Path, overrides: list[str]) -> None:
+    """The run directory of a trained and evaluated tiny ensemble: its report (held again by `rayblora evaluate`
+    of the same artifact into another directory), its figures and its K = 2 artifact."""
     from rayblora.artifact import load_posterior
-    from rayblora.config import load_config
-    from rayblora.workflows.train import train_and_evaluate
-
-    cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run"))
-    report = train_and_evaluate(cfg, log=lambda _m: None)
-    _check_report(report, {"train", "shift"})
-    assert report["methods"]["ensemble"]["train"]["accuracy"] > 0.6
-    for name in ("report.json", "report.md", "reliability.png", "coverage.png"):
-        assert (tmp_path / "run" / name).is_file()
-    post = load_posterior(tmp_path / "run" / "posterior")
-    assert post.method == "ensemble" and len(post.members) == 2
-    seeds = [m["seed"] for m in json.loads((tmp_path / "run/posterior/manifest.json").read_text())["members"]]
-    assert seeds == [0, 1000]
-
-    # the CLI evaluates the same artifact into another directory
     from rayblora.cli import main
 
-    args = ["evaluate", "--posterior", str(tmp_path / "run" / "posterior"), "--out", str(tmp_path / "cli"), "--"]
-    assert main(args + tiny_overrides(sentiment_files, tmp_path / "run")) == 0
-    cli_report = json.loads((tmp_path / "cli" / "report.json").read_text())
-    assert cli_report["methods"] == json.loads((tmp_path / "run" / "report.json").read_text())["methods"]
+    report = json.loads((out / "report.json").read_text())
+    _check_report(report, {"train", "shift"})
+    assert report["methods"]["ensemble"]["train"]["accuracy"] > 0.6
+    for name in ("report.md", "reliability.png", "coverage.png"):
+        assert (out / name).is_file()
+    post = load_posterior(out / "posterior")
+    assert post.method == "ensemble" and len(post.members) == 2
+    assert [m["seed"] for m in json.loads((out / "posterior" / "manifest.json").read_text())["members"]] == [0, 1000]
+    config = ["--config", str(ROOT / "jobs" / "configs" / "tiny.yaml"), "--", *overrides]
+    assert main(["evaluate", "--posterior", str(out / "posterior"), "--out", str(out.parent / "cli"), *config]) == 0
+    assert json.loads((out.parent / "cli" / "report.json").read_text())["methods"] == report["methods"]
 
 
 def test_cli_rejects_bad_config_before_cluster_work(capsys):
@@ -127,6 +121,8 @@ class LocalHead:
 
 
 def test_ray_job_submit_against_a_local_head(sentiment_files, tmp_path):
+    """`ray job submit` of jobs/train_ensemble.py to a standalone head: members as Ray Train runs, the artifact,
+    the report (and the same report from `rayblora evaluate` here)."""
     head = LocalHead(Path(f"/tmp/rb{os.getpid()}"))
     try:
         head.wait_ready()
@@ -137,10 +133,8 @@ def test_ray_job_submit_against_a_local_head(sentiment_files, tmp_path):
         done = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
-        report = json.loads((out / "report.json").read_text())
-        _check_report(report, {"train", "shift"})
-        assert (out / "posterior" / "manifest.json").is_file()
     finally:
         head.stop()
         shutil.rmtree(head.tmp, ignore_errors=True)
     assert head.proc.returncode is not None
+    _check_trained_run(out, tiny_overrides(sentiment_files, out))

@@ -154,9 +154,9 @@ def test_min_members_builds_from_survivors_or_fails_without_an_artifact(ray_sess
     from rayblora.workflows.coordinator import TrainingError
     from rayblora.workflows.train import train
 
-    fails_for_good = {"fail_members": [1]}  # every attempt of member 1 raises (max_failures = 1: two attempts)
+    fails_for_good = {"fail_members": [1]}  # member 1 raises (retries: the SIGKILL tests above)
     cfg = load_config(None, fault_overrides(sentiment_files, tmp_path / "survivors",
-                                            **{"posterior.min_members": "1"}))
+                                            **{"posterior.min_members": "1", "cluster.max_failures": "0"}))
     artifact = train(cfg, lambda _m: None, extra=dict(fails_for_good))
     training = manifest_training(artifact)
     assert training["members_requested"] == [0, 1] and training["members_finished"] == [0]
@@ -171,7 +171,7 @@ def test_min_members_builds_from_survivors_or_fails_without_an_artifact(ray_sess
     (strict_out / "members").mkdir(parents=True)
     shutil.copytree(tmp_path / "survivors" / "members" / "0", strict_out / "members" / "0")
     strict = load_config(None, fault_overrides(sentiment_files, strict_out, **{
-        "posterior.min_members": "0", "cluster.max_failures": "0"}))  # retries were shown above; save a start
+        "posterior.min_members": "0", "cluster.max_failures": "0"}))
     with pytest.raises(TrainingError, match=r"only 1 of 2 members finished.*member 1.*posterior\.min_members"):
         train(strict, lambda _m: None, extra=dict(fails_for_good))
     assert sorted(p.name for p in strict_out.iterdir()) == ["members", "ray_runs"]  # no posterior, no temp dirs

@@ -129,14 +129,15 @@ def test_adapters_of_another_base_are_refused_by_their_modules_and_shapes(settin
 
 
 def test_import_command_writes_the_artifact_and_reports_a_bad_folder_in_one_line(setting, tmp_path):
+    """The command in this process, then a bad folder through a `rayblora` process of its own."""
+    from rayblora.cli import main
+    from rayblora.config import dump_config
+
     cfg, _, folders, root = setting
     config = tmp_path / "run.yaml"
-    from rayblora.config import dump_config
     config.write_text(dump_config(cfg))
-    ok = subprocess.run([sys.executable, "-m", "rayblora.cli", "import", "--adapter", str(folders[0]), "--adapter",
-                         str(folders[1]), "--config", str(config), "--out", str(tmp_path / "cli")],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    argv = ["import", "--adapter", str(folders[0]), "--adapter", str(folders[1]), "--config", str(config)]
+    assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "posterior" / "manifest.json").is_file()
     bad = subprocess.run([sys.executable, "-m", "rayblora.cli", "import", "--adapter", str(root / "nowhere"),
                           "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -11,13 +11,14 @@ import functools
 import json
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
 
 import pytest
 import torch
+
+from conftest import delete_serve_apps
 
 httpx = pytest.importorskip("httpx")
 
@@ -76,12 +77,6 @@ def dying_loader(path, scorer=None, flag: str = ""):
     return DyingPosterior(load_posterior(path, scorer=scorer), flag)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def posteriors(trained_members, tiny_session_config, tiny_data, tmp_path_factory):
     """name -> (in-memory posterior, artifact dir): a K=2 and a K=1 ensemble and two 3-way multiple-choice ones
@@ -107,16 +102,15 @@ def posteriors(trained_members, tiny_session_config, tiny_data, tmp_path_factory
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, posteriors, tmp_path_factory):
-    """Base URLs of the three applications; Serve is shut down afterwards."""
-    from ray import serve
+def server(serve_port, posteriors, tmp_path_factory):
+    """Base URLs of the four applications, deleted afterwards."""
     from ray.cloudpickle import register_pickle_by_value
 
     from rayblora.config import ServeConfig
     from rayblora.serve.app import start_server
 
     register_pickle_by_value(sys.modules[__name__])  # the test loader travels to the replica by value
-    cfg = ServeConfig(port=free_port(), max_inputs_per_request=4, max_tokens_per_input=160, max_choices=4,
+    cfg = ServeConfig(port=serve_port, max_inputs_per_request=4, max_tokens_per_input=160, max_choices=4,
                       batch_max_size=8, batch_wait_timeout_s=0.05, max_posteriors_per_replica=2,
                       replica_cpus=1.0, torch_threads=1, auth_token_env="")
     paths = {name: path for name, (_, path) in posteriors.items()}
@@ -139,7 +133,7 @@ def server(ray_session, posteriors, tmp_path_factory):
         urls["broken_dir"] = paths["broken"]
         yield urls
     finally:
-        serve.shutdown()
+        delete_serve_apps(["test-main", "test-secure", "test-slow", "test-die"])
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+
+from conftest import delete_serve_apps
 
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402  (needs httpx)
@@ -305,20 +306,12 @@ def test_serve_config_caps_new_tokens():
 
 # --- through Ray Serve ---------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_generate_through_ray_serve(ray_session, artifacts):
+def test_generate_through_ray_serve(serve_port, artifacts):
     """The deployment's generate path over real HTTP: the posterior by header, a stream through the proxy."""
-    from ray import serve
-
     from rayblora.serve.app import start_server
 
-    cfg = ServeConfig(port=free_port(), max_inputs_per_request=2, max_tokens_per_input=32, max_new_tokens=8,
+    cfg = ServeConfig(port=serve_port, max_inputs_per_request=2, max_tokens_per_input=32, max_new_tokens=8,
                       batch_max_size=2, replica_cpus=1.0, torch_threads=1, auth_token_env="")
     body = {"prompts": PROMPTS[:1], "max_new_tokens": 6, "stop": []}
     try:
@@ -331,7 +324,7 @@ def test_generate_through_ray_serve(ray_session, artifacts):
                 events = events_of(r.iter_lines())
             unknown = c.post(f"{url}/v1/generate", json=body, headers={"serve_multiplexed_model_id": "nope"})
     finally:
-        serve.shutdown()
+        delete_serve_apps(["test-generate"])
     text = whole.json()["generations"][0]["text"]
     assert "".join(e["text"] for e in events[:-1]) == text == events[-1]["text"]
     assert events[-1]["event"] == "done" and events[-1]["abstained"] is False

@@ -1,5 +1,5 @@
 """Ray Tune sweeps: the search space and its errors, the model-free prior cache (against the Laplace posterior),
-a 4-value prior sweep into a new artifact, and a 4-trial train sweep with ASHA that resumes."""
+a 4-value prior sweep into a new artifact, and a 3-trial train sweep with ASHA that resumes."""
 
 from __future__ import annotations
 
@@ -204,12 +204,12 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
     config = tmp_path / "base.yaml"
     config.write_text(dump_config(cfg))
     space = tmp_path / "space.yaml"
-    space.write_text("train.lr: {grid: [5.0e-3, 4.0e-3, 3.0e-3, 1.0e-7]}\nadapter.rank: 4\n")
+    space.write_text("train.lr: {grid: [5.0e-3, 3.0e-3, 1.0e-7]}\nadapter.rank: 4\n")  # 2 at once: one waits
     out = tmp_path / "sweep"
     done = _sweep_train_cli(config, space, out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed", "stopped (ASHA)"}
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed", "stopped (ASHA)"}
     stopped = [r for r in rows if r["status"] == "stopped (ASHA)"]
     assert all(int(r["step"]) < 20 for r in stopped)
     assert "1e-07" in [r["train.lr"] for r in stopped]  # the learning rate that cannot learn is stopped early
@@ -237,12 +237,16 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
     for key, value in ensemble.members[0].items():
         torch.testing.assert_close(value, own[key] * (scale if "lora_B" in key else 1.0), rtol=1e-6, atol=0)
 
-    again = _sweep_train_cli(config, space, out)  # rerun: restored, nothing retrained
-    assert again.returncode == 0 and "Tuner.restore" in again.stdout + again.stderr
+    # rerun (here in this process, on the session's Ray: no trial is left to run): restored, nothing retrained
+    from rayblora.workflows.sweeps import sweep_train
+
+    lines: list[str] = []
+    again = sweep_train(load_config(config), space, out, max_concurrent=2, ensemble_size=1, log=lines.append)
+    assert any("Tuner.restore" in line for line in lines) and again.rows[0]["trial"] == first["trial"]
     assert list(csv.DictReader((out / "trials.csv").open())) == rows
     space.write_text("train.lr: {grid: [5.0e-3, 1.0e-3]}\n")
-    other = _sweep_train_cli(config, space, out)
-    assert other.returncode != 0 and "holds a sweep with another config, space or settings" in other.stderr
+    with pytest.raises(ConfigError, match="holds a sweep with another config, space or settings"):
+        sweep_train(load_config(config), space, out, max_concurrent=2, ensemble_size=1, log=lines.append)
 
 
 def test_train_sweep_refuses_a_member_run_the_cluster_cannot_hold(ray_session, tiny_config, tmp_path):
