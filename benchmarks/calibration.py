@@ -20,8 +20,9 @@ paired-bootstrap interval (:mod:`rayblora.comparison`); OOD AUROC by mutual info
 split. Writes `--json` (the schema below), a forest plot and reliability diagrams beside it, and prints the
 markdown tables for benchmarks/RESULTS.md.
 
-    {"meta": {...}, "tasks": {TASK: {"seeds": S, "n_test": {SPLIT: n}, "methods": {METHOD: {SPLIT: {"accuracy",
-     "nll", "ece", ..., "delta_vs_map": {"accuracy": [lo, hi], "nll": [lo, hi], "ece": [lo, hi]}}}},
+    {"meta": {...}, "tasks": {TASK: {"seeds": S, "in_domain": SPLIT, "n_test": {SPLIT: n}, "methods": {METHOD:
+     {SPLIT: {"accuracy", "nll", "ece", ..., "delta_vs_map": {"accuracy": [lo, hi], "nll": [lo, hi],
+     "ece": [lo, hi]}}}},
      "far_ood_auroc_mi": {METHOD: x}, "reject10_error_cut": {METHOD: {SPLIT: x}},
      "far_ood_auroc" / "shift_auroc": {METHOD: {SPLIT | "mean": {"entropy", "mi", "density"}}},
      "member_disagreement": {SPLIT: fraction of rows two members answer differently},
@@ -46,6 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cells import commit_cell, read_cell, write_cell
 from record import BenchmarkRecord
@@ -58,7 +60,7 @@ from rayblora.manifest import write_json_atomic
 from rayblora.metrics import ood_auroc, rejection_error_reduction
 from rayblora.posteriors import get_posterior_class
 from rayblora.report import SplitResult, split_metrics
-from rayblora.workflows.evaluate import evaluate_methods, member_view_results
+from rayblora.workflows.evaluate import evaluate_methods, member_disagreement, member_view_results
 from rayblora.workflows.fit import fit_density
 from rayblora.workflows.members import config_digest, early_stopped_adapters, trunk_cache_for
 from rayblora.workflows.sweeps import sweep_train
@@ -293,17 +295,11 @@ def reject10_by_score(per_seed: list[dict], in_domain: str, methods: list[str]) 
             for m in methods if per_seed[0][m][in_domain].member_probs is None}
 
 
-def member_disagreement(per_seed: list[dict], splits: list[str]) -> dict[str, float]:
-    """Seed-mean fraction of rows on which two members answer differently (mean over member pairs; `map`'s
-    member probabilities, (M, N, C)), per split: how far the recipe made its members differ."""
-    out = {}
-    for s in splits:
-        answers = [np.asarray(seed["map"][s].member_probs).argmax(-1) for seed in per_seed
-                   if seed["map"][s].member_probs is not None and len(seed["map"][s].member_probs) > 1]
-        if answers:
-            out[s] = float(np.mean([np.mean([(a[i] != a[j]).mean() for i in range(len(a)) for j in range(i)])
-                                    for a in answers]))
-    return out
+def seed_disagreement(per_seed: list[dict], splits: list[str]) -> dict[str, float]:
+    """Seed-mean :func:`member_disagreement` of `map`'s member probabilities (M, N, C), per split: how far the
+    recipe made its members differ."""
+    return {s: float(np.mean([member_disagreement(torch.as_tensor(seed["map"][s].member_probs)) for seed in per_seed]))
+            for s in splits if per_seed[0]["map"][s].member_probs is not None}
 
 
 def targets(task: dict, in_domain: str, shifts: list[str]) -> dict[str, object]:
@@ -384,7 +380,8 @@ def aggregate(per_seed: list[dict], cfg: Config, n_boot: int) -> tuple[dict, dic
     methods = ["map", *[m for m in per_seed[0] if m != "map"]]
     log(f"bootstrap ({n_boot} replicates) over {len(per_seed)} seeds, {len(splits)} splits, {len(methods)} rows")
     tables = {s: split_table(per_seed, s, methods, n_boot) for s in splits}
-    task = {"seeds": len(per_seed), "n_test": {s: int(len(per_seed[0]["map"][s].labels)) for s in [*splits, *far]},
+    task = {"seeds": len(per_seed), "in_domain": in_domain,
+            "n_test": {s: int(len(per_seed[0]["map"][s].labels)) for s in [*splits, *far]},
             "methods": {m: {s: tables[s][m] for s in splits} for m in methods},
             "far_ood_auroc_mi": far_ood_aurocs(per_seed, in_domain, far, methods),
             "far_ood_auroc": score_aurocs(per_seed, in_domain, far, methods) if far else {},
@@ -392,7 +389,7 @@ def aggregate(per_seed: list[dict], cfg: Config, n_boot: int) -> tuple[dict, dic
             if len(splits) > 1 else {},
             "reject10_by_score": reject10_by_score(per_seed, in_domain, methods),
             "reject10_error_cut": {m: {s: tables[s][m]["reject10"] for s in splits} for m in methods},
-            "member_disagreement": member_disagreement(per_seed, [*splits, *far]),
+            "member_disagreement": seed_disagreement(per_seed, [*splits, *far]),
             "vs_temperature": vs_temperature(per_seed, splits, n_boot)}
     task["targets"] = targets(task, in_domain, [s for s in splits if s != in_domain])
     deltas = {s: {m: {k: {"delta": tables[s][m]["delta_mean"][k], "lo": tables[s][m]["delta_vs_map"][k][0],

@@ -4,6 +4,7 @@
                                                 [--set FIELD=VALUE ...] [--commit]
     .venv/bin/python benchmarks/campaign.py status
     .venv/bin/python benchmarks/campaign.py aggregate [--n-boot 1000]
+    .venv/bin/python benchmarks/campaign.py compare [--n-boot 1000]
 
 A cell is one (task, recipe, seed): `benchmarks/results/campaign/<task>/<recipe>/seed<s>.npz` + `.json`
 (:mod:`cells`: per-row predictions and scores, labels, row ids, the config digest, the wall seconds and the
@@ -12,7 +13,11 @@ an otherwise idle machine: never beside the test suite or another benchmark), ea
 `--commit`; stopped at any point, the next `run` starts at the first missing cell, and a cell whose config changed
 is measured again, never mixed. `aggregate` rebuilds `benchmarks/results/calibration.json` (the classification and
 multiple-choice tasks, one entry per task and recipe) and `generation.json` (TriviaQA) from the committed cells
-alone, and prints the ablation table (one line per recipe and task) for RESULTS.md.
+alone, and prints the ablation table (one line per recipe and task) for RESULTS.md. `compare` (also run by
+`aggregate`) judges every recipe against one baseline, :data:`BASELINE` on the same rows (the cells of one task
+share their data seeds, so their rows are the same; checked by row id): a recipe whose own map is weaker (a
+bootstrapped member) would otherwise beat its own temperature row without beating what a user deploys. It writes
+`vs_baseline` into each calibration.json entry and prints one table per task.
 
 Recipes (members differ by ...): `seed` — their seed only (LoRA init of A, data order, dropout); `bootstrap_b` —
 also each its own bootstrap resample of the training rows and a random B (N(0, 0.01²)); `random_a` — a large
@@ -32,18 +37,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = Path("benchmarks/results/campaign")
 TASKS = {"vader": ("calibration", "jobs/configs/calibration.yaml"),
          "obqa": ("calibration", "jobs/configs/obqa.yaml"),
          "triviaqa": ("generation", "jobs/configs/triviaqa.yaml")}
 """task -> (benchmark script, config)."""
-RECIPES = {"seed": ["train.member_data=all"],
+SEED_ONLY = ["train.member_data=all", "adapter.init_b_std=0.0"]
+RECIPES = {"seed": SEED_ONLY,
            "bootstrap_b": ["train.member_data=bootstrap", "adapter.init_b_std=0.01"],
-           "random_a": ["adapter.init_a_gain=10"],
-           "hyper": ["posterior.method=ensemble", "train.torch_threads=1",
+           "random_a": [*SEED_ONLY, "adapter.init_a_gain=10"],
+           "hyper": [*SEED_ONLY, "posterior.method=ensemble", "train.torch_threads=1",
                      "posterior.eval_methods=[map,temperature,ensemble,temperature_ensemble]"]}
-"""recipe -> config overrides on top of the task's config."""
+"""recipe -> config overrides on top of the task's config (each stated whole: a config's own default, e.g.
+calibration.yaml's bootstrap members, does not leak into another recipe)."""
+BASELINE = ("seed", "temperature")
+"""(recipe, row) every recipe is judged against: one adapter trained on all rows (the `seed` recipe's member 0),
+temperature-scaled on the validation split — what a user deploys without a posterior."""
 RECIPE_FLAGS = {"hyper": ["--sweep", "benchmarks/spaces/hyper_members.yaml", "--sweep-samples", "8"]}
 """recipe -> options of the benchmark script (`hyper`: the members are a train sweep's hyper-parameter ensemble,
 each trial a 1-thread Ray Train run, two at once; no SWAG moments, so no SWAG rows)."""
@@ -101,10 +113,64 @@ def status(args) -> None:
             print(f"{task}/{recipe}: seeds {cells} of {args.seeds}; wall seconds {seconds}")
 
 
+def _cell_split(cell, method: str, split: str):
+    """One row of a cell as a SplitResult (a member row keeps its member probabilities)."""
+    from rayblora.report import SplitResult
+
+    get = (lambda f: cell[f"{method}/{split}/{f}"] if f"{method}/{split}/{f}" in cell.files else None)
+    return SplitResult(get("probs"), get("labels").astype(int), get("entropy"), get("mutual_information"),
+                       member_probs=get("member_probs"))
+
+
+def vs_baseline(task: str, recipe: str, seeds: list[int], splits: list[str], n_boot: int) -> dict[str, dict]:
+    """ΔNLL of each Bayesian row and the temperature row of `recipe` against :data:`BASELINE`, per split:
+    {SPLIT: {"best": ROW, "rows": {ROW: {"delta", "lo", "hi"}}}} (paired bootstrap over each seed's rows)."""
+    from calibration import bayesian_rows
+    from rayblora.comparison import paired_bootstrap
+
+    base_recipe, base_row = BASELINE
+    cells = {r: [np.load(cell_dir(task, r) / f"seed{s}.npz") for s in seeds] for r in (base_recipe, recipe)}
+    out = {}
+    for split in splits:
+        for ours, theirs in zip(cells[recipe], cells[base_recipe]):
+            if not np.array_equal(ours[f"ids/{split}"], theirs[f"ids/{split}"]):
+                raise SystemExit(f"{task}: {recipe} and {base_recipe} cells hold other {split} rows")
+        rows = ["temperature", *bayesian_rows({k.split("/")[0] for k in cells[recipe][0].files
+                                               if k.endswith(f"/{split}/probs")})]
+        per_seed = {f"{base_recipe}:{base_row}": [_cell_split(c, base_row, split) for c in cells[base_recipe]],
+                    **{r: [_cell_split(c, r, split) for c in cells[recipe]] for r in sorted(rows)}}
+        deltas = paired_bootstrap(per_seed, f"{base_recipe}:{base_row}", ("nll",), n_boot)
+        found = {r: deltas[r]["nll"] for r in rows}
+        out[split] = {"best": min((r for r in rows if r != "temperature"), key=lambda r: found[r]["delta"]),
+                      "rows": found}
+    return out
+
+
+def compare(args) -> None:
+    """Write `vs_baseline` into every complete calibration entry of `--recipes` and print it per task."""
+    from rayblora.manifest import write_json_atomic
+
+    path = ROOT / "benchmarks/results/calibration.json"
+    results = json.loads(path.read_text())
+    for task in (t for t in args.tasks if TASKS[t][0] == "calibration"):
+        print(f"\n{task}: ΔNLL vs {BASELINE[0]}'s {BASELINE[1]} row [95 % CI]\n| recipe | split | temperature | best "
+              "Bayesian row |\n|---|---|---:|---:|")
+        for recipe in (r for r in args.recipes if all(finished(task, r, s) for s in args.seeds)):
+            entry = results["tasks"].get(f"{task}/{recipe}")
+            if entry is None:
+                continue
+            splits = [s for s in entry["n_test"] if s in entry["vs_temperature"]]
+            entry["vs_baseline"] = vs_baseline(task, recipe, args.seeds, splits, args.n_boot)
+            for split, v in entry["vs_baseline"].items():
+                t, b = v["rows"]["temperature"], v["rows"][v["best"]]
+                print(f"| {recipe} | {split} | {t['delta']:+.4f} [{t['lo']:+.4f}, {t['hi']:+.4f}] | {v['best']} "
+                      f"{b['delta']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}] |")
+    write_json_atomic(path, results, allow_nan=True)
+
+
 def ablation_line(name: str, task: dict) -> str:
     """One line of the ablation table from calibration.json's entry of a (task, recipe)."""
-    t, splits = task["targets"], list(task["n_test"])
-    in_domain = splits[0]
+    t, in_domain = task["targets"], task["in_domain"]
     vs = t["vs_temperature"]
     cells = [f"{v['best']} {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for s, v in vs.items()]
     far = t.get("far_ood_density", {})
@@ -134,11 +200,12 @@ def aggregate(args) -> None:
                 lines.append(ablation_line(f"{task}/{recipe}", json.loads(Path(ROOT / out).read_text())["tasks"]
                                            [f"{task}/{recipe}"]))
     print("\n".join(lines))
+    compare(args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=("run", "status", "aggregate"))
+    parser.add_argument("mode", choices=("run", "status", "aggregate", "compare"))
     parser.add_argument("--tasks", default=",".join(TASKS), type=lambda s: s.split(","))
     parser.add_argument("--recipes", default=",".join(RECIPES), type=lambda s: s.split(","))
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
@@ -152,7 +219,7 @@ def main() -> None:
     unknown = [t for t in args.tasks if t not in TASKS] + [r for r in args.recipes if r not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown task or recipe {unknown}; tasks {list(TASKS)}, recipes {list(RECIPES)}")
-    {"run": run, "status": status, "aggregate": aggregate}[args.mode](args)
+    {"run": run, "status": status, "aggregate": aggregate, "compare": compare}[args.mode](args)
 
 
 if __name__ == "__main__":
