@@ -135,11 +135,10 @@ def seed_artifact(args, cfg: Config) -> Path:
 
 def cell_digest(args, cfg: Config) -> str:
     """What a seed's cell was measured under: the config's training digest, with `--sweep` also the search
-    space's text and the sample count."""
+    space's text and the sample count (`args.sweep_identity`, read once in :func:`main`)."""
     if not args.sweep:
         return config_digest(cfg)
-    sweep = f"{config_digest(cfg)}|{Path(args.sweep).read_text()}|{args.sweep_samples}"
-    return hashlib.sha256(sweep.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{config_digest(cfg)}|{args.sweep_identity}".encode()).hexdigest()[:16]
 
 
 def run_seed(args, cfg: Config, early: bool = True
@@ -470,6 +469,7 @@ def main() -> None:
     parser.add_argument("--sweep-samples", type=int, default=8, help="Tune samples of the --sweep space")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.test_size=500")
     args = parser.parse_args()
+    args.sweep_identity = f"{Path(args.sweep).read_text()}|{args.sweep_samples}" if args.sweep else ""
     record = BenchmarkRecord()
     seeds = [int(s) for s in args.seeds.split(",")]
     extras = [parse_extra(e) for e in args.extra]

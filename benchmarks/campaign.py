@@ -23,9 +23,8 @@ Recipes (members differ by ...): `seed` — their seed only (LoRA init of A, dat
 also each its own bootstrap resample of the training rows and a random B (N(0, 0.01²)); `random_a` — a large
 random A (Xavier gain 10, LoRA-Ensemble, arXiv 2405.14438); `hyper` — each its own hyper-parameters, 4 chosen
 greedily from a train sweep of 8 trials (`benchmarks/spaces/hyper_members.yaml`: rank, LoRA dropout, adapted layers,
-learning rate). Each reports the distance-aware scores and the rows
-recalibrated after pooling of the task's config; recipes other than `seed` evaluate the member families only
-(:data:`MEMBER_FAMILIES`).
+learning rate). Each reports the distance-aware scores and the rows recalibrated after pooling of the task's
+config; recipes other than `seed` evaluate the member families only (:data:`MEMBER_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -70,6 +69,15 @@ def measured(task: str, recipe: str) -> bool:
     return recipe not in RECIPE_FLAGS or TASKS[task][0] == "calibration"
 
 
+def pairs(args):
+    """The (task, recipe) pairs of `--tasks` x `--recipes` the campaign measures, in that order."""
+    return [(task, recipe) for task in args.tasks for recipe in args.recipes if measured(task, recipe)]
+
+
+def complete(task: str, recipe: str, seeds: list[int]) -> bool:
+    return all(finished(task, recipe, s) for s in seeds)
+
+
 def cell_dir(task: str, recipe: str) -> Path:
     return CELLS / task / recipe
 
@@ -93,24 +101,21 @@ def command(task: str, recipe: str, seeds: list[int], extra: list[str], json_pat
 
 def run(args) -> None:
     """Measure every missing cell, one seed per process, in task / recipe / seed order."""
-    for task in args.tasks:
-        for recipe in (r for r in args.recipes if measured(task, r)):
-            for seed in args.seeds:
-                if finished(task, recipe, seed) and not args.check_digests:
-                    continue
-                print(f"[{time.strftime('%H:%M:%S')}] cell {task}/{recipe}/seed{seed}", flush=True)
-                scratch = f"runs/campaign/{task}-{recipe}/seed{seed}-table.json"  # a one-seed table: not a result
-                cmd = command(task, recipe, [seed], args.set, scratch, n_boot=50)
-                subprocess.run([*cmd, *(["--commit"] if args.commit else [])], cwd=ROOT, check=True)
+    for task, recipe in pairs(args):
+        for seed in args.seeds:
+            if finished(task, recipe, seed) and not args.check_digests:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] cell {task}/{recipe}/seed{seed}", flush=True)
+            scratch = f"runs/campaign/{task}-{recipe}/seed{seed}-table.json"  # a one-seed table: not a result
+            cmd = command(task, recipe, [seed], args.set, scratch, n_boot=50)
+            subprocess.run([*cmd, *(["--commit"] if args.commit else [])], cwd=ROOT, check=True)
 
 
 def status(args) -> None:
-    for task in args.tasks:
-        for recipe in (r for r in args.recipes if measured(task, r)):
-            cells = [s for s in args.seeds if finished(task, recipe, s)]
-            seconds = [json.loads((cell_dir(task, recipe) / f"seed{s}.json").read_text()).get("seconds")
-                       for s in cells]
-            print(f"{task}/{recipe}: seeds {cells} of {args.seeds}; wall seconds {seconds}")
+    for task, recipe in pairs(args):
+        cells = [s for s in args.seeds if finished(task, recipe, s)]
+        seconds = [json.loads((cell_dir(task, recipe) / f"seed{s}.json").read_text()).get("seconds") for s in cells]
+        print(f"{task}/{recipe}: seeds {cells} of {args.seeds}; wall seconds {seconds}")
 
 
 def _cell_split(cell, method: str, split: str):
@@ -135,10 +140,10 @@ def vs_baseline(task: str, recipe: str, seeds: list[int], splits: list[str], n_b
         for ours, theirs in zip(cells[recipe], cells[base_recipe]):
             if not np.array_equal(ours[f"ids/{split}"], theirs[f"ids/{split}"]):
                 raise SystemExit(f"{task}: {recipe} and {base_recipe} cells hold other {split} rows")
-        rows = ["temperature", *bayesian_rows({k.split("/")[0] for k in cells[recipe][0].files
-                                               if k.endswith(f"/{split}/probs")})]
+        rows = ["temperature", *bayesian_rows(sorted({k.split("/")[0] for k in cells[recipe][0].files
+                                                      if k.endswith(f"/{split}/probs")}))]
         per_seed = {f"{base_recipe}:{base_row}": [_cell_split(c, base_row, split) for c in cells[base_recipe]],
-                    **{r: [_cell_split(c, r, split) for c in cells[recipe]] for r in sorted(rows)}}
+                    **{r: [_cell_split(c, r, split) for c in cells[recipe]] for r in rows}}
         deltas = paired_bootstrap(per_seed, f"{base_recipe}:{base_row}", ("nll",), n_boot)
         found = {r: deltas[r]["nll"] for r in rows}
         out[split] = {"best": min((r for r in rows if r != "temperature"), key=lambda r: found[r]["delta"]),
@@ -155,7 +160,7 @@ def compare(args) -> None:
     for task in (t for t in args.tasks if TASKS[t][0] == "calibration"):
         print(f"\n{task}: ΔNLL vs {BASELINE[0]}'s {BASELINE[1]} row [95 % CI]\n| recipe | split | temperature | best "
               "Bayesian row |\n|---|---|---:|---:|")
-        for recipe in (r for r in args.recipes if all(finished(task, r, s) for s in args.seeds)):
+        for recipe in (r for t, r in pairs(args) if t == task and complete(t, r, args.seeds)):
             entry = results["tasks"].get(f"{task}/{recipe}")
             if entry is None:
                 continue
@@ -188,17 +193,16 @@ def aggregate(args) -> None:
     lines = ["| task / recipe | ΔNLL vs temperature, best row [95 % CI] per split | far-OOD AUROC (density) | "
              "shift AUROC (density, mean) | Rej10 cut, best | member disagreement | map accuracy | minutes per seed |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for task in args.tasks:
-        for recipe in (r for r in args.recipes if measured(task, r)):
-            if not all(finished(task, recipe, s) for s in args.seeds):
-                print(f"{task}/{recipe}: incomplete, left out", flush=True)
-                continue
-            script, _ = TASKS[task]
-            out = f"benchmarks/results/{script}.json"
-            subprocess.run(command(task, recipe, args.seeds, args.set, out, args.n_boot), cwd=ROOT, check=True)
-            if script == "calibration":
-                lines.append(ablation_line(f"{task}/{recipe}", json.loads(Path(ROOT / out).read_text())["tasks"]
-                                           [f"{task}/{recipe}"]))
+    for task, recipe in pairs(args):
+        if not complete(task, recipe, args.seeds):
+            print(f"{task}/{recipe}: incomplete, left out", flush=True)
+            continue
+        script, _ = TASKS[task]
+        out = f"benchmarks/results/{script}.json"
+        subprocess.run(command(task, recipe, args.seeds, args.set, out, args.n_boot), cwd=ROOT, check=True)
+        if script == "calibration":
+            lines.append(ablation_line(f"{task}/{recipe}", json.loads(Path(ROOT / out).read_text())["tasks"]
+                                       [f"{task}/{recipe}"]))
     print("\n".join(lines))
     compare(args)
 
