@@ -116,24 +116,23 @@ def server(serve_port, posteriors, tmp_path_factory):
     paths = {name: path for name, (_, path) in posteriors.items()}
     paths["broken"] = shutil.copytree(paths["ens"], paths["ens"].with_name("broken"))
     die_flag = tmp_path_factory.mktemp("die") / "flag"
+    ens = {"ens": paths["ens"]}
+    apps = {"main": (cfg, paths, {}),  # served as "test-<key>" at "/<key>" ("/" for main)
+            "secure": (dataclasses.replace(cfg, auth_token=TOKEN), ens, {}),
+            "slow": (dataclasses.replace(cfg, max_ongoing_requests=1, max_queued_requests=1), ens,
+                     {"loader": slow_loader}),
+            "die": (dataclasses.replace(cfg, request_timeout_s=DIE_TIMEOUT_S, retry_after_s=RETRY_AFTER_S), ens,
+                    {"loader": functools.partial(dying_loader, flag=str(die_flag))})}
     try:
-        urls = {"main": start_server(cfg, paths, name="test-main", route_prefix="/"),
-                "secure": start_server(dataclasses.replace(cfg, auth_token=TOKEN), {"ens": paths["ens"]},
-                                       name="test-secure", route_prefix="/secure"),
-                "slow": start_server(dataclasses.replace(cfg, max_ongoing_requests=1, max_queued_requests=1),
-                                     {"ens": paths["ens"]}, loader=slow_loader, name="test-slow",
-                                     route_prefix="/slow"),
-                "die": start_server(dataclasses.replace(cfg, request_timeout_s=DIE_TIMEOUT_S,
-                                                        retry_after_s=RETRY_AFTER_S),
-                                    {"ens": paths["ens"]}, loader=functools.partial(dying_loader, flag=str(die_flag)),
-                                    name="test-die", route_prefix="/die")}
+        urls = {key: start_server(app_cfg, app_paths, name=f"test-{key}", route_prefix="/" if key == "main"
+                                  else f"/{key}", **loader) for key, (app_cfg, app_paths, loader) in apps.items()}
         urls["die_flag"] = die_flag
         member = paths["broken"] / "members" / "0" / "adapter_model.safetensors"
         member.write_bytes(member.read_bytes()[:-1] + b"\0")  # tampered after deployment
         urls["broken_dir"] = paths["broken"]
         yield urls
     finally:
-        delete_serve_apps(["test-main", "test-secure", "test-slow", "test-die"])
+        delete_serve_apps([f"test-{key}" for key in apps])
 
 
 @pytest.fixture(scope="module")

@@ -168,10 +168,11 @@ def test_prior_sweep_writes_its_table_and_a_new_artifact(ray_session, laplace_ar
 
 # --- the train sweep ---------------------------------------------------------------------------------------------
 def _sweep_train_cli(config: Path, space: Path, out: Path) -> subprocess.CompletedProcess:
-    """`rayblora sweep train` in its own process with its own 4-CPU local Ray, as a user runs it (the trials'
-    Ray Train runs then see only this sweep's resources, not what other tests left in the session Ray)."""
+    """`rayblora sweep train` in its own process with its own local Ray of the config's CPUs, as a user runs it
+    (the trials' Ray Train runs then see only this sweep's resources, not what other tests left in the session
+    Ray); trials at once as many as those CPUs hold."""
     cmd = [sys.executable, "-m", "rayblora.cli", "sweep", "train", "--config", str(config), "--space", str(space),
-           "--out", str(out), "--num-samples", "1", "--max-concurrent", "2", "--ensemble", "1"]
+           "--out", str(out), "--num-samples", "1", "--ensemble", "1"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -199,8 +200,10 @@ def test_local_ray_workers_reach_their_own_state_api_beside_another_ray(ray_sess
 @pytest.mark.slow
 def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentiment_files, tmp_path):
     """Beside another local Ray (the session's, as a notebook's on a laptop): the sweep's own Ray must still let
-    Ray Train free the CPUs of the trials ASHA stops, or the later trials wait forever."""
-    cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run", **{"posterior.members": "1"}))
+    Ray Train free the CPUs of the trials ASHA stops, or the later trials wait forever. Two 1-CPU member runs fill
+    the 2 CPUs exactly, and both run at once: a trial's own driver holds no CPU."""
+    cfg = load_config(None, tiny_overrides(sentiment_files, tmp_path / "run",
+                                           **{"posterior.members": "1", "cluster.num_cpus": "2"}))
     config = tmp_path / "base.yaml"
     config.write_text(dump_config(cfg))
     space = tmp_path / "space.yaml"
@@ -208,6 +211,7 @@ def test_train_sweep_stops_bad_trials_with_asha_and_resumes(ray_session, sentime
     out = tmp_path / "sweep"
     done = _sweep_train_cli(config, space, out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "up to 2 trial(s) at once" in done.stdout + done.stderr
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert len(rows) == 3 and {r["status"] for r in rows} == {"completed", "stopped (ASHA)"}
     stopped = [r for r in rows if r["status"] == "stopped (ASHA)"]

@@ -182,12 +182,14 @@ def _trainer(cfg: Config, loop, loop_config: dict[str, Any], name: str, workers:
     )
 
 
-def member_resources(cluster: ClusterConfig, driver_cpus: float = 0.0) -> dict[str, float]:
-    """The Ray resources one member run holds: its workers' CPUs (plus `driver_cpus`, e.g. a Tune trial's own),
-    and one GPU per worker with `cluster.use_gpu`."""
-    need = {"CPU": cluster.workers_per_member * cluster.cpus_per_worker + driver_cpus}
+def member_resources(cluster: ClusterConfig, driver: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The Ray resources one member run holds: its workers' CPUs, one GPU per worker with `cluster.use_gpu`,
+    plus `driver`'s (e.g. a Tune trial's own, which drives the run)."""
+    need = {"CPU": float(cluster.workers_per_member * cluster.cpus_per_worker)}
     if cluster.use_gpu:
         need["GPU"] = float(cluster.workers_per_member)
+    for key, amount in (driver or {}).items():
+        need[key] = need.get(key, 0.0) + amount
     return need
 
 

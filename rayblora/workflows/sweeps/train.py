@@ -42,8 +42,10 @@ from rayblora.workflows.sweeps.space import (Dimension, assign, check_space, fla
 
 VAL_NLL = "val_nll"
 TRAIN_EXPERIMENT = "train_sweep"
-TRIAL_DRIVER_CPUS = 0.01
-"""CPUs a train-sweep trial reserves for itself: it only drives its member's Train run, which holds the CPUs."""
+TRIAL_DRIVER = {"memory": 256.0 * 2**20}
+"""What a train-sweep trial reserves for itself: memory for its process, no CPU — it only drives its member's Train
+run, which holds the CPUs (a CPU share, however small, would keep the last member run of an exactly divided
+cluster from starting: two 1-CPU runs and their drivers do not fit 2 CPUs). Tune needs a non-zero bundle."""
 
 
 # --- the train sweep ------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def _trial_slots(cfg: Config, log: Callable[[str], None] = print) -> int:
 
     Raises ConfigError when even the whole cluster cannot hold one member run (the trials would wait forever);
     warns when it could but the resources are held by something else right now."""
-    need = member_resources(cfg.cluster, driver_cpus=TRIAL_DRIVER_CPUS)
+    need = member_resources(cfg.cluster, driver=TRIAL_DRIVER)
     total, free = ray.cluster_resources(), ray.available_resources()
     if runs_that_fit(need, total) < 1:
         raise ConfigError(f"cluster: one trial's member run needs {need} but the whole cluster has "
@@ -205,7 +207,7 @@ def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], o
     slots = _trial_slots(cfg, log)  # also refuses a member run the cluster cannot hold, whatever max_concurrent
     slots = max_concurrent or slots
     trainable = tune.with_resources(tune.with_parameters(member_trial, base=base, sweep_dir=str(out)),
-                                    {"CPU": TRIAL_DRIVER_CPUS})
+                                    TRIAL_DRIVER)
 
     def fresh():
         asha = ASHAScheduler(time_attr="step", metric=VAL_NLL, mode="min", max_t=max_t, grace_period=grace,
