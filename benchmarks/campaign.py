@@ -50,8 +50,8 @@ RECIPES = {"seed": SEED_ONLY,
            "random_a": [*SEED_ONLY, "adapter.init_a_gain=10"],
            "hyper": [*SEED_ONLY, "posterior.method=ensemble", "train.torch_threads=1",
                      "posterior.eval_methods=[map,temperature,ensemble,temperature_ensemble]"]}
-"""recipe -> config overrides on top of the task's config (each stated whole: a config's own default, e.g.
-calibration.yaml's bootstrap members, does not leak into another recipe)."""
+"""recipe -> config overrides on top of the task's config (each stated whole: a task config's own setting of
+these fields, e.g. bootstrap members, does not leak into another recipe)."""
 BASELINE = ("seed", "temperature")
 """(recipe, row) every recipe is judged against: one adapter trained on all rows (the `seed` recipe's member 0),
 temperature-scaled on the validation split — what a user deploys without a posterior."""
@@ -177,10 +177,12 @@ def ablation_line(name: str, task: dict) -> str:
     """One line of the ablation table from calibration.json's entry of a (task, recipe)."""
     t, in_domain = task["targets"], task["in_domain"]
     vs = t["vs_temperature"]
-    cells = [f"{v['best']} {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for s, v in vs.items()]
+    order = [in_domain, *sorted(s for s in vs if s != in_domain)]
+    cells = [f"{s} {vs[s]['best']} {vs[s]['delta']:+.4f} [{vs[s]['lo']:+.4f}, {vs[s]['hi']:+.4f}]"
+             for s in order if s in vs]
     far = t.get("far_ood_density", {})
-    best_far = {s: round(v, 3) for s, v in far.items() if s not in ("row", "pass")}
-    return (f"| {name} | {' / '.join(cells) or '—'} | {best_far or '—'} | "
+    best_far = " / ".join(f"{s} {v:.3f}" for s, v in far.items() if s not in ("row", "pass"))
+    return (f"| {name} | {'; '.join(cells) or '—'} | {best_far or '—'} | "
             f"{t.get('shift_density', {}).get('mean', float('nan')):.3f} | "
             f"{t['reject10_best']['cut']:.3f} ({t['reject10_best']['row']}, {t['reject10_best']['score']}) | "
             f"{task.get('member_disagreement', {}).get(in_domain, float('nan')):.3f} | "
