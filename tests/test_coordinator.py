@@ -50,11 +50,15 @@ def test_a_member_run_the_whole_cluster_cannot_hold_is_refused():
 
 
 def test_a_driver_share_counts_against_the_cluster():
-    """A train-sweep trial holds its own small CPU share besides its member run's workers."""
-    need = member_resources(ClusterConfig(cpus_per_worker=1), driver_cpus=0.01)
-    assert need == {"CPU": 1.01}
-    assert runs_that_fit(need, {"CPU": 2.0}) == 1 and runs_that_fit(need, {"CPU": 2.02}) == 2
-    assert runs_that_fit(need, {}) == 0
+    """A train-sweep trial holds its own resources besides its member run's workers: memory only, so that member
+    runs dividing the CPUs exactly still all fit; a CPU share of its own would cost a whole run."""
+    need = member_resources(ClusterConfig(cpus_per_worker=1), driver={"memory": 2.0**28})
+    assert need == {"CPU": 1.0, "memory": 2.0**28}
+    assert runs_that_fit(need, {"CPU": 2.0, "memory": 2.0**33}) == 2
+    assert runs_that_fit(need, {"CPU": 2.0, "memory": 2.0**28}) == 1  # the drivers' memory counts too
+    assert runs_that_fit(need, {"CPU": 2.0}) == 0
+    with_cpu = member_resources(ClusterConfig(cpus_per_worker=1), driver={"CPU": 0.01})
+    assert with_cpu == {"CPU": 1.01} and runs_that_fit(with_cpu, {"CPU": 2.0}) == 1
 
 
 def test_a_member_worker_uses_no_more_torch_threads_than_the_cpus_it_holds():
