@@ -201,7 +201,7 @@ def _train_identity(dims: Sequence[Dimension], base: dict[str, Any], num_samples
 
 def _train_tuner(cfg: Config, dims: Sequence[Dimension], base: dict[str, Any], out: Path, identity: dict[str, Any],
                  max_concurrent: int, log: Callable[[str], None]):
-    """A new or restored Tuner of the train sweep: member trials with CPU-light drivers, ASHA on val_nll."""
+    """A new or restored Tuner of the train sweep: member trials whose drivers hold no CPU, ASHA on val_nll."""
     num_samples, asha_rungs = identity["num_samples"], identity["asha"]
     max_t, grace, reduction_factor = asha_rungs["max_t"], asha_rungs["grace_period"], asha_rungs["reduction_factor"]
     slots = _trial_slots(cfg, log)  # also refuses a member run the cluster cannot hold, whatever max_concurrent
